@@ -1,0 +1,358 @@
+"""`analyze_matrix` and its batched form: the one place where a matrix becomes report columns.
+
+Data flow per matrix: validate -> orient (N >= M) -> ESD of W -> power-law and MP fits ->
+seeded shuffle -> ESD of the shuffle (full, or top-k only) -> MP fit of it -> traps and the
+entries behind them. Same-shape matrices (the experts of one layer) share one backend call
+per stack, which is what makes a GPU worth having; on the host they go one at a time so
+memory stays one matrix deep.
+
+Bad data never raises: NaN/Inf entries, all-zero or constant matrices and matrices with
+too few eigenvalues come back with `status` and `reason` set and the columns that cannot
+be computed left as None. Wrong *types* (not 2-D, not floating point) are programming
+errors and raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.spatial.distance import jensenshannon
+
+from .backends import Backend, select_backend
+from .columns import COLUMN_NAMES
+from .mp_fit import MPFit, fit_mp, mp_edge_from_bulk_mean
+from .powerlaw_fit import EVALS_THRESH, fit_powerlaw
+from .shuffle import shuffle_generator, shuffled
+
+MIN_EVALS = 8  # WeightWatcher's DEFAULT_MIN_EVALS
+SMALL_ESD = 100  # below this many eigenvalues WeightWatcher pools 5 shuffles
+SMALL_ESD_REPLICAS = 5
+MAX_TRAP_ENTRIES = 64
+RAND_ROUTES = ("full", "topk")
+TOPK_START = 16
+OVER_TRAINED, UNDER_TRAINED = 2.0, 6.0
+
+
+@dataclass
+class _Prepared:
+    """A validated matrix: `oriented` is W or W^T with rows >= columns."""
+
+    original: np.ndarray | None
+    oriented: np.ndarray | None
+    status: str
+    reason: str
+
+
+def _to_numpy(matrix: Any) -> np.ndarray:
+    """Host numpy view of a numpy array or torch tensor, float32 unless it was float64."""
+    if type(matrix).__module__.startswith("torch"):
+        import torch
+
+        if not torch.is_floating_point(matrix):
+            raise TypeError(f"matrix must have a floating dtype, got {matrix.dtype}")
+        if matrix.dtype != torch.float64:
+            matrix = matrix.to(torch.float32)
+        matrix = matrix.detach().cpu().numpy()
+    arr = np.asarray(matrix)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"matrix must have a floating dtype, got {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"matrix must be 2-D, got shape {tuple(arr.shape)}")
+    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
+
+
+def _prepare(matrix: Any, min_evals: int) -> _Prepared:
+    arr = _to_numpy(matrix)
+    rows, cols = arr.shape
+    finite = np.isfinite(arr)
+    if not finite.all():
+        nan = int(np.isnan(arr).sum())
+        inf = arr.size - int(finite.sum()) - nan
+        return _Prepared(None, None, "error", f"matrix has {nan} NaN and {inf} Inf entries")
+    if min(rows, cols) < min_evals:
+        reason = f"shape {rows}x{cols} gives {min(rows, cols)} eigenvalues, fewer than {min_evals}"
+        return _Prepared(None, None, "skipped", reason)
+    if not arr.any():
+        return _Prepared(None, None, "skipped", "all entries are zero")
+    oriented = arr if rows >= cols else arr.T
+    return _Prepared(arr, oriented, "ok", "")
+
+
+def _empty_row(seed: int, matrix_id: str, backend: str, rand_route: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(COLUMN_NAMES)
+    row.update(seed=seed, matrix_id=matrix_id, backend=backend, rand_route=rand_route)
+    row.update(trap_evals=[], trap_entries=[], warning="", status="ok", reason="")
+    return row
+
+
+def _scale_columns(evals: np.ndarray, n: int, m: int) -> dict[str, Any]:
+    lambda_max = float(evals[-1])
+    norm = float(evals.sum())
+    return {
+        "N": n,
+        "M": m,
+        "Q": n / m,
+        "num_evals": int(evals.size),
+        "lambda_max": lambda_max,
+        "log_spectral_norm": float(np.log10(lambda_max)),
+        "norm": norm,
+        "log_norm": float(np.log10(norm)),
+        "stable_rank": norm / lambda_max,
+    }
+
+
+def _entry_columns(matrix: np.ndarray) -> dict[str, Any]:
+    flat = matrix.ravel()
+    mean = float(flat.mean(dtype=np.float64))
+    centered = flat.astype(np.float64) - mean
+    m2 = float(np.mean(centered**2))
+    m4 = float(np.mean(centered**4))
+    kurtosis = m4 / (m2 * m2) - 3.0 if m2 > 0 else 0.0
+    return {"entry_kurtosis": kurtosis, "max_abs_entry": float(np.abs(flat).max())}
+
+
+def _powerlaw_columns(evals: np.ndarray) -> dict[str, Any]:
+    fit = fit_powerlaw(evals)
+    if fit is None:
+        return {}
+    warning = ""
+    if fit.alpha < OVER_TRAINED:
+        warning = "over-trained"
+    elif fit.alpha > UNDER_TRAINED:
+        warning = "under-trained"
+    with np.errstate(over="ignore"):
+        alpha_norm = float(np.sum(evals**fit.alpha))
+    return {
+        "alpha": fit.alpha,
+        "xmin": fit.xmin,
+        "D": fit.D,
+        "sigma": fit.sigma,
+        "num_pl_spikes": fit.num_pl_spikes,
+        "alpha_weighted": fit.alpha * float(np.log10(evals[-1])),
+        "log_alpha_norm": float(np.log10(alpha_norm)),
+        "warning": warning,
+    }
+
+
+def _mp_columns(fit: MPFit, prefix: str) -> dict[str, Any]:
+    cols = {
+        f"{prefix}num_spikes": fit.num_spikes,
+        f"{prefix}sigma_mp": fit.sigma_mp,
+        f"{prefix}mp_softrank": fit.mp_softrank,
+        f"{prefix}bulk_max": fit.bulk_max,
+    }
+    if not prefix:
+        cols["bulk_min"] = fit.bulk_min
+    return cols
+
+
+def _trap_entries(matrix: np.ndarray, count: int) -> list[dict[str, Any]]:
+    """The `count` largest-|w| entries of W, largest first, in W's own (row, col) layout."""
+    count = min(count, MAX_TRAP_ENTRIES, matrix.size)
+    if count <= 0:
+        return []
+    flat = np.abs(matrix.ravel())
+    top = np.argpartition(flat, flat.size - count)[-count:]
+    top = top[np.argsort(-flat[top], kind="stable")]
+    rows, cols = np.unravel_index(top, matrix.shape)
+    return [
+        {"row": int(r), "col": int(c), "value": float(matrix[r, c])}
+        for r, c in zip(rows, cols, strict=True)
+    ]
+
+
+class _Analyzer:
+    """Holds the run settings; turns stacks of same-shape matrices into rows."""
+
+    def __init__(
+        self, backend: Backend, randomize: bool, seed: int, rand_route: str, min_evals: int
+    ) -> None:
+        if rand_route not in RAND_ROUTES:
+            raise ValueError(f"rand_route must be one of {RAND_ROUTES}, got {rand_route!r}")
+        self.backend = backend
+        self.randomize = randomize
+        self.seed = seed
+        self.rand_route = rand_route
+        self.min_evals = min_evals
+
+    def rows(
+        self, prepared: Sequence[_Prepared], ids: Sequence[str], keep_spectra: bool
+    ) -> list[dict[str, Any]]:
+        stack = np.stack([p.oriented for p in prepared])
+        all_evals = self.backend.esd(stack)
+        rand_stacks = self._rand_full_esd(prepared, ids) if self.randomize else None
+        out = []
+        for i, (prep, matrix_id) in enumerate(zip(prepared, ids, strict=True)):
+            rand = None if rand_stacks is None else rand_stacks[i]
+            out.append(self._row(prep, matrix_id, all_evals[i], rand, keep_spectra))
+        return out
+
+    def _rand_full_esd(
+        self, prepared: Sequence[_Prepared], ids: Sequence[str]
+    ) -> list[list[np.ndarray] | None]:
+        """Full shuffled ESDs (one per replica) where the route or a small ESD needs them."""
+        m = prepared[0].oriented.shape[1]
+        if self.rand_route == "topk" and m >= SMALL_ESD:
+            return [None] * len(prepared)
+        replicas = SMALL_ESD_REPLICAS if m < SMALL_ESD else 1
+        per_matrix: list[list[np.ndarray] | None] = []
+        for prep, matrix_id in zip(prepared, ids, strict=True):
+            rng = shuffle_generator(self.seed, matrix_id)
+            per_matrix.append([shuffled(prep.oriented, rng) for _ in range(replicas)])
+        flat = np.stack([s for shuf in per_matrix for s in shuf])
+        evals = self.backend.esd(flat)
+        return [list(evals[i * replicas : (i + 1) * replicas]) for i in range(len(prepared))]
+
+    def _row(
+        self,
+        prep: _Prepared,
+        matrix_id: str,
+        evals: np.ndarray,
+        rand: list[np.ndarray] | None,
+        keep_spectra: bool,
+    ) -> dict[str, Any]:
+        n, m = prep.oriented.shape
+        row = _empty_row(self.seed, matrix_id, self.backend.name, self.rand_route)
+        row.update(_scale_columns(evals, n, m))
+        row.update(_entry_columns(prep.original))
+        if keep_spectra:
+            row["evals"] = evals
+        usable = int(np.count_nonzero(evals > EVALS_THRESH))
+        if usable < self.min_evals:
+            row["status"] = "skipped"
+            row["reason"] = (
+                f"only {usable} eigenvalues above {EVALS_THRESH:g} (rank-deficient or constant"
+                f" matrix); the power-law and MP fits need {self.min_evals}"
+            )
+            return row
+        row.update(_powerlaw_columns(evals))
+        row.update(_mp_columns(fit_mp(evals, n, m), ""))
+        if self.randomize:
+            row.update(self._rand_columns(prep, matrix_id, evals, rand, keep_spectra))
+        return row
+
+    def _rand_columns(
+        self,
+        prep: _Prepared,
+        matrix_id: str,
+        evals: np.ndarray,
+        rand: list[np.ndarray] | None,
+        keep_spectra: bool,
+    ) -> dict[str, Any]:
+        n, m = prep.oriented.shape
+        if rand is None:  # top-k route: only the eigenvalues beyond the edge are computed
+            fit, traps, max_rand = self._topk_traps(prep, matrix_id, float(evals.sum()))
+            distance = None
+            first = None
+        else:
+            pooled = np.sort(np.concatenate(rand))
+            fit = fit_mp(pooled, n, m)
+            traps = pooled[pooled > fit.edge_with_tw][::-1]
+            max_rand = float(pooled[-1])
+            first = rand[0]
+            distance = float(jensenshannon(evals, first))
+        cols = _mp_columns(fit, "rand_")
+        lambda_max = float(evals[-1])
+        per_replica = int(np.ceil(len(traps) / (len(rand) if rand else 1)))
+        cols.update(
+            max_rand_eval=max_rand,
+            rand_distance=distance,
+            ww_softrank=max_rand / lambda_max,
+            ww_maxdist=lambda_max - max_rand,
+            trap_evals=[float(v) for v in traps],
+            trap_entries=_trap_entries(prep.original, per_replica),
+        )
+        if keep_spectra:
+            cols["rand_evals"] = first
+        return cols
+
+    def _topk_traps(
+        self, prep: _Prepared, matrix_id: str, total: float
+    ) -> tuple[MPFit, np.ndarray, float]:
+        """Traps from a Lanczos top-k solve, doubling k until the edge is inside the top-k."""
+        n, m = prep.oriented.shape
+        shuf = shuffled(prep.oriented, shuffle_generator(self.seed, matrix_id))
+        k = min(TOPK_START, m - 1)
+        while True:
+            top = self.backend.top_esd(shuf, k)
+            fit, traps = mp_edge_from_bulk_mean(top, total, n, m)
+            if len(traps) < k or k == m - 1:
+                return fit, traps, float(top.max())
+            k = min(2 * k, m - 1)
+
+
+def analyze_batch(
+    matrices: Iterable[Any],
+    *,
+    randomize: bool = True,
+    seed: int = 0,
+    matrix_ids: Sequence[str] | None = None,
+    backend: Backend | str | None = None,
+    rand_route: str = "full",
+    min_evals: int = MIN_EVALS,
+    batch_size: int | None = None,
+    keep_spectra: bool = False,
+) -> list[dict[str, Any]]:
+    """Analyze many matrices; same-shape ones go to the backend as one stack.
+
+    Returns one mapping per matrix, in input order, keyed by report column names (plus
+    `evals` / `rand_evals` arrays when `keep_spectra`). `batch_size` caps a stack; the
+    default is 1 on the host (memory one matrix deep) and 32 on a GPU (a layer's experts).
+    """
+    mats = list(matrices)
+    ids = list(matrix_ids) if matrix_ids is not None else [str(i) for i in range(len(mats))]
+    if len(ids) != len(mats):
+        raise ValueError(f"{len(mats)} matrices but {len(ids)} matrix_ids")
+    be = select_backend(backend) if backend is None or isinstance(backend, str) else backend
+    if batch_size is None:
+        batch_size = 32 if be.name in ("cuda", "cupy") else 1
+    analyzer = _Analyzer(be, randomize, seed, rand_route, min_evals)
+    rows: list[dict[str, Any] | None] = [None] * len(mats)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, matrix in enumerate(mats):
+        prep = _prepare(matrix, min_evals)
+        mats[i] = prep
+        if prep.status == "ok":
+            groups.setdefault(prep.oriented.shape, []).append(i)
+        else:
+            row = _empty_row(seed, ids[i], be.name, rand_route)
+            row.update(status=prep.status, reason=prep.reason)
+            rows[i] = row
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            done = analyzer.rows([mats[i] for i in chunk], [ids[i] for i in chunk], keep_spectra)
+            for i, row in zip(chunk, done, strict=True):
+                rows[i] = row
+    return rows  # type: ignore[return-value]
+
+
+def analyze_matrix(
+    matrix: Any,
+    *,
+    randomize: bool = True,
+    seed: int = 0,
+    matrix_id: str = "",
+    backend: Backend | str | None = None,
+    rand_route: str = "full",
+    min_evals: int = MIN_EVALS,
+    keep_spectra: bool = False,
+) -> Mapping[str, Any]:
+    """HTSR metrics, MP fit and correlation traps of one 2-D matrix (numpy or torch).
+
+    `seed` and `matrix_id` fix the shuffle; `rand_route="topk"` finds traps with a
+    Lanczos top-k solve instead of the full shuffled ESD (see README for when it agrees).
+    """
+    return analyze_batch(
+        [matrix],
+        randomize=randomize,
+        seed=seed,
+        matrix_ids=[matrix_id],
+        backend=backend,
+        rand_route=rand_route,
+        min_evals=min_evals,
+        keep_spectra=keep_spectra,
+    )[0]
