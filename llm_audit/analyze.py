@@ -23,7 +23,7 @@ from scipy.spatial.distance import jensenshannon
 
 from .backends import Backend, select_backend
 from .columns import COLUMN_NAMES
-from .mp_fit import MPFit, fit_mp, mp_edge_from_bulk_mean
+from .mp_fit import MPFit, fit_mp, mp_edge_from_entries
 from .powerlaw_fit import EVALS_THRESH, fit_powerlaw
 from .shuffle import shuffle_generator, shuffled
 
@@ -149,15 +149,24 @@ def _mp_columns(fit: MPFit, prefix: str) -> dict[str, Any]:
     return cols
 
 
+def _largest_abs_index(matrix: np.ndarray, count: int) -> np.ndarray:
+    """Flat indices of the `count` largest |w|, largest first."""
+    flat = np.abs(matrix.ravel())
+    top = np.argpartition(flat, flat.size - count)[-count:]
+    return top[np.argsort(-flat[top], kind="stable")]
+
+
+def _largest_abs(matrix: np.ndarray, count: int) -> np.ndarray:
+    """The `count` largest |w| as float64, largest first."""
+    return np.abs(matrix.ravel()[_largest_abs_index(matrix, count)].astype(np.float64))
+
+
 def _trap_entries(matrix: np.ndarray, count: int) -> list[dict[str, Any]]:
     """The `count` largest-|w| entries of W, largest first, in W's own (row, col) layout."""
     count = min(count, MAX_TRAP_ENTRIES, matrix.size)
     if count <= 0:
         return []
-    flat = np.abs(matrix.ravel())
-    top = np.argpartition(flat, flat.size - count)[-count:]
-    top = top[np.argsort(-flat[top], kind="stable")]
-    rows, cols = np.unravel_index(top, matrix.shape)
+    rows, cols = np.unravel_index(_largest_abs_index(matrix, count), matrix.shape)
     return [
         {"row": int(r), "col": int(c), "value": float(matrix[r, c])}
         for r, c in zip(rows, cols, strict=True)
@@ -244,16 +253,15 @@ class _Analyzer:
     ) -> dict[str, Any]:
         n, m = prep.oriented.shape
         if rand is None:  # top-k route: only the eigenvalues beyond the edge are computed
-            fit, traps, max_rand = self._topk_traps(prep, matrix_id, float(evals.sum()))
+            fit, traps, max_rand, spectrum = self._topk_traps(prep, matrix_id, evals.sum())
             distance = None
-            first = None
         else:
             pooled = np.sort(np.concatenate(rand))
             fit = fit_mp(pooled, n, m)
             traps = pooled[pooled > fit.edge_with_tw][::-1]
             max_rand = float(pooled[-1])
-            first = rand[0]
-            distance = float(jensenshannon(evals, first))
+            distance = float(jensenshannon(evals, rand[0]))
+            spectrum = pooled
         cols = _mp_columns(fit, "rand_")
         lambda_max = float(evals[-1])
         per_replica = int(np.ceil(len(traps) / (len(rand) if rand else 1)))
@@ -266,21 +274,22 @@ class _Analyzer:
             trap_entries=_trap_entries(prep.original, per_replica),
         )
         if keep_spectra:
-            cols["rand_evals"] = first
+            cols["rand_evals"] = spectrum
         return cols
 
     def _topk_traps(
         self, prep: _Prepared, matrix_id: str, total: float
-    ) -> tuple[MPFit, np.ndarray, float]:
+    ) -> tuple[MPFit, np.ndarray, float, np.ndarray]:
         """Traps from a Lanczos top-k solve, doubling k until the edge is inside the top-k."""
         n, m = prep.oriented.shape
         shuf = shuffled(prep.oriented, shuffle_generator(self.seed, matrix_id))
+        squares = np.sort(_largest_abs(prep.original, m) ** 2)[::-1]
         k = min(TOPK_START, m - 1)
         while True:
             top = self.backend.top_esd(shuf, k)
-            fit, traps = mp_edge_from_bulk_mean(top, total, n, m)
+            fit, traps = mp_edge_from_entries(top, squares, total, n, m)
             if len(traps) < k or k == m - 1:
-                return fit, traps, float(top.max())
+                return fit, traps, float(top.max()), top
             k = min(2 * k, m - 1)
 
 
@@ -298,9 +307,11 @@ def analyze_batch(
 ) -> list[dict[str, Any]]:
     """Analyze many matrices; same-shape ones go to the backend as one stack.
 
-    Returns one mapping per matrix, in input order, keyed by report column names (plus
-    `evals` / `rand_evals` arrays when `keep_spectra`). `batch_size` caps a stack; the
-    default is 1 on the host (memory one matrix deep) and 32 on a GPU (a layer's experts).
+    Returns one mapping per matrix, in input order, keyed by report column names (plus,
+    when `keep_spectra`, `evals` and `rand_evals`: the shuffled eigenvalues the trap count
+    was computed from — 5 pooled shuffles below 100 eigenvalues, the top-k in that route).
+    `batch_size` caps a stack; the default is 1 on the host (memory one matrix deep) and 32
+    on a GPU (a layer's experts).
     """
     mats = list(matrices)
     ids = list(matrix_ids) if matrix_ids is not None else [str(i) for i in range(len(mats))]

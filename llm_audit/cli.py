@@ -20,8 +20,15 @@ from .analyze import RAND_ROUTES, analyze_batch
 from .backends import BACKEND_NAMES, BackendError
 
 SUMMARY_COLUMNS = (
-    "name", "N", "M", "alpha", "num_spikes", "rand_num_spikes", "max_abs_entry",
-    "entry_kurtosis", "status",
+    "name",
+    "N",
+    "M",
+    "alpha",
+    "num_spikes",
+    "rand_num_spikes",
+    "max_abs_entry",
+    "entry_kurtosis",
+    "status",
 )
 
 
@@ -77,8 +84,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.floating):
             raise UserError(f"{path}: need a 2-D float array, got {matrix.dtype} {matrix.shape}")
     rows = analyze_batch(
-        matrices, randomize=not args.no_randomize, seed=args.seed,
-        matrix_ids=[Path(p).name for p in args.files], backend=args.backend,
+        matrices,
+        randomize=not args.no_randomize,
+        seed=args.seed,
+        matrix_ids=[Path(p).name for p in args.files],
+        backend=args.backend,
         rand_route=args.rand_route,
     )
     for path, row in zip(args.files, rows, strict=True):
@@ -93,7 +103,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mats = demo_matrices()
     print(f"llm-audit {__version__}: auditing {len(mats)} demo matrices", file=sys.stderr)
     rows = analyze_batch(
-        list(mats.values()), seed=args.seed, matrix_ids=list(mats), backend=args.backend,
+        list(mats.values()),
+        seed=args.seed,
+        matrix_ids=list(mats),
+        backend=args.backend,
         rand_route=args.rand_route,
     )
     for name, row in zip(mats, rows, strict=True):
@@ -117,10 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0, help="run seed for the shuffles")
-        p.add_argument("--backend", choices=BACKEND_NAMES, default=None,
-                       help="array backend (default: auto, or $LLM_AUDIT_BACKEND)")
-        p.add_argument("--rand-route", choices=RAND_ROUTES, default="full",
-                       help="shuffled spectrum: full ESD (default) or top-k Lanczos")
+        p.add_argument(
+            "--backend",
+            choices=BACKEND_NAMES,
+            default=None,
+            help="array backend (default: auto, or $LLM_AUDIT_BACKEND)",
+        )
+        p.add_argument(
+            "--rand-route",
+            choices=RAND_ROUTES,
+            default="full",
+            help="shuffled spectrum: full ESD (default) or top-k Lanczos",
+        )
         p.add_argument("--format", choices=("table", "json"), default="table")
 
     p = sub.add_parser("analyze", help="analyze 2-D matrices saved as .npy files")

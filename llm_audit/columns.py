@@ -39,7 +39,10 @@ COLUMNS: dict[str, tuple[str, str]] = {
         "Tracy-Widom allowance: learned signal.",
     ),
     "sigma_mp": ("float", "Fitted MP scale of W's ESD (in units where the mean eigenvalue is 1)."),
-    "mp_softrank": ("float", "MP bulk edge / lambda_max, both rescaled: small means strong spikes."),
+    "mp_softrank": (
+        "float",
+        "MP bulk edge / lambda_max, both rescaled: small means strong spikes.",
+    ),
     "bulk_max": ("float", "Upper MP bulk edge of W's ESD, in the original eigenvalue units."),
     "bulk_min": ("float", "Lower MP bulk edge of W's ESD, in the original eigenvalue units."),
     "rand_num_spikes": (

@@ -126,9 +126,7 @@ def fit_mp(evals: np.ndarray, n: int, m: int) -> MPFit:
     sigma0 = np.sqrt(lambda_max) / (1.0 + 1.0 / np.sqrt(q))
     grid = np.mgrid[slice(0.05 * sigma0, 2.0 * sigma0, 0.01 * sigma0)]
     start = grid[np.argmin(residual(grid))]
-    sigma = float(
-        optimize.fmin(lambda s: float(residual(s)[0]), np.array([start]), disp=False)[0]
-    )
+    sigma = float(optimize.fmin(lambda s: float(residual(s)[0]), np.array([start]), disp=False)[0])
 
     bulk_max = (sigma * (1.0 + 1.0 / np.sqrt(q))) ** 2
     bulk_min = (sigma * (1.0 - 1.0 / np.sqrt(q))) ** 2
@@ -144,24 +142,28 @@ def fit_mp(evals: np.ndarray, n: int, m: int) -> MPFit:
     )
 
 
-def mp_edge_from_bulk_mean(
-    top_evals: np.ndarray, total: float, n: int, m: int
+def mp_edge_from_entries(
+    top_evals: np.ndarray, top_squares: np.ndarray, total: float, n: int, m: int
 ) -> tuple[MPFit, np.ndarray]:
-    """Bulk edge of a shuffled matrix from its top eigenvalues and its trace alone.
+    """Bulk edge of a shuffled matrix from its top eigenvalues and its entries alone.
 
-    Why: a shuffled matrix has i.i.d. entries, so its bulk is MP with sigma^2 equal to the
-    mean of the *bulk* eigenvalues; the trace (the squared Frobenius norm, which shuffling
-    keeps) minus the outliers gives that mean. Iterating "edge -> outliers -> mean of the
-    rest -> edge" to a fixed point needs only the eigenvalues beyond the edge, which a
-    top-k Lanczos solve provides. Returns the fit and the outliers (largest first).
+    Why: a shuffled matrix has exchangeable entries, so its bulk is MP with sigma^2 equal
+    to the variance of the entries that are *not* behind an outlier, and each outlier is
+    one large entry (shuffling scatters everything else). So: edge -> outliers above it
+    -> drop that many largest squared entries (`top_squares`, descending) from the total
+    -> new sigma^2 -> new edge, to a fixed point. It needs only the eigenvalues beyond the
+    edge, which a top-k Lanczos solve provides. Returns the fit and the outliers (largest
+    first). `total` is the sum of squared entries (= the trace of the Gram).
     """
     top = np.sort(np.asarray(top_evals, dtype=np.float64))[::-1]
+    dropped = np.concatenate(([0.0], np.cumsum(top_squares)))
     q = n / m
-    scale = m / total
+    scale = m / total  # rescaling to mean eigenvalue 1, as in `fit_mp`
     rescaled = top * scale
     num_out = 0
     for _ in range(64):
-        sigma2 = (m - rescaled[:num_out].sum()) / (m - num_out)
+        kept = min(num_out, dropped.size - 1)
+        sigma2 = (total - dropped[kept]) / (n * m - kept) * n * scale
         bulk_max = sigma2 * (1.0 + 1.0 / np.sqrt(q)) ** 2
         tw = 1.0 / np.sqrt(q) * bulk_max ** (2.0 / 3.0) * m ** (-2.0 / 3.0)
         edge = bulk_max + np.sqrt(tw)

@@ -57,7 +57,7 @@ def fit_powerlaw(evals: np.ndarray) -> PowerLawFit | None:
         alpha=alpha,
         xmin=xmin,
         D=float(ds[best]),
-        sigma=(alpha - 1.0) / np.sqrt(n_tail),
+        sigma=float((alpha - 1.0) / np.sqrt(n_tail)),
         num_pl_spikes=int(np.count_nonzero(evals >= xmin)),
     )
 

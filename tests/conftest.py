@@ -1,0 +1,82 @@
+"""Shared fixtures: the parity matrices of issue #2 and a quiet WeightWatcher."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+
+@dataclass(frozen=True)
+class Case:
+    """A parity matrix, its float64 SVD eigenvalues and the trap count it must give."""
+
+    name: str
+    matrix: np.ndarray
+    evals: np.ndarray
+    traps: str  # "zero", "some" or "at_least_20"
+
+
+def _svd_evals(matrix: np.ndarray) -> np.ndarray:
+    sv = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+    return np.sort(sv * sv)
+
+
+def _parity_matrices() -> list[tuple[str, np.ndarray, str]]:
+    rng = np.random.default_rng(2026)
+    planted = rng.standard_normal((1024, 1024))
+    where = rng.choice(planted.size, size=20, replace=False)
+    planted.ravel()[where] = rng.choice([-1.0, 1.0], size=20) * 60.0
+    u, v = rng.standard_normal(1024), rng.standard_normal(512)
+    rank1 = rng.standard_normal((1024, 512)) + 0.2 * np.outer(u, v)
+    left, _ = np.linalg.qr(rng.standard_normal((1024, 512)))
+    right, _ = np.linalg.qr(rng.standard_normal((512, 512)))
+    power_law = (left * (100.0 * np.arange(1, 513) ** -0.8)) @ right.T
+    return [
+        ("gaussian_2880x512", rng.standard_normal((2880, 512)), "zero"),
+        ("gaussian_1024sq", rng.standard_normal((1024, 1024)), "zero"),
+        ("student_t_1024sq", rng.standard_t(2.5, size=(1024, 1024)), "some"),
+        ("planted_20", planted, "at_least_20"),
+        ("rank1_plus_noise", rank1, "zero"),
+        ("power_law_svals", power_law, "any"),
+        ("small_200x64", rng.standard_normal((200, 64)), "zero"),
+    ]
+
+
+@pytest.fixture(scope="session")
+def parity_cases() -> list[Case]:
+    """The matrices on which we must match WeightWatcher (float32, as weights are stored)."""
+    cases = []
+    for name, matrix, traps in _parity_matrices():
+        m32 = matrix.astype(np.float32)
+        cases.append(Case(name, m32, _svd_evals(m32), traps))
+    return cases
+
+
+@pytest.fixture(scope="session")
+def watcher():
+    """A WeightWatcher 0.7.7 instance with its logging and prints silenced."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import weightwatcher as ww
+
+        instance = ww.WeightWatcher()
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    return instance
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence WeightWatcher's prints and warnings inside a block."""
+    with (
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        yield

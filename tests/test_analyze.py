@@ -1,0 +1,179 @@
+"""analyze_matrix: routes, backends, seeds, batches and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llm_audit import COLUMN_NAMES, analyze_batch, analyze_matrix
+from llm_audit.backends import NumpyBackend, TorchBackend, select_backend
+
+
+def _wide_range_matrix() -> np.ndarray:
+    """2048 x 1024 with singular values spanning 1e4 (eigenvalues spanning 1e8)."""
+    rng = np.random.default_rng(4)
+    left, _ = np.linalg.qr(rng.standard_normal((2048, 1024)))
+    right, _ = np.linalg.qr(rng.standard_normal((1024, 1024)))
+    return ((left * np.logspace(2, -2, 1024)) @ right.T).astype(np.float32)
+
+
+def _svd64(w: np.ndarray) -> np.ndarray:
+    return np.sort(np.linalg.svd(w.astype(np.float64), compute_uv=False) ** 2)
+
+
+@pytest.mark.parametrize("backend", [NumpyBackend(), TorchBackend("cpu")], ids=["numpy", "torch"])
+def test_route_accuracy_against_float64_svd(backend):
+    """Float64 Gram + eigvalsh: every eigenvalue to 1e-9 of lambda_max, and those above
+    1e-6 lambda_max to 1e-4 relative; singular values squared: 1e-10 relative."""
+    w = _wide_range_matrix()
+    ref = _svd64(w)
+    gram = backend.esd(w[None])[0]
+    assert np.max(np.abs(gram - ref)) / ref[-1] < 1e-9
+    big = ref > 1e-6 * ref[-1]
+    assert np.max(np.abs(gram[big] - ref[big]) / ref[big]) < 1e-4
+    svd = backend.svd_esd(w[None])[0]
+    assert np.max(np.abs(svd - ref) / ref) < 1e-10
+
+
+def test_a_float32_gram_would_not_be_accurate_enough():
+    """Why we upcast first: a float32 Gram loses the small end of a wide spectrum."""
+    w = _wide_range_matrix()
+    ref = _svd64(w)
+    f32 = np.sort(np.linalg.eigvalsh(w.T @ w).astype(np.float64))
+    assert np.mean(np.abs(f32 - ref) / ref > 0.01) > 0.05
+
+
+def test_columns_and_types():
+    w = np.random.default_rng(0).standard_normal((300, 200)).astype(np.float32)
+    row = analyze_matrix(w, matrix_id="x", seed=3)
+    assert tuple(row) == COLUMN_NAMES
+    assert row["status"] == "ok" and row["reason"] == ""
+    assert (row["N"], row["M"], row["Q"], row["num_evals"]) == (300, 200, 1.5, 200)
+    assert row["seed"] == 3 and row["matrix_id"] == "x"
+    nulls = [k for k, v in row.items() if v is None]
+    assert nulls == []
+    assert row["norm"] == pytest.approx(float(np.sum(w.astype(np.float64) ** 2)), rel=1e-9)
+
+
+def test_transposed_matrix_gives_the_same_metrics():
+    w = np.random.default_rng(1).standard_normal((200, 500)).astype(np.float32)
+    a = analyze_matrix(w, matrix_id="m")
+    b = analyze_matrix(np.ascontiguousarray(w.T), matrix_id="m")
+    assert (a["N"], a["M"]) == (500, 200)
+    for col in ("alpha", "lambda_max", "sigma_mp", "num_spikes"):
+        assert a[col] == pytest.approx(b[col], rel=1e-9)
+
+
+def test_seeds_are_per_matrix_and_reproducible():
+    w = np.random.default_rng(2).standard_t(3, (400, 300)).astype(np.float32)
+    a = analyze_matrix(w, seed=5, matrix_id="layer.0", keep_spectra=True)
+    b = analyze_matrix(w, seed=5, matrix_id="layer.0", keep_spectra=True)
+    c = analyze_matrix(w, seed=5, matrix_id="layer.1", keep_spectra=True)
+    d = analyze_matrix(w, seed=6, matrix_id="layer.0", keep_spectra=True)
+    assert np.array_equal(a["rand_evals"], b["rand_evals"])
+    assert a["rand_num_spikes"] == b["rand_num_spikes"]
+    assert not np.array_equal(a["rand_evals"], c["rand_evals"])
+    assert not np.array_equal(a["rand_evals"], d["rand_evals"])
+
+
+def test_batch_equals_one_at_a_time_and_keeps_order():
+    rng = np.random.default_rng(3)
+    mats = [rng.standard_normal((256, 128)).astype(np.float32) for _ in range(3)]
+    mats.insert(1, rng.standard_normal((128, 64)).astype(np.float32))
+    ids = [f"e{i}" for i in range(4)]
+    batched = analyze_batch(mats, matrix_ids=ids, seed=9, batch_size=4)
+    for matrix, matrix_id, row in zip(mats, ids, batched, strict=True):
+        single = analyze_matrix(matrix, matrix_id=matrix_id, seed=9)
+        assert row["matrix_id"] == matrix_id
+        for col in ("alpha", "lambda_max", "rand_num_spikes", "rand_bulk_max", "max_rand_eval"):
+            assert row[col] == pytest.approx(single[col], rel=1e-9), col
+
+
+def test_torch_inputs_of_any_float_dtype():
+    w = torch.randn(256, 128, generator=torch.Generator().manual_seed(0))
+    ref = analyze_matrix(w.to(torch.bfloat16).float(), matrix_id="t")
+    for dtype in (torch.bfloat16, torch.float16):
+        row = analyze_matrix(w.to(dtype), matrix_id="t")
+        assert row["status"] == "ok"
+        assert row["alpha"] == pytest.approx(
+            ref["alpha"], rel=1e-2 if dtype == torch.float16 else 1e-9
+        )
+    assert analyze_matrix(w.double(), matrix_id="t")["status"] == "ok"
+    assert analyze_matrix(w.numpy().astype(np.float16))["status"] == "ok"
+
+
+def test_torch_backend_agrees_with_numpy():
+    w = np.random.default_rng(6).standard_normal((512, 256)).astype(np.float32)
+    a = analyze_matrix(w, backend="numpy", matrix_id="b")
+    b = analyze_matrix(w, backend="torch", matrix_id="b")
+    assert b["backend"] == "torch"
+    for col in ("alpha", "xmin", "sigma_mp", "rand_bulk_max", "max_rand_eval"):
+        assert a[col] == pytest.approx(b[col], rel=1e-8), col
+    assert a["rand_num_spikes"] == b["rand_num_spikes"]
+
+
+def test_backend_selection(monkeypatch):
+    assert select_backend("numpy").name == "numpy"
+    monkeypatch.setenv("LLM_AUDIT_BACKEND", "torch")
+    assert select_backend().name == "torch"
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("LLM_AUDIT_BACKEND")
+        assert select_backend().name in ("numpy", "cupy")
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            select_backend("cuda")
+    with pytest.raises(RuntimeError, match="unknown backend"):
+        select_backend("tpu")
+
+
+def test_topk_route_reproduces_the_full_route_on_clear_cases():
+    rng = np.random.default_rng(8)
+    clean = rng.standard_normal((1024, 512)).astype(np.float32)
+    planted = clean.copy()
+    planted.ravel()[rng.choice(planted.size, 12, replace=False)] = 60.0
+    for w, traps in ((clean, 0), (planted, 12)):
+        full = analyze_matrix(w, matrix_id="k")
+        topk = analyze_matrix(w, matrix_id="k", rand_route="topk")
+        # two planted entries shuffled into one row or column make one trap, not two
+        assert full["rand_num_spikes"] == topk["rand_num_spikes"]
+        assert traps - 2 <= full["rand_num_spikes"] <= traps
+        assert topk["rand_bulk_max"] == pytest.approx(full["rand_bulk_max"], rel=0.03)
+        assert topk["max_rand_eval"] == pytest.approx(full["max_rand_eval"], rel=1e-9)
+        assert topk["rand_route"] == "topk" and topk["rand_distance"] is None
+    with pytest.raises(ValueError, match="rand_route"):
+        analyze_matrix(clean, rand_route="fast")
+
+
+BAD = {
+    "all_zeros": (np.zeros((64, 32), np.float32), "skipped", "all entries are zero"),
+    "constant": (np.full((64, 32), 0.5, np.float32), "skipped", "only 1 eigenvalues"),
+    "rank_2": (np.ones((64, 2), np.float32) @ np.eye(2, 32, dtype=np.float32), "skipped", "only"),
+    "nan": (np.where(np.eye(64, 32) > 0, np.nan, 1.0).astype(np.float32), "error", "32 NaN"),
+    "inf": (np.where(np.eye(64, 32) > 0, np.inf, 1.0).astype(np.float32), "error", "32 Inf"),
+    "row_vector": (np.ones((1, 100), np.float32), "skipped", "1 eigenvalues, fewer than 8"),
+    "seven_evals": (np.ones((100, 7), np.float32), "skipped", "7 eigenvalues, fewer than 8"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_matrices_get_a_status_not_an_exception(name):
+    matrix, status, reason = BAD[name]
+    row = analyze_matrix(matrix, matrix_id=name)
+    assert row["status"] == status
+    assert reason in row["reason"]
+    for key, value in row.items():  # nothing NaN: uncomputable columns are None
+        if isinstance(value, float):
+            assert np.isfinite(value), key
+
+
+def test_bad_matrices_do_not_stop_a_batch():
+    good = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    rows = analyze_batch([BAD["nan"][0], good, BAD["all_zeros"][0]])
+    assert [r["status"] for r in rows] == ["error", "ok", "skipped"]
+
+
+def test_wrong_types_raise():
+    with pytest.raises(TypeError, match="floating"):
+        analyze_matrix(np.ones((10, 10), dtype=np.int64))
+    with pytest.raises(ValueError, match="2-D"):
+        analyze_matrix(np.ones((2, 10, 10), dtype=np.float32))

@@ -1,0 +1,74 @@
+"""The console script: version, help, demo, analyze, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+
+from llm_audit import __version__
+from llm_audit.cli import main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llm_audit.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_version_and_help():
+    out = _run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"llm-audit {__version__}"
+    out = _run("--help")
+    assert out.returncode == 0 and "analyze" in out.stdout and "demo" in out.stdout
+
+
+def test_demo_finds_the_planted_traps_at_their_positions(capsys):
+    assert main(["demo", "--format", "json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    planted = rows["planted_5_traps"]
+    assert planted["rand_num_spikes"] == 5
+    assert [abs(e["value"]) for e in planted["trap_entries"]] == [80.0] * 5
+    assert rows["gaussian"]["rand_num_spikes"] == 0
+    assert rows["low_rank_signal"]["num_spikes"] == 4
+    assert rows["low_rank_signal"]["rand_num_spikes"] == 0
+    assert rows["power_law_spectrum"]["alpha"] < 2
+    assert rows["has_nan"]["status"] == "error"
+
+
+def test_analyze_npy_files(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 100)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    assert main(["analyze", str(tmp_path / "a.npy"), "--format", "json", "--seed", "4"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["matrix_id"] == "a.npy" and row["seed"] == 4 and row["status"] == "ok"
+
+
+def test_user_errors_are_one_line_with_exit_2(tmp_path):
+    missing = _run("analyze", str(tmp_path / "missing.npy"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"llm-audit: error: {tmp_path / 'missing.npy'}: no such file"
+    evil = tmp_path / "evil.npy"
+    np.save(evil, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    refused = _run("analyze", str(evil))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "evil.npy" in refused.stderr
+    (tmp_path / "p.npy").write_bytes(pickle.dumps([1, 2]))
+    assert _run("analyze", str(tmp_path / "p.npy")).returncode == 2
+    vec = tmp_path / "v.npy"
+    np.save(vec, np.ones(5, np.float32))
+    out = _run("analyze", str(vec))
+    assert out.returncode == 2 and "need a 2-D float array" in out.stderr
+    assert _run("demo", "--backend", "tpu").returncode == 2  # argparse usage error
+
+
+def test_a_matrix_with_nan_exits_1_but_prints_its_row(tmp_path):
+    bad = np.ones((50, 20), np.float32)
+    bad[0, 0] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    out = _run("analyze", str(tmp_path / "bad.npy"))
+    assert out.returncode == 1 and "error" in out.stdout
