@@ -8,12 +8,14 @@ Gaussian with 10 planted large entries, Student-t (df 3) entries, and low rank +
 
 Steps, in order, each timed with `time.perf_counter` over all 8 matrices:
 
-a. floor: float64 Gram of the smaller side (W upcast first) + `scipy.linalg.eigvalsh`,
+a. floor: float64 Gram of the smaller side (W upcast first, BLAS syrk) +
+   `scipy.linalg.eigvalsh`,
    one ESD per matrix: what any exact method must pay at least once;
 b. `analyze_matrix(W, randomize=True, backend="numpy")` (rand_route "full"): two ESDs
    (W and its shuffle), power-law and MP fits; target: within 2.5x of the floor;
 c. the same with rand_route="topk"; its trap count and rand_bulk_max against (b);
-d. WeightWatcher 0.7.7 `analyze(randomize=True, mp_fit=True)` on a torch model holding
+d. WeightWatcher 0.7.7 `analyze(randomize=True)` (`--ww-mp-fit` adds mp_fit=True) on a
+   torch model holding
    the same 8 matrices; target: WeightWatcher >= 5x our time (b);
 e. `analyze_batch` on E "experts" of dim x dim with the default backend: seconds/matrix.
 
@@ -21,6 +23,7 @@ Usage:
     python benchmarks/bench_spectral.py                 # full run (many minutes on 2 cores)
     python benchmarks/bench_spectral.py --quick --skip-ww   # smoke run, < 1 minute
     python benchmarks/bench_spectral.py --json out.json     # also write the figures
+    python benchmarks/bench_spectral.py --repeat 3          # steps a-c: best of 3 passes
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any
 import numpy as np
 import scipy
 import scipy.linalg
+from scipy.linalg.blas import dsyrk
 
 from llm_audit import analyze_batch, analyze_matrix
 from llm_audit.backends import select_backend
@@ -141,9 +145,10 @@ def run_floor(mats: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
     for _, w in mats:
         t0 = time.perf_counter()
         w64 = _oriented64(w)
-        gram = w64.T @ w64
+        # the fastest exact Gram here (BLAS syrk, one triangle), as our numpy route uses
+        gram = dsyrk(1.0, w64.T, trans=0, lower=0)
         t1 = time.perf_counter()
-        scipy.linalg.eigvalsh(gram, check_finite=False)
+        scipy.linalg.eigvalsh(gram, lower=False, check_finite=False)
         t2 = time.perf_counter()
         eig_total += t2 - t1
         per.append(t2 - t0)
@@ -274,19 +279,30 @@ def compare_routes(full: list[dict], topk: list[dict]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: dim {QUICK_DIM}, small {QUICK_SMALL}, {QUICK_EXPERTS} experts")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: dim {QUICK_DIM}, small {QUICK_SMALL}, {QUICK_EXPERTS} experts",
+    )
     p.add_argument("--skip-ww", action="store_true", help="skip the WeightWatcher step (d)")
-    p.add_argument("--ww-no-mp-fit", action="store_true",
-                   help="call WeightWatcher analyze(randomize=True) without mp_fit=True "
-                        "(faster, but then it reports no num_spikes)")
+    p.add_argument(
+        "--ww-mp-fit",
+        action="store_true",
+        help="call WeightWatcher analyze(randomize=True, mp_fit=True): like for like with "
+        "our columns (it then also fits W's own MP law); default is the issue's literal "
+        "analyze(randomize=True), which is faster and reports no num_spikes",
+    )
     p.add_argument("--skip-batch", action="store_true", help="skip the batched step (e)")
     p.add_argument("--dim", type=int, help="large side (default 2880, quick 1024)")
     p.add_argument("--small", type=int, help="small side of the thin matrices (default 512)")
     p.add_argument("--experts", type=int, help="experts in step e (default 32, quick 4)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run steps a-c this many times and keep each step's fastest pass "
-                        "(damps load noise; default 1)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run steps a-c this many times and keep each step's fastest pass "
+        "(damps load noise; default 1)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the measured figures to PATH")
     args = p.parse_args(argv)
 
@@ -296,8 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     blas = blas_info()
     print_environment(blas)
     result: dict[str, Any] = {
-        "quick": args.quick, "dim": dim, "small": small, "experts": experts,
-        "repeat": args.repeat, "blas": blas, "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
+        "quick": args.quick,
+        "dim": dim,
+        "small": small,
+        "experts": experts,
+        "repeat": args.repeat,
+        "blas": blas,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
     }
 
     mats = test_matrices(dim, small)
@@ -306,37 +328,55 @@ def main(argv: list[str] | None = None) -> int:
     warm_up()
 
     floor, full, topk = _best_of(args.repeat, mats)
-    print(f"\n[a] floor (fp64 Gram + scipy eigvalsh): {floor['total_s']:.3f} s"
-          f"  (eigvalsh only {floor['eigvalsh_s']:.3f} s)")
+    print(
+        f"\n[a] floor (fp64 Gram + scipy eigvalsh): {floor['total_s']:.3f} s"
+        f"  (eigvalsh only {floor['eigvalsh_s']:.3f} s)"
+    )
     r_full = full["total_s"] / floor["total_s"]
-    print(f"[b] analyze_matrix numpy, rand_route=full: {full['total_s']:.3f} s"
-          f"  = {r_full:.2f}x floor (target <= {TARGET_FULL_OVER_FLOOR}x)")
+    print(
+        f"[b] analyze_matrix numpy, rand_route=full: {full['total_s']:.3f} s"
+        f"  = {r_full:.2f}x floor (target <= {TARGET_FULL_OVER_FLOOR}x)"
+    )
     r_topk = topk["total_s"] / floor["total_s"]
     routes = compare_routes(full["rows"], topk["rows"])
     n_equal = sum(r["spikes_equal"] for r in routes)
-    print(f"[c] analyze_matrix numpy, rand_route=topk: {topk['total_s']:.3f} s"
-          f"  = {r_topk:.2f}x floor; rand_num_spikes equal to full on {n_equal}/{len(mats)}")
+    print(
+        f"[c] analyze_matrix numpy, rand_route=topk: {topk['total_s']:.3f} s"
+        f"  = {r_topk:.2f}x floor; rand_num_spikes equal to full on {n_equal}/{len(mats)}"
+    )
 
     ww_res = None
     if not args.skip_ww:
-        print("[d] WeightWatcher analyze(randomize=True"
-              f"{'' if args.ww_no_mp_fit else ', mp_fit=True'}) ... (minutes)", flush=True)
-        ww_res = run_weightwatcher(mats, mp_fit=not args.ww_no_mp_fit)
+        print(
+            "[d] WeightWatcher analyze(randomize=True"
+            f"{', mp_fit=True' if args.ww_mp_fit else ''}) ... (minutes)",
+            flush=True,
+        )
+        ww_res = run_weightwatcher(mats, mp_fit=args.ww_mp_fit)
         r_ww = ww_res["total_s"] / full["total_s"]
-        print(f"[d] WeightWatcher {ww_res['version']}: {ww_res['total_s']:.3f} s"
-              f"  = {r_ww:.2f}x ours (full route; target >= {TARGET_WW_OVER_OURS}x);"
-              f" {ww_res['total_s'] / topk['total_s']:.2f}x ours (topk route)")
-        print(f"    layers analyzed by WeightWatcher: {ww_res['layers_analyzed']} of {len(mats)}"
-              + ("" if ww_res["layers_analyzed"] == len(mats) else
-                 "  <-- WW skipped layers (min_evals / max_evals / max_N)"))
+        print(
+            f"[d] WeightWatcher {ww_res['version']}: {ww_res['total_s']:.3f} s"
+            f"  = {r_ww:.2f}x ours (full route; target >= {TARGET_WW_OVER_OURS}x);"
+            f" {ww_res['total_s'] / topk['total_s']:.2f}x ours (topk route)"
+        )
+        print(
+            f"    layers analyzed by WeightWatcher: {ww_res['layers_analyzed']} of {len(mats)}"
+            + (
+                ""
+                if ww_res["layers_analyzed"] == len(mats)
+                else "  <-- WW skipped layers (min_evals / max_evals / max_N)"
+            )
+        )
         ww_res["ratio_vs_full"] = r_ww
         ww_res["ratio_vs_topk"] = ww_res["total_s"] / topk["total_s"]
 
     # per-matrix table
     print("\n== per matrix (times in s; spikes: ours-full / ours-topk / WW)")
-    head = (f"{'matrix':<24} {'floor':>6} {'full':>6} {'topk':>6}  {'alpha':>10} {'WW alpha':>10}"
-            f" {'|d alpha|':>9}  {'spikes':>7} {'WW':>3}  {'rand_spikes':>11} {'WW':>3}"
-            f"  {'rbm rel':>8}")
+    head = (
+        f"{'matrix':<24} {'floor':>6} {'full':>6} {'topk':>6}  {'alpha':>10} {'WW alpha':>10}"
+        f" {'|d alpha|':>9}  {'spikes':>7} {'WW':>3}  {'rand_spikes':>11} {'WW':>3}"
+        f"  {'rbm rel':>8}"
+    )
     print(head)
     per_matrix = []
     ww_rows = ww_res["rows"] if ww_res else [None] * len(mats)
@@ -344,9 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         ww_rows = [None] * len(mats)  # cannot align rows: WW skipped some layers
     for i, name in enumerate(names):
         f, t, w, rc = full["rows"][i], topk["rows"][i], ww_rows[i], routes[i]
+        if w and (w.get("N"), w.get("M")) != (f["N"], f["M"]):
+            print(
+                f"  !! WW row {i} is {w.get('N')}x{w.get('M')}, ours {f['N']}x{f['M']}:"
+                " rows not aligned, WW columns dropped"
+            )
+            w = None
         ww_alpha = w.get("alpha") if w else None
-        d_alpha = (abs(f["alpha"] - ww_alpha)
-                   if ww_alpha is not None and f["alpha"] is not None else None)
+        d_alpha = (
+            abs(f["alpha"] - ww_alpha) if ww_alpha is not None and f["alpha"] is not None else None
+        )
         entry = {
             "matrix": name,
             "floor_s": floor["per_matrix_s"][i],
@@ -365,12 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         per_matrix.append(entry)
         rs = f"{f['rand_num_spikes']}/{t['rand_num_spikes']}"
-        print(f"{name:<24} {entry['floor_s']:6.2f} {entry['full_s']:6.2f} {entry['topk_s']:6.2f}"
-              f"  {_fmt(f['alpha'], '10.6f')} {_fmt(ww_alpha, '10.6f')}"
-              f" {_fmt(d_alpha, '9.1e')}  {_fmt(f['num_spikes']):>7}"
-              f" {_fmt(w.get('num_spikes') if w else None):>3}  {rs:>11}"
-              f" {_fmt(w.get('rand_num_spikes') if w else None):>3}"
-              f"  {_fmt(rc['rand_bulk_max_rel_diff'], '8.1e')}")
+        print(
+            f"{name:<24} {entry['floor_s']:6.2f} {entry['full_s']:6.2f} {entry['topk_s']:6.2f}"
+            f"  {_fmt(f['alpha'], '10.6f')} {_fmt(ww_alpha, '10.6f')}"
+            f" {_fmt(d_alpha, '9.1e')}  {_fmt(f['num_spikes']):>7}"
+            f" {_fmt(w.get('num_spikes') if w else None):>3}  {rs:>11}"
+            f" {_fmt(w.get('rand_num_spikes') if w else None):>3}"
+            f"  {_fmt(rc['rand_bulk_max_rel_diff'], '8.1e')}"
+        )
     print("  rbm rel = |rand_bulk_max(topk) - rand_bulk_max(full)| / rand_bulk_max(full).")
     if ww_res:
         print("  WW shuffles with an unseeded global RNG, ours with (seed, matrix_id): trap")
@@ -378,36 +427,55 @@ def main(argv: list[str] | None = None) -> int:
 
     batch = None
     if not args.skip_batch:
-        print(f"\n[e] analyze_batch: {experts} experts of {dim}x{dim} float32, default backend"
-              " ...", flush=True)
+        print(
+            f"\n[e] analyze_batch: {experts} experts of {dim}x{dim} float32, default backend ...",
+            flush=True,
+        )
         batch = run_batch(dim, experts)
-        floor_sq = np.mean([s for s, (_, w) in zip(floor["per_matrix_s"], mats, strict=True)
-                            if w.shape == (dim, dim)])
+        floor_sq = np.mean(
+            [
+                s
+                for s, (_, w) in zip(floor["per_matrix_s"], mats, strict=True)
+                if w.shape == (dim, dim)
+            ]
+        )
         batch["per_matrix_over_floor"] = batch["per_matrix_s"] / floor_sq
-        print(f"[e] backend {batch['backend']}: {batch['total_s']:.2f} s total,"
-              f" {batch['per_matrix_s']:.3f} s/matrix ({batch['per_matrix_over_floor']:.2f}x the"
-              f" floor of a {dim}x{dim} matrix in [a]); rows ok {batch['ok_rows']}/{experts}")
+        print(
+            f"[e] backend {batch['backend']}: {batch['total_s']:.2f} s total,"
+            f" {batch['per_matrix_s']:.3f} s/matrix ({batch['per_matrix_over_floor']:.2f}x the"
+            f" floor of a {dim}x{dim} matrix in [a]); rows ok {batch['ok_rows']}/{experts}"
+        )
 
     # summary
     full_ok = r_full <= TARGET_FULL_OVER_FLOOR
     print("\n== summary (ratios measured in this run)")
-    print(f"floor {floor['total_s']:.3f} s (eigvalsh {floor['eigvalsh_s']:.3f} s) over"
-          f" {len(mats)} matrices, dim {dim}, small {small}")
-    print(f"ours full / floor   = {r_full:6.2f}x   target <= {TARGET_FULL_OVER_FLOOR}x:"
-          f" {'MET' if full_ok else 'NOT MET'}")
-    print(f"ours topk / floor   = {r_topk:6.2f}x   (no target); trap counts equal to full on"
-          f" {n_equal}/{len(mats)}")
+    print(
+        f"floor {floor['total_s']:.3f} s (eigvalsh {floor['eigvalsh_s']:.3f} s) over"
+        f" {len(mats)} matrices, dim {dim}, small {small}"
+    )
+    print(
+        f"ours full / floor   = {r_full:6.2f}x   target <= {TARGET_FULL_OVER_FLOOR}x:"
+        f" {'MET' if full_ok else 'NOT MET'}"
+    )
+    print(
+        f"ours topk / floor   = {r_topk:6.2f}x   (no target); trap counts equal to full on"
+        f" {n_equal}/{len(mats)}"
+    )
     ww_ok = None
     if ww_res:
         ww_ok = ww_res["ratio_vs_full"] >= TARGET_WW_OVER_OURS
-        print(f"WeightWatcher / ours = {ww_res['ratio_vs_full']:6.2f}x   target >="
-              f" {TARGET_WW_OVER_OURS}x: {'MET' if ww_ok else 'NOT MET'}"
-              f"   (layers analyzed {ww_res['layers_analyzed']}/{len(mats)})")
+        print(
+            f"WeightWatcher / ours = {ww_res['ratio_vs_full']:6.2f}x   target >="
+            f" {TARGET_WW_OVER_OURS}x: {'MET' if ww_ok else 'NOT MET'}"
+            f"   (layers analyzed {ww_res['layers_analyzed']}/{len(mats)})"
+        )
     else:
         print("WeightWatcher / ours = skipped (--skip-ww)")
     if batch:
-        print(f"batched: {batch['per_matrix_s']:.3f} s/matrix over {experts} experts"
-              f" (backend {batch['backend']})")
+        print(
+            f"batched: {batch['per_matrix_s']:.3f} s/matrix over {experts} experts"
+            f" (backend {batch['backend']})"
+        )
     if args.quick:
         print("(--quick: smaller matrices; the targets are meant for the full run)")
     print(f"loadavg at end {os.getloadavg()}")
@@ -429,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
             "ww_over_full_met": ww_ok,
         },
         topk_spikes_equal=n_equal,
-        weightwatcher=(None if ww_res is None else
-                       {k: v for k, v in ww_res.items() if k != "rows"}),
+        weightwatcher=(
+            None if ww_res is None else {k: v for k, v in ww_res.items() if k != "rows"}
+        ),
         batch=batch,
         per_matrix=per_matrix,
         loadavg_end=os.getloadavg(),

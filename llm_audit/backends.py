@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg.blas import dsyrk, ssyrk
 from scipy.sparse.linalg import eigsh
 
 GRAM_ROW_CHUNK = 16384  # rows upcast to float64 at a time when forming a Gram
@@ -37,8 +38,13 @@ class Backend(Protocol):
 
     name: str
 
-    def esd(self, stack: np.ndarray) -> np.ndarray:
-        """Eigenvalues of the float64 Gram of each matrix in a [B, n, m] stack (n >= m)."""
+    def esd(self, stack: np.ndarray, *, fast: bool = False) -> np.ndarray:
+        """Eigenvalues of the float64 Gram of each matrix in a [B, n, m] stack (n >= m).
+
+        `fast` multiplies and solves in float32 (2x faster here): eigenvalues within
+        ~1e-5 lambda_max, enough for the MP fit and trap count of a shuffled matrix,
+        not for the power-law tail of a trained one.
+        """
 
     def svd_esd(self, stack: np.ndarray) -> np.ndarray:
         """Squared float64 singular values of each matrix of a [B, n, m] stack."""
@@ -47,13 +53,23 @@ class Backend(Protocol):
         """The k largest eigenvalues of one n x m matrix's float64 Gram (n >= m)."""
 
 
-def _gram64_numpy(matrix: np.ndarray) -> np.ndarray:
-    """W^T W in float64, accumulated over row chunks to bound the upcast copy."""
+def _gram_upper(matrix: np.ndarray, fast: bool = False) -> np.ndarray:
+    """Upper triangle of W^T W, accumulated in float64 over row chunks.
+
+    BLAS `syrk` computes only one triangle: 30% faster here than a full `W.T @ W`, and
+    the eigensolver reads only that triangle. Chunking bounds the upcast copy. `fast`
+    multiplies each chunk in float32 (3x faster, ~1e-6 relative error per entry).
+    """
     m = matrix.shape[1]
-    gram = np.zeros((m, m), dtype=np.float64)
+    gram = np.zeros((m, m), dtype=np.float64, order="F")
     for start in range(0, matrix.shape[0], GRAM_ROW_CHUNK):
-        chunk = matrix[start : start + GRAM_ROW_CHUNK].astype(np.float64, copy=False)
-        gram += chunk.T @ chunk
+        chunk = matrix[start : start + GRAM_ROW_CHUNK]
+        if fast:
+            # chunk.T is Fortran-ordered without a copy; syrk(a) = a @ a.T
+            gram += ssyrk(1.0, chunk.astype(np.float32, copy=False).T, trans=0, lower=0)
+        else:
+            chunk = chunk.astype(np.float64, copy=False)
+            gram = dsyrk(1.0, chunk.T, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
     return gram
 
 
@@ -62,10 +78,13 @@ class NumpyBackend:
 
     name = "numpy"
 
-    def esd(self, stack: np.ndarray) -> np.ndarray:
+    def esd(self, stack: np.ndarray, *, fast: bool = False) -> np.ndarray:
         out = np.empty((stack.shape[0], stack.shape[2]))
         for i, matrix in enumerate(stack):
-            out[i] = scipy.linalg.eigvalsh(_gram64_numpy(matrix), check_finite=False)
+            gram = _gram_upper(matrix, fast)
+            if fast:
+                gram = gram.astype(np.float32)
+            out[i] = scipy.linalg.eigvalsh(gram, lower=False, check_finite=False)
         return np.clip(out, 0.0, None)
 
     def svd_esd(self, stack: np.ndarray) -> np.ndarray:
@@ -73,7 +92,8 @@ class NumpyBackend:
         return np.sort(sv * sv, axis=1)
 
     def top_esd(self, matrix: np.ndarray, k: int) -> np.ndarray:
-        gram = _gram64_numpy(matrix)
+        upper = _gram_upper(matrix)
+        gram = upper + np.triu(upper, 1).T
         vals = eigsh(gram, k=k, which="LA", return_eigenvectors=False, tol=0.0)
         return np.clip(np.sort(vals), 0.0, None)
 
@@ -88,19 +108,23 @@ class TorchBackend:
         self.device = torch.device(device)
         self.name = "cuda" if self.device.type == "cuda" else "torch"
 
-    def _gram(self, stack: np.ndarray):
+    def _gram(self, stack: np.ndarray, fast: bool = False):
         torch = self._torch
         t = torch.from_numpy(np.ascontiguousarray(stack)).to(self.device)
         b, n, m = t.shape
         gram = torch.zeros((b, m, m), dtype=torch.float64, device=self.device)
         for start in range(0, n, GRAM_ROW_CHUNK):
-            chunk = t[:, start : start + GRAM_ROW_CHUNK].to(torch.float64)
+            chunk = t[:, start : start + GRAM_ROW_CHUNK]
+            chunk = chunk.to(torch.float32 if fast else torch.float64)
             gram += chunk.transpose(1, 2) @ chunk
         return gram
 
-    def esd(self, stack: np.ndarray) -> np.ndarray:
-        vals = self._torch.linalg.eigvalsh(self._gram(stack))
-        return np.clip(vals.cpu().numpy(), 0.0, None)
+    def esd(self, stack: np.ndarray, *, fast: bool = False) -> np.ndarray:
+        gram = self._gram(stack, fast)
+        if fast:
+            gram = gram.to(self._torch.float32)
+        vals = self._torch.linalg.eigvalsh(gram)
+        return np.clip(vals.cpu().numpy().astype(np.float64), 0.0, None)
 
     def svd_esd(self, stack: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -126,19 +150,23 @@ class CupyBackend:
 
         self._cp = cupy
 
-    def _gram(self, stack: np.ndarray):
+    def _gram(self, stack: np.ndarray, fast: bool = False):
         cp = self._cp
         t = cp.asarray(stack)
         b, n, m = t.shape
         gram = cp.zeros((b, m, m), dtype=cp.float64)
         for start in range(0, n, GRAM_ROW_CHUNK):
-            chunk = t[:, start : start + GRAM_ROW_CHUNK].astype(cp.float64)
+            chunk = t[:, start : start + GRAM_ROW_CHUNK]
+            chunk = chunk.astype(cp.float32 if fast else cp.float64)
             gram += cp.matmul(chunk.transpose(0, 2, 1), chunk)
         return gram
 
-    def esd(self, stack: np.ndarray) -> np.ndarray:
-        vals = self._cp.linalg.eigvalsh(self._gram(stack))
-        return np.clip(self._cp.asnumpy(vals), 0.0, None)
+    def esd(self, stack: np.ndarray, *, fast: bool = False) -> np.ndarray:
+        gram = self._gram(stack, fast)
+        if fast:
+            gram = gram.astype(self._cp.float32)
+        vals = self._cp.linalg.eigvalsh(gram)
+        return np.clip(self._cp.asnumpy(vals).astype(np.float64), 0.0, None)
 
     def svd_esd(self, stack: np.ndarray) -> np.ndarray:
         cp = self._cp

@@ -108,8 +108,10 @@ def test_torch_backend_agrees_with_numpy():
     a = analyze_matrix(w, backend="numpy", matrix_id="b")
     b = analyze_matrix(w, backend="torch", matrix_id="b")
     assert b["backend"] == "torch"
-    for col in ("alpha", "xmin", "sigma_mp", "rand_bulk_max", "max_rand_eval"):
+    for col in ("alpha", "xmin", "sigma_mp"):
         assert a[col] == pytest.approx(b[col], rel=1e-8), col
+    for col in ("rand_bulk_max", "max_rand_eval"):  # float32 eigensolve of the shuffle
+        assert a[col] == pytest.approx(b[col], rel=1e-5), col
     assert a["rand_num_spikes"] == b["rand_num_spikes"]
 
 
@@ -138,7 +140,7 @@ def test_topk_route_reproduces_the_full_route_on_clear_cases():
         assert full["rand_num_spikes"] == topk["rand_num_spikes"]
         assert traps - 2 <= full["rand_num_spikes"] <= traps
         assert topk["rand_bulk_max"] == pytest.approx(full["rand_bulk_max"], rel=0.03)
-        assert topk["max_rand_eval"] == pytest.approx(full["max_rand_eval"], rel=1e-9)
+        assert topk["max_rand_eval"] == pytest.approx(full["max_rand_eval"], rel=1e-5)
         assert topk["rand_route"] == "topk" and topk["rand_distance"] is None
     with pytest.raises(ValueError, match="rand_route"):
         analyze_matrix(clean, rand_route="fast")
