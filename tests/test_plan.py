@@ -1,0 +1,122 @@
+"""The audit plan: real gpt-oss tensor lists give 1,658 and 9,398 matrices; other layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from llm_audit.errors import AuditError
+from llm_audit.plan import build_plan
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")
+
+
+def _meta(dtype: str, *shape: int) -> SimpleNamespace:
+    return SimpleNamespace(dtype=dtype, shape=tuple(shape))
+
+
+def _real(model: str) -> dict[str, SimpleNamespace]:
+    tensors = json.loads((SHARED / model / "tensors.json").read_text())
+    return {name: _meta(t["dtype"], *t["shape"]) for name, t in tensors.items()}
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    ("model", "layers", "experts", "total"),
+    [("gpt-oss-20b", 24, 32, 1658), ("gpt-oss-120b", 36, 128, 9398)],
+)
+def test_real_gpt_oss_tensor_lists(model, layers, experts, total):
+    plan = build_plan(_real(model))
+    assert len(plan.units) == total
+    per_layer = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1, "router": 1}
+    expected = {k: v * layers for k, v in per_layer.items()}
+    expected |= {
+        "expert_gate_up": layers * experts,
+        "expert_down": layers * experts,
+        "embedding": 1,
+        "lm_head": 1,
+    }
+    assert plan.counts_by_kind() == expected
+    largest = plan.largest()
+    assert largest.kind == "embedding" and largest.shape == (201088, 2880)
+    gate_up = next(u for u in plan.units if u.kind == "expert_gate_up")
+    assert gate_up.shape == (5760, 2880) and gate_up.source_dtype == "MXFP4"
+    assert gate_up.nbytes == 5760 * 90 * 17
+    reasons = plan.skipped_reasons()
+    assert reasons["MXFP4 scales (read with their blocks)"] == 2 * layers
+    assert reasons["attention sinks (vector)"] == layers
+    assert reasons["norm (vector)"] == 2 * layers + 1
+    assert reasons["bias (vector)"] == 7 * layers  # q k v o router + 2 stacked expert biases
+
+
+def test_openai_original_layout_splits_fused_qkv():
+    tensors = {
+        "embedding.weight": _meta("BF16", 1000, 64),
+        "block.0.attn.norm.scale": _meta("BF16", 64),
+        "block.0.attn.qkv.weight": _meta("BF16", 256, 64),
+        "block.0.attn.out.weight": _meta("BF16", 64, 128),
+        "block.0.mlp.gate.weight": _meta("BF16", 16, 64),
+        "block.0.mlp.mlp1_weight.blocks": _meta("U8", 16, 256, 2, 16),
+        "block.0.mlp.mlp1_weight.scales": _meta("U8", 16, 256, 2),
+        "block.0.mlp.mlp2_weight.blocks": _meta("U8", 16, 64, 4, 16),
+        "block.0.mlp.mlp2_weight.scales": _meta("U8", 16, 64, 4),
+        "unembedding.weight": _meta("BF16", 1000, 64),
+    }
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
+    plan = build_plan(tensors, config)
+    qkv = {u.kind: (u.row_start, u.row_stop) for u in plan.units if u.layout == "rows"}
+    assert qkv == {"q_proj": (0, 128), "k_proj": (128, 192), "v_proj": (192, 256)}
+    kinds = plan.counts_by_kind()
+    assert kinds["expert_gate_up"] == kinds["expert_down"] == 16
+    assert kinds["o_proj"] == kinds["router"] == kinds["embedding"] == kinds["lm_head"] == 1
+    with pytest.raises(AuditError, match="fused qkv"):
+        build_plan(tensors, {})
+
+
+def test_transformers_dense_experts_are_transposed_per_expert():
+    plan = build_plan(
+        {
+            "model.layers.3.mlp.experts.gate_up_proj": _meta("F32", 4, 64, 256),
+            "model.layers.3.mlp.experts.down_proj": _meta("F32", 4, 128, 64),
+        }
+    )
+    gate_up = [u for u in plan.units if u.kind == "expert_gate_up"]
+    assert [u.expert for u in gate_up] == [0, 1, 2, 3]
+    assert gate_up[0].shape == (256, 64) and gate_up[0].transpose and gate_up[0].layer == 3
+    assert gate_up[0].id == "model.layers.3.mlp.experts.gate_up_proj[0]"
+    assert gate_up[0].nbytes == 64 * 256 * 4
+
+
+def test_generic_layers_conv_and_skips():
+    plan = build_plan(
+        {
+            "encoder.layer.2.dense.weight": _meta("F16", 64, 32),
+            "conv1.weight": _meta("F32", 16, 8, 3, 3),
+            "tiny.weight": _meta("F32", 4, 100),
+            "ids": _meta("I64", 10, 10),
+            "model.layers.0.mlp.experts.down_proj_bias": _meta("BF16", 4, 64),
+        }
+    )
+    linear = [u for u in plan.units if u.kind == "linear"]
+    assert [(u.id, u.layer) for u in linear] == [("encoder.layer.2.dense.weight", 2)]
+    assert sum(u.kind == "conv" for u in plan.units) == 9
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert reasons["tiny.weight"].startswith("too small")
+    assert reasons["ids"] == "not a float tensor (I64)"
+    assert reasons["model.layers.0.mlp.experts.down_proj_bias"] == "bias (vector)"
+
+
+def test_broken_mxfp4_pairs_are_errors():
+    blocks = {"model.layers.0.mlp.experts.down_proj_blocks": _meta("U8", 2, 64, 2, 16)}
+    with pytest.raises(AuditError, match="without their scales"):
+        build_plan(blocks)
+    scales = {"model.layers.0.mlp.experts.down_proj_scales": _meta("U8", 2, 64, 2)}
+    with pytest.raises(AuditError, match="without their blocks"):
+        build_plan(scales)
+    mismatched = blocks | {"model.layers.0.mlp.experts.down_proj_scales": _meta("U8", 2, 64, 3)}
+    with pytest.raises(AuditError, match="scales must be U8"):
+        build_plan(mismatched)
