@@ -22,5 +22,6 @@ class CheckpointError(AuditError):
         self.path = str(path)
         self.tensor = tensor
         self.message = message
-        where = f"{self.path}: tensor {tensor!r}" if tensor is not None else self.path
+        shown = repr(tensor) if tensor is None or len(tensor) <= 120 else repr(tensor[:117] + "...")
+        where = f"{self.path}: tensor {shown}" if tensor is not None else self.path
         super().__init__(f"{where}: {message}")
