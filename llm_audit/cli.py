@@ -18,6 +18,7 @@ import numpy as np
 from . import __version__
 from .analyze import RAND_ROUTES, analyze_batch
 from .backends import BACKEND_NAMES, BackendError
+from .errors import AuditError
 
 SUMMARY_COLUMNS = (
     "name",
@@ -32,7 +33,7 @@ SUMMARY_COLUMNS = (
 )
 
 
-class UserError(Exception):
+class UserError(AuditError):
     """An error in what the user asked for: reported in one line, exit code 2."""
 
 
@@ -120,6 +121,93 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .checkpoint import open_checkpoint
+    from .model_ref import resolve_model
+
+    checkpoint = open_checkpoint(resolve_model(args.model, args.revision))
+    plan = checkpoint.plan(min_evals=args.min_evals)
+    largest = plan.largest()
+    if args.format == "json":
+        payload = {
+            "model": args.model,
+            "files": [str(p) for p in checkpoint.model.files],
+            "matrices": len(plan.units),
+            "by_kind": plan.counts_by_kind(),
+            "bytes_to_read": plan.bytes_to_read(),
+            "bytes_on_disk": checkpoint.bytes_on_disk(),
+            "largest": largest.id if largest else None,
+            "skipped": plan.skipped_reasons(),
+            "units": [
+                {
+                    "id": u.id,
+                    "kind": u.kind,
+                    "layer": u.layer,
+                    "expert": u.expert,
+                    "shape": list(u.shape),
+                    "source_dtype": u.source_dtype,
+                    "bytes": u.nbytes,
+                }
+                for u in plan.units
+            ],
+        }
+        json.dump(payload, sys.stdout, indent=1)
+        print()
+        return 0
+    files = checkpoint.model.files
+    print(f"model {args.model}: {len(files)} file(s), {_human_bytes(checkpoint.bytes_on_disk())}")
+    print(f"matrices to audit: {len(plan.units)}")
+    for kind, count in plan.counts_by_kind().items():
+        print(f"  {kind:15s} {count}")
+    print(f"bytes to read: {_human_bytes(plan.bytes_to_read())}")
+    if largest:
+        print(f"largest matrix: {largest.id} {largest.shape[0]}x{largest.shape[1]}")
+    print(f"skipped tensors: {len(plan.skipped)}")
+    for reason, count in plan.skipped_reasons().items():
+        print(f"  {count:5d}  {reason}")
+    return 0
+
+
+def _parse_trap(text: str) -> tuple[str, int]:
+    name, _, count = text.partition("=")
+    try:
+        return name, int(count or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--trap {text!r}: want NAME[EXPERT]=COUNT") from None
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import SynthConfig, synth_gpt_oss
+
+    cfg = SynthConfig(
+        layers=args.layers,
+        experts=args.experts,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        vocab=args.vocab,
+        shards=args.shards,
+        dtype=args.dtype,
+        mxfp4=not args.no_mxfp4,
+        seed=args.seed,
+        traps=dict(args.trap or []),
+        trap_scale=args.trap_scale,
+    )
+    out = synth_gpt_oss(args.out, cfg)
+    print(f"wrote a miniature gpt-oss checkpoint to {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm-audit",
@@ -153,6 +241,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="audit deterministic matrices with planted traps")
     common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plan", help="list what an audit of MODEL would compute, reading no weights")
+    p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
+    p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
+    p.add_argument("--min-evals", type=int, default=8, help="skip smaller matrices")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("synth", help="write a synthetic checkpoint (real names, planted traps)")
+    p.add_argument("family", choices=("gpt-oss",))
+    p.add_argument("out", help="output folder")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
+    p.add_argument("--no-mxfp4", action="store_true", help="dense experts (transformers layout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--trap",
+        type=_parse_trap,
+        action="append",
+        metavar="NAME[EXPERT]=COUNT",
+        help="plant COUNT large entries in that matrix (repeatable)",
+    )
+    p.add_argument("--trap-scale", type=float, default=1.0, help="size of a planted entry")
+    p.set_defaults(func=cmd_synth)
     return parser
 
 
@@ -161,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, BackendError) as err:
+    except (AuditError, BackendError) as err:
         print(f"llm-audit: error: {err}", file=sys.stderr)
         return 2
 

@@ -72,3 +72,50 @@ def test_a_matrix_with_nan_exits_1_but_prints_its_row(tmp_path):
     np.save(tmp_path / "bad.npy", bad)
     out = _run("analyze", str(tmp_path / "bad.npy"))
     assert out.returncode == 1 and "error" in out.stdout
+
+
+def test_synth_then_plan(tmp_path, capsys):
+    out = tmp_path / "mini"
+    assert (
+        main(
+            [
+                "synth",
+                "gpt-oss",
+                str(out),
+                "--layers",
+                "1",
+                "--experts",
+                "8",
+                "--trap",
+                "model.layers.0.mlp.experts.down_proj[1]=2",
+            ]
+        )
+        == 0
+    )
+    assert (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+    capsys.readouterr()
+    assert main(["plan", str(out), "--format", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["matrices"] == 4 + 1 + 16 + 2 and plan["by_kind"]["expert_down"] == 8
+    assert plan["largest"] == "model.embed_tokens.weight"
+    assert plan["bytes_to_read"] == sum(u["bytes"] for u in plan["units"])
+    assert main(["plan", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "matrices to audit: 23" in table and "MXFP4 scales (read with their blocks)" in table
+
+
+def test_plan_and_synth_user_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    missing = _run("plan", "openai/gpt-oss-20b")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "hf download openai/gpt-oss-20b" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    refused = _run("plan", str(tmp_path / "pytorch_model.bin"))
+    assert refused.returncode == 2 and "pickle-based checkpoints are refused" in refused.stderr
+    bad = _run("synth", "gpt-oss", str(tmp_path / "x"), "--trap", "no.such.weight=1")
+    assert bad.returncode == 2 and "no such matrix to plant traps in" in bad.stderr
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    out = _run("plan", str(truncated))
+    assert out.returncode == 2 and "header length 16 larger than the file" in out.stderr

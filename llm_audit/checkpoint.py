@@ -1,0 +1,131 @@
+"""An opened checkpoint: validated headers of every shard, and byte-exact reads of one matrix.
+
+Why: a model is audited one matrix at a time, so reading one matrix must cost that
+matrix's bytes and nothing more — one expert's slice of a stacked [E, ...] tensor, one
+row range of a fused qkv — and must never trust what the files say: every header is
+validated (`safetensors_header`) before its offsets are used, every tensor the index
+names must be in the shard it names, and decoding errors name the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dtypes import DTYPE_SIZES, decode
+from .errors import CheckpointError
+from .model_ref import ResolvedModel
+from .mxfp4 import MXFP4Error, decode_mxfp4
+from .plan import MatrixUnit, Plan, build_plan
+from .safetensors_header import Header, TensorInfo, read_header, read_tensor_bytes
+
+MAX_CONFIG_BYTES = 4 * 2**20
+
+
+@dataclass
+class Checkpoint:
+    """Headers of all shards and where each tensor lives; `bytes_read` counts data reads."""
+
+    model: ResolvedModel
+    headers: dict[Path, Header]
+    where: dict[str, Path]
+    config: dict[str, Any]
+    bytes_read: int = field(default=0)
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor's header entry (name, dtype, shape, absolute offsets)."""
+        return {name: self.headers[path].tensors[name] for name, path in self.where.items()}
+
+    def plan(self, *, min_evals: int = 8) -> Plan:
+        """The audit plan of this checkpoint (see `llm_audit.plan`)."""
+        return build_plan(self.tensors, self.config, min_evals=min_evals)
+
+    def bytes_on_disk(self) -> int:
+        return sum(h.file_size for h in self.headers.values())
+
+    def _read(self, name: str, start: int, length: int) -> bytes:
+        header = self.headers[self.where[name]]
+        raw = read_tensor_bytes(header, name, start, length)
+        self.bytes_read += len(raw)
+        return raw
+
+    def _info(self, name: str) -> tuple[Path, TensorInfo]:
+        path = self.where[name]
+        return path, self.headers[path].tensors[name]
+
+    def read_matrix(self, unit: MatrixUnit) -> np.ndarray:
+        """The unit's matrix, (out, in), float32 (float64 for F64 sources); reads only its bytes."""
+        path, info = self._info(unit.tensor)
+        try:
+            return self._decode(unit, info)
+        except (ValueError, MXFP4Error) as err:
+            raise CheckpointError(path, str(err), unit.tensor) from None
+
+    def _decode(self, unit: MatrixUnit, info: TensorInfo) -> np.ndarray:
+        name, shape = unit.tensor, info.shape
+        if unit.layout == "mxfp4":
+            _, rows, groups, width = shape
+            n_blocks = rows * groups
+            blocks = self._read(name, unit.expert * n_blocks * width, n_blocks * width)
+            scales = self._read(unit.scales_tensor, unit.expert * n_blocks, n_blocks)
+            return decode_mxfp4(
+                np.frombuffer(blocks, np.uint8).reshape(rows, groups, width),
+                np.frombuffer(scales, np.uint8).reshape(rows, groups),
+            )
+        item = DTYPE_SIZES[info.dtype]
+        if unit.layout == "dense":
+            return decode(self._read(name, 0, info.nbytes), info.dtype, shape)
+        if unit.layout == "expert":
+            per = math.prod(shape[1:]) * item
+            matrix = decode(self._read(name, unit.expert * per, per), info.dtype, shape[1:])
+            return matrix.T if unit.transpose else matrix
+        if unit.layout == "rows":
+            row_bytes = shape[1] * item
+            raw = self._read(
+                name, unit.row_start * row_bytes, (unit.row_stop - unit.row_start) * row_bytes
+            )
+            return decode(raw, info.dtype, (unit.row_stop - unit.row_start, shape[1]))
+        if unit.layout == "conv":
+            kernel = decode(self._read(name, 0, info.nbytes), info.dtype, shape)
+            return np.ascontiguousarray(kernel[:, :, unit.row_start, unit.row_stop])
+        raise ValueError(f"unknown unit layout {unit.layout!r}")
+
+
+def _load_config(model: ResolvedModel) -> dict[str, Any]:
+    path = model.config_path
+    if path is None:
+        return {}
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(path, f"config larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(path, f"not valid UTF-8 JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(path, "config is not a JSON object")
+    return config
+
+
+def open_checkpoint(model: ResolvedModel) -> Checkpoint:
+    """Read and cross-check every shard's header; no tensor data is read."""
+    headers = {path: read_header(path) for path in model.files}
+    where: dict[str, Path] = {}
+    if model.weight_map is not None:
+        for name, shard in model.weight_map.items():
+            path = model.root / shard
+            if name not in headers[path].tensors:
+                raise CheckpointError(path, "named in the index but not in this shard", name)
+            where[name] = path
+    else:
+        for path, header in headers.items():
+            for name in header.tensors:
+                if name in where:
+                    raise CheckpointError(path, f"also in {where[name].name}", name)
+                where[name] = path
+    return Checkpoint(model, headers, where, _load_config(model))
