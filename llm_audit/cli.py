@@ -20,6 +20,17 @@ from .analyze import RAND_ROUTES, analyze_batch
 from .backends import BACKEND_NAMES, BackendError
 from .errors import AuditError
 
+DEMO_COLUMNS = (
+    "matrix",
+    "kind",
+    "N",
+    "M",
+    "alpha",
+    "num_spikes",
+    "rand_num_spikes",
+    "max_abs_entry",
+    "status",
+)
 SUMMARY_COLUMNS = (
     "name",
     "N",
@@ -99,25 +110,36 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import demo_matrices
+    import tempfile
 
-    mats = demo_matrices()
-    print(f"llm-audit {__version__}: auditing {len(mats)} demo matrices", file=sys.stderr)
-    rows = analyze_batch(
-        list(mats.values()),
-        seed=args.seed,
-        matrix_ids=list(mats),
-        backend=args.backend,
-        rand_route=args.rand_route,
-    )
-    for name, row in zip(mats, rows, strict=True):
-        row["name"] = name
-    _emit(rows, args.format)
-    planted = rows[list(mats).index("planted_5_traps")]
-    if args.format == "table":
-        print(f"\nplanted_5_traps: {planted['rand_num_spikes']} traps; entries behind them:")
-        for entry in planted["trap_entries"]:
-            print(f"  row {entry['row']:5d}  col {entry['col']:4d}  value {entry['value']:+.1f}")
+    from .checkpoint import open_checkpoint
+    from .demo import PLANTED, audit_in_process, stderr_progress, write_bundled_model
+    from .model_ref import resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_bundled_model(Path(args.model_dir or tmp) / "gpt-oss-mini")
+        checkpoint = open_checkpoint(resolve_model(str(folder)))
+        print(
+            f"llm-audit {__version__}: auditing the bundled miniature gpt-oss ({folder})",
+            file=sys.stderr,
+        )
+        rows = audit_in_process(
+            checkpoint,
+            seed=args.seed,
+            backend=args.backend,
+            rand_route=args.rand_route,
+            progress=None if args.quiet else stderr_progress("demo"),
+        )
+    if args.format == "json":
+        _emit(rows, "json")
+        return 0
+    print_table(rows, DEMO_COLUMNS)
+    found = {r["matrix"]: r["rand_num_spikes"] for r in rows}
+    print("\nplanted traps (matrix: planted -> found):")
+    for unit_id, planted in PLANTED.items():
+        print(f"  {unit_id}: {planted} -> {found[unit_id]}")
+    others = sum(v for k, v in found.items() if k not in PLANTED)
+    print(f"traps in the other {len(found) - len(PLANTED)} matrices: {others}")
     return 0
 
 
@@ -238,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("demo", help="audit deterministic matrices with planted traps")
+    p = sub.add_parser("demo", help="audit the bundled miniature gpt-oss with planted traps")
+    p.add_argument("--model-dir", help="keep the bundled model in this folder (default: temp)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     common(p)
     p.set_defaults(func=cmd_demo)
 

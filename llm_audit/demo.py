@@ -1,44 +1,84 @@
-"""Deterministic demo matrices with known answers, audited by `llm-audit demo`.
+"""The bundled demo model and its in-process audit, run by `llm-audit demo` / `make demo`.
 
-Why: until the checkpoint pipeline exists, `make demo` must still show the main signal on
-something whose truth is known: planted large entries must come back as correlation traps
-(and as the trap entries, at their planted positions), while a clean random matrix, a
-low-rank signal and a power-law spectrum must show none.
+Why: the main job must run on a fresh machine with no download, on a model whose truth is
+known. The bundled model is a miniature gpt-oss written by `synth` from a fixed seed —
+real tensor names, MXFP4 experts, layers across two shards — with large entries planted
+in three named matrices; the audit must report traps there and nowhere else. Until the
+Ray-distributed `audit` exists (issue #4), the matrices are read and analyzed here, one
+shape group at a time, in this process.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-DEMO_SEED = 20260101
+from .analyze import analyze_batch
+from .checkpoint import Checkpoint
+from .synth import SynthConfig, synth_gpt_oss
+
+PLANTED = {
+    "model.layers.1.mlp.experts.down_proj[5]": 4,
+    "model.layers.0.mlp.experts.gate_up_proj[2]": 2,
+    "model.layers.1.self_attn.o_proj.weight": 3,
+}
+BUNDLED = SynthConfig(seed=2026, traps=PLANTED)
 
 
-def demo_matrices(seed: int = DEMO_SEED) -> dict[str, np.ndarray]:
-    """Named float32 matrices, the same on every machine for a given seed."""
-    rng = np.random.default_rng(seed)
-    n, m = 1024, 512
-    gaussian = rng.standard_normal((n, m)).astype(np.float32)
+def write_bundled_model(folder: str | Path) -> Path:
+    """Write the bundled model (byte-identical on every machine) into `folder`."""
+    return synth_gpt_oss(folder, BUNDLED)
 
-    planted = rng.standard_normal((n, m)).astype(np.float32)
-    where = rng.choice(planted.size, size=5, replace=False)
-    planted.ravel()[where] = rng.choice([-1.0, 1.0], size=5) * 80.0
 
-    u = rng.standard_normal((n, 4))
-    v = rng.standard_normal((4, m))
-    low_rank = (rng.standard_normal((n, m)) + 0.15 * u @ v).astype(np.float32)
+def audit_in_process(
+    checkpoint: Checkpoint,
+    *,
+    seed: int = 0,
+    backend: str | None = None,
+    rand_route: str = "full",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Rows for every planned matrix (plan order), with unit id, kind, layer and expert."""
+    units = checkpoint.plan().units
+    rows: list[dict[str, Any]] = []
+    for done, unit in enumerate(units, 1):
+        (row,) = analyze_batch(
+            [checkpoint.read_matrix(unit)],
+            seed=seed,
+            matrix_ids=[unit.id],
+            backend=backend,
+            rand_route=rand_route,
+        )
+        row.update(
+            matrix=unit.id,
+            kind=unit.kind,
+            layer=unit.layer,
+            expert=unit.expert,
+            source_dtype=unit.source_dtype,
+        )
+        rows.append(row)
+        if progress:
+            progress(done, len(units))
+    return rows
 
-    left, _ = np.linalg.qr(rng.standard_normal((n, m)))
-    right, _ = np.linalg.qr(rng.standard_normal((m, m)))
-    power_law = ((left * np.arange(1, m + 1) ** -0.75) @ right.T).astype(np.float32)
 
-    heavy = rng.standard_t(2.5, size=(n, m)).astype(np.float32)
-    broken = gaussian.copy()
-    broken[3, 7] = np.nan
-    return {
-        "gaussian": gaussian,
-        "planted_5_traps": planted,
-        "low_rank_signal": low_rank,
-        "power_law_spectrum": power_law,
-        "student_t_entries": heavy,
-        "has_nan": broken,
-    }
+def stderr_progress(label: str) -> Callable[[int, int], None]:
+    """A progress callback printing done / total, rate and ETA on one stderr line."""
+    start = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        end = "\n" if done == total else "\r"
+        print(
+            f"{label}: {done}/{total} matrices, {rate:.1f}/s, ETA {eta:.0f} s",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report

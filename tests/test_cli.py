@@ -26,17 +26,18 @@ def test_version_and_help():
     assert out.returncode == 0 and "analyze" in out.stdout and "demo" in out.stdout
 
 
-def test_demo_finds_the_planted_traps_at_their_positions(capsys):
-    assert main(["demo", "--format", "json"]) == 0
-    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    planted = rows["planted_5_traps"]
-    assert planted["rand_num_spikes"] == 5
-    assert [abs(e["value"]) for e in planted["trap_entries"]] == [80.0] * 5
-    assert rows["gaussian"]["rand_num_spikes"] == 0
-    assert rows["low_rank_signal"]["num_spikes"] == 4
-    assert rows["low_rank_signal"]["rand_num_spikes"] == 0
-    assert rows["power_law_spectrum"]["alpha"] < 2
-    assert rows["has_nan"]["status"] == "error"
+def test_demo_audits_the_bundled_model_and_finds_exactly_the_planted_traps(tmp_path, capsys):
+    from llm_audit.demo import PLANTED
+
+    assert main(["demo", "--format", "json", "--quiet", "--model-dir", str(tmp_path)]) == 0
+    rows = {r["matrix"]: r for r in json.loads(capsys.readouterr().out)}
+    assert len(rows) == 44 and all(r["status"] == "ok" for r in rows.values())
+    found = {m: r["rand_num_spikes"] for m, r in rows.items() if r["rand_num_spikes"]}
+    assert found == PLANTED
+    expert = rows["model.layers.1.mlp.experts.down_proj[5]"]
+    assert expert["kind"] == "expert_down" and expert["expert"] == 5 and expert["layer"] == 1
+    assert [abs(e["value"]) for e in expert["trap_entries"]] == [1.0] * 4
+    assert (tmp_path / "gpt-oss-mini" / "model.safetensors.index.json").is_file()
 
 
 def test_analyze_npy_files(tmp_path, capsys):
