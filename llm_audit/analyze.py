@@ -14,23 +14,25 @@ errors and raise.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 from scipy.spatial.distance import jensenshannon
 
-from .backends import Backend, select_backend
+from .backends import Backend, NumpyBackend, gram_upper, select_backend
 from .columns import COLUMN_NAMES
+from .entries import EntryAccumulator, EntrySummary, largest_abs, summarize
 from .mp_fit import MPFit, fit_mp, mp_edge_from_entries
 from .powerlaw_fit import EVALS_THRESH, fit_powerlaw
 from .shuffle import shuffle_generator, shuffled
+from .stream import streamed_shuffle
 
 MIN_EVALS = 8  # WeightWatcher's DEFAULT_MIN_EVALS
 SMALL_ESD = 100  # below this many eigenvalues WeightWatcher pools 5 shuffles
 SMALL_ESD_REPLICAS = 5
-MAX_TRAP_ENTRIES = 64
 RAND_ROUTES = ("full", "topk")
 TOPK_START = 16
 OVER_TRAINED, UNDER_TRAINED = 2.0, 6.0
@@ -104,16 +106,6 @@ def _scale_columns(evals: np.ndarray, n: int, m: int) -> dict[str, Any]:
     }
 
 
-def _entry_columns(matrix: np.ndarray) -> dict[str, Any]:
-    flat = matrix.ravel()
-    centered = flat.astype(np.float64) - flat.mean(dtype=np.float64)
-    squared = centered * centered  # not centered**4: numpy's general pow is 10x slower
-    m2 = float(squared.mean())
-    m4 = float(np.dot(squared, squared)) / squared.size
-    kurtosis = m4 / (m2 * m2) - 3.0 if m2 > 0 else 0.0
-    return {"entry_kurtosis": kurtosis, "max_abs_entry": float(np.abs(flat).max())}
-
-
 def _powerlaw_columns(evals: np.ndarray) -> dict[str, Any]:
     fit = fit_powerlaw(evals)
     if fit is None:
@@ -149,30 +141,6 @@ def _mp_columns(fit: MPFit, prefix: str) -> dict[str, Any]:
     return cols
 
 
-def _largest_abs_index(matrix: np.ndarray, count: int) -> np.ndarray:
-    """Flat indices of the `count` largest |w|, largest first."""
-    flat = np.abs(matrix.ravel())
-    top = np.argpartition(flat, flat.size - count)[-count:]
-    return top[np.argsort(-flat[top], kind="stable")]
-
-
-def _largest_abs(matrix: np.ndarray, count: int) -> np.ndarray:
-    """The `count` largest |w| as float64, largest first."""
-    return np.abs(matrix.ravel()[_largest_abs_index(matrix, count)].astype(np.float64))
-
-
-def _trap_entries(matrix: np.ndarray, count: int) -> list[dict[str, Any]]:
-    """The `count` largest-|w| entries of W, largest first, in W's own (row, col) layout."""
-    count = min(count, MAX_TRAP_ENTRIES, matrix.size)
-    if count <= 0:
-        return []
-    rows, cols = np.unravel_index(_largest_abs_index(matrix, count), matrix.shape)
-    return [
-        {"row": int(r), "col": int(c), "value": float(matrix[r, c])}
-        for r, c in zip(rows, cols, strict=True)
-    ]
-
-
 def _stack(matrices: list[np.ndarray]) -> np.ndarray:
     """[B, n, m] stack; a view, not a 30 MB copy, for the usual single matrix."""
     return matrices[0][None] if len(matrices) == 1 else np.stack(matrices)
@@ -200,7 +168,12 @@ class _Analyzer:
         out = []
         for i, (prep, matrix_id) in enumerate(zip(prepared, ids, strict=True)):
             rand = None if rand_stacks is None else rand_stacks[i]
-            out.append(self._row(prep, matrix_id, all_evals[i], rand, keep_spectra))
+            entries = summarize(prep.original)
+            out.append(
+                self.row(
+                    prep.oriented.shape, entries, matrix_id, all_evals[i], rand, keep_spectra, prep
+                )
+            )
         return out
 
     def _rand_full_esd(
@@ -222,18 +195,22 @@ class _Analyzer:
         evals = self.backend.esd(flat, fast=True)
         return [list(evals[i * replicas : (i + 1) * replicas]) for i in range(len(prepared))]
 
-    def _row(
+    def row(
         self,
-        prep: _Prepared,
+        shape: tuple[int, int],
+        entries: EntrySummary,
         matrix_id: str,
         evals: np.ndarray,
         rand: list[np.ndarray] | None,
         keep_spectra: bool,
+        prep: _Prepared | None = None,
     ) -> dict[str, Any]:
-        n, m = prep.oriented.shape
+        """One report row from W's ESD, its shuffled ESDs (None: top-k route, which needs
+        the in-memory `prep`) and its entry statistics."""
+        n, m = shape
         row = _empty_row(self.seed, matrix_id, self.backend.name, self.rand_route)
         row.update(_scale_columns(evals, n, m))
-        row.update(_entry_columns(prep.original))
+        row.update(entries.columns())
         if keep_spectra:
             row["evals"] = evals
         usable = int(np.count_nonzero(evals > EVALS_THRESH))
@@ -247,18 +224,22 @@ class _Analyzer:
         row.update(_powerlaw_columns(evals))
         row.update(_mp_columns(fit_mp(evals, n, m), ""))
         if self.randomize:
-            row.update(self._rand_columns(prep, matrix_id, evals, rand, keep_spectra))
+            row.update(
+                self._rand_columns(shape, entries, matrix_id, evals, rand, keep_spectra, prep)
+            )
         return row
 
     def _rand_columns(
         self,
-        prep: _Prepared,
+        shape: tuple[int, int],
+        entries: EntrySummary,
         matrix_id: str,
         evals: np.ndarray,
         rand: list[np.ndarray] | None,
         keep_spectra: bool,
+        prep: _Prepared | None,
     ) -> dict[str, Any]:
-        n, m = prep.oriented.shape
+        n, m = shape
         if rand is None:  # top-k route: only the eigenvalues beyond the edge are computed
             fit, traps, max_rand, spectrum = self._topk_traps(prep, matrix_id, evals.sum())
             distance = None
@@ -279,7 +260,7 @@ class _Analyzer:
             ww_softrank=max_rand / lambda_max,
             ww_maxdist=lambda_max - max_rand,
             trap_evals=[float(v) for v in traps],
-            trap_entries=_trap_entries(prep.original, per_replica),
+            trap_entries=entries.top(per_replica),
         )
         if keep_spectra:
             cols["rand_evals"] = spectrum
@@ -291,7 +272,7 @@ class _Analyzer:
         """Traps from a Lanczos top-k solve, doubling k until the edge is inside the top-k."""
         n, m = prep.oriented.shape
         shuf = shuffled(prep.oriented, shuffle_generator(self.seed, matrix_id))
-        squares = np.sort(_largest_abs(prep.original, m) ** 2)[::-1]
+        squares = np.sort(largest_abs(prep.original, m) ** 2)[::-1]
         k = min(TOPK_START, m - 1)
         while True:
             top = self.backend.top_esd(shuf, k)
@@ -375,3 +356,76 @@ def analyze_matrix(
         min_evals=min_evals,
         keep_spectra=keep_spectra,
     )[0]
+
+
+def analyze_streamed(
+    chunks: Callable[[], Iterable[Any]],
+    shape: tuple[int, int],
+    *,
+    randomize: bool = True,
+    seed: int = 0,
+    matrix_id: str = "",
+    min_evals: int = MIN_EVALS,
+    rows_per_bucket: int = 16384,
+    spill_dir: str | None = None,
+    keep_spectra: bool = False,
+) -> Mapping[str, Any]:
+    """`analyze_matrix` for a tall matrix read in row chunks (rows >= columns), never whole.
+
+    `chunks()` must yield the matrix's rows in order, each call anew (it is called once
+    for W and once per shuffle). Memory is one chunk, one (columns x columns) Gram and one
+    shuffle bucket of `rows_per_bucket` rows; the shuffle spills one float32 copy to disk
+    (see `llm_audit.stream`). Numbers equal the in-memory route's except the shuffle's
+    permutation, which the streamed algorithm draws differently from the same seed.
+    """
+    rows, cols = shape
+    if rows < cols:
+        raise ValueError(f"streamed analysis needs rows >= columns, got {rows}x{cols}")
+    backend = NumpyBackend()
+    analyzer = _Analyzer(backend, randomize, seed, "full", min_evals)
+    row = _empty_row(seed, matrix_id, backend.name, "full")
+    if cols < min_evals:
+        row.update(
+            status="skipped",
+            reason=f"shape {rows}x{cols} gives {cols} eigenvalues, fewer than {min_evals}",
+        )
+        return row
+    acc = EntryAccumulator()
+    gram = np.zeros((cols, cols), order="F")
+    bad = 0
+    for chunk in chunks():
+        chunk = _to_numpy(chunk)
+        bad += chunk.size - int(np.isfinite(chunk).sum())
+        if not bad:
+            acc.add(chunk)
+            gram += gram_upper(chunk)
+    if bad or acc.n != rows * cols:
+        reason = (
+            f"matrix has {bad} NaN or Inf entries"
+            if bad
+            else (f"streamed {acc.n} entries for shape {rows}x{cols}")
+        )
+        row.update(status="error", reason=reason)
+        return row
+    entries = acc.summary()
+    if entries.max_abs == 0:
+        row.update(status="skipped", reason="all entries are zero")
+        return row
+    evals = _eigvalsh_upper(gram)
+    rand = None
+    if randomize:
+        rng = shuffle_generator(seed, matrix_id)
+        rand = []
+        for _ in range(SMALL_ESD_REPLICAS if cols < SMALL_ESD else 1):
+            shuffled_gram = np.zeros((cols, cols), order="F")
+            for block in streamed_shuffle(
+                chunks, shape, rng, bucket_rows=rows_per_bucket, spill_dir=spill_dir
+            ):
+                shuffled_gram += gram_upper(block, fast=True)
+            rand.append(_eigvalsh_upper(shuffled_gram.astype(np.float32)))
+    return analyzer.row(shape, entries, matrix_id, evals, rand, keep_spectra)
+
+
+def _eigvalsh_upper(gram: np.ndarray) -> np.ndarray:
+    vals = scipy.linalg.eigvalsh(gram, lower=False, check_finite=False)
+    return np.clip(vals.astype(np.float64), 0.0, None)

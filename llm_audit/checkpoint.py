@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,23 @@ class Checkpoint:
             return self._decode(unit, info)
         except (ValueError, MXFP4Error) as err:
             raise CheckpointError(path, str(err), unit.tensor) from None
+
+    def iter_rows(self, unit: MatrixUnit, rows_per_chunk: int) -> Iterator[np.ndarray]:
+        """The unit's matrix in row chunks, each read on its own: for matrices too large to
+        hold (the embedding); dense and row-range layouts only."""
+        path, info = self._info(unit.tensor)
+        if unit.layout not in ("dense", "rows"):
+            raise ValueError(f"row streaming is for dense matrices, not {unit.layout!r}")
+        first = unit.row_start or 0
+        rows, cols = unit.shape
+        row_bytes = cols * DTYPE_SIZES[info.dtype]
+        for start in range(0, rows, rows_per_chunk):
+            count = min(rows_per_chunk, rows - start)
+            raw = self._read(unit.tensor, (first + start) * row_bytes, count * row_bytes)
+            try:
+                yield decode(raw, info.dtype, (count, cols))
+            except ValueError as err:
+                raise CheckpointError(path, str(err), unit.tensor) from None
 
     def _decode(self, unit: MatrixUnit, info: TensorInfo) -> np.ndarray:
         name, shape = unit.tensor, info.shape

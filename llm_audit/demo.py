@@ -5,7 +5,7 @@ known. The bundled model is a miniature gpt-oss written by `synth` from a fixed 
 real tensor names, MXFP4 experts, layers across two shards — with large entries planted
 in three named matrices; the audit must report traps there and nowhere else. Until the
 Ray-distributed `audit` exists (issue #4), the matrices are read and analyzed here, one
-shape group at a time, in this process.
+at a time, in this process (`unit_analysis.analyze_unit`, as workers will).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .analyze import analyze_batch
 from .checkpoint import Checkpoint
 from .synth import SynthConfig, synth_gpt_oss
+from .unit_analysis import analyze_unit
 
 PLANTED = {
     "model.layers.1.mlp.experts.down_proj[5]": 4,
@@ -45,21 +45,9 @@ def audit_in_process(
     units = checkpoint.plan().units
     rows: list[dict[str, Any]] = []
     for done, unit in enumerate(units, 1):
-        (row,) = analyze_batch(
-            [checkpoint.read_matrix(unit)],
-            seed=seed,
-            matrix_ids=[unit.id],
-            backend=backend,
-            rand_route=rand_route,
+        rows.append(
+            analyze_unit(checkpoint, unit, seed=seed, backend=backend, rand_route=rand_route)
         )
-        row.update(
-            matrix=unit.id,
-            kind=unit.kind,
-            layer=unit.layer,
-            expert=unit.expert,
-            source_dtype=unit.source_dtype,
-        )
-        rows.append(row)
         if progress:
             progress(done, len(units))
     return rows

@@ -1,0 +1,120 @@
+"""Streamed analysis of tall matrices: an exactly uniform out-of-core shuffle, and the same
+numbers as the in-memory route."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from llm_audit import analyze_matrix
+from llm_audit.analyze import analyze_streamed
+from llm_audit.checkpoint import open_checkpoint
+from llm_audit.model_ref import resolve_model
+from llm_audit.stream import streamed_shuffle
+from llm_audit.synth import SynthConfig, synth_gpt_oss
+
+
+def _chunker(matrix: np.ndarray, rows: int):
+    return lambda: (matrix[i : i + rows] for i in range(0, matrix.shape[0], rows))
+
+
+def test_every_permutation_of_a_2x2_is_equally_likely(tmp_path):
+    matrix = np.arange(4, dtype=np.float32).reshape(2, 2)
+    rng = np.random.default_rng(0)
+    index = {p: i for i, p in enumerate(itertools.permutations(range(4)))}
+    counts = np.zeros(24)
+    for _ in range(4800):
+        out = np.concatenate(
+            list(
+                streamed_shuffle(
+                    _chunker(matrix, 1), (2, 2), rng, bucket_rows=1, spill_dir=tmp_path
+                )
+            )
+        )
+        counts[index[tuple(int(v) for v in out.ravel())]] += 1
+    assert chisquare(counts).pvalue > 1e-3
+
+
+def test_each_entry_lands_uniformly_with_uneven_chunks_and_buckets(tmp_path):
+    matrix = np.arange(12, dtype=np.float32).reshape(6, 2)
+    rng = np.random.default_rng(1)
+    where = np.zeros((12, 12))  # value x output position
+    for _ in range(6000):
+        chunks = lambda: iter([matrix[:4], matrix[4:]])  # noqa: E731
+        out = np.concatenate(
+            list(streamed_shuffle(chunks, (6, 2), rng, bucket_rows=4, spill_dir=tmp_path))
+        ).ravel()
+        assert sorted(out.tolist()) == list(range(12))
+        where[out.astype(int), np.arange(12)] += 1
+    assert chisquare(where.ravel()).pvalue > 1e-3
+    assert not list(tmp_path.iterdir())  # spill files are removed
+
+
+def test_streamed_analysis_matches_in_memory():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((3000, 200)).astype(np.float32)
+    w.ravel()[rng.choice(w.size, 3, replace=False)] = 80.0
+    ours = analyze_streamed(
+        _chunker(w, 700), w.shape, matrix_id="emb", rows_per_bucket=1024, keep_spectra=True
+    )
+    ref = analyze_matrix(w, matrix_id="emb")
+    for col in (
+        "alpha",
+        "xmin",
+        "D",
+        "lambda_max",
+        "norm",
+        "sigma_mp",
+        "bulk_max",
+        "entry_kurtosis",
+        "max_abs_entry",
+    ):
+        assert ours[col] == pytest.approx(ref[col], rel=1e-9), col
+    assert ours["num_spikes"] == ref["num_spikes"]
+    assert ours["trap_entries"] == ref["trap_entries"]
+    assert ours["rand_num_spikes"] == ref["rand_num_spikes"] == 3
+    assert ours["rand_bulk_max"] == pytest.approx(ref["rand_bulk_max"], rel=0.02)
+    assert ours["rand_evals"].sum() == pytest.approx(ref["norm"], rel=1e-5)  # same entries
+
+
+def test_streamed_bad_input():
+    bad = np.ones((100, 10), np.float32)
+    bad[50, 3] = np.inf
+    assert analyze_streamed(_chunker(bad, 30), bad.shape)["status"] == "error"
+    zeros = np.zeros((100, 10), np.float32)
+    assert analyze_streamed(_chunker(zeros, 30), zeros.shape)["reason"] == "all entries are zero"
+    with pytest.raises(ValueError, match="rows >= columns"):
+        analyze_streamed(_chunker(bad, 30), (10, 100))
+
+
+def test_embedding_streamed_from_a_checkpoint(tmp_path):
+    folder = synth_gpt_oss(tmp_path / "m", SynthConfig(layers=1, vocab=4096))
+    checkpoint = open_checkpoint(resolve_model(str(folder)))
+    unit = next(u for u in checkpoint.plan().units if u.kind == "embedding")
+    before = checkpoint.bytes_read
+    streamed = analyze_streamed(
+        lambda: checkpoint.iter_rows(unit, 1000), unit.shape, matrix_id=unit.id
+    )
+    assert checkpoint.bytes_read - before == 2 * unit.nbytes  # W, then one shuffle pass
+    ref = analyze_matrix(checkpoint.read_matrix(unit), matrix_id=unit.id)
+    assert streamed["alpha"] == pytest.approx(ref["alpha"], rel=1e-9)
+    assert streamed["rand_num_spikes"] == ref["rand_num_spikes"] == 0
+
+
+def test_analyze_unit_streams_only_large_tall_units(tmp_path):
+    from llm_audit.unit_analysis import analyze_unit, streams
+
+    folder = synth_gpt_oss(tmp_path / "m", SynthConfig(layers=1, vocab=2048))
+    checkpoint = open_checkpoint(resolve_model(str(folder)))
+    units = {u.kind: u for u in checkpoint.plan().units}
+    embedding, expert = units["embedding"], units["expert_down"]
+    assert streams(embedding, 1 << 20) and not streams(expert, 1 << 20)
+    assert not streams(embedding)  # 2048 x 256 float32 is far below the default 512 MB
+    row = analyze_unit(checkpoint, embedding, stream_above_bytes=1 << 20, spill_dir=str(tmp_path))
+    assert row["matrix"] == embedding.id and row["kind"] == "embedding"
+    assert row["status"] == "ok" and row["tensor"] == "model.embed_tokens.weight"
+    in_memory = analyze_unit(checkpoint, embedding)
+    assert row["alpha"] == pytest.approx(in_memory["alpha"], rel=1e-9)
