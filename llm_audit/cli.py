@@ -113,8 +113,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
 
     from .checkpoint import open_checkpoint
-    from .demo import PLANTED, audit_in_process, stderr_progress, write_bundled_model
+    from .demo import PLANTED, audit_in_process, write_bundled_model
     from .model_ref import resolve_model
+    from .progress import stderr_progress
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_bundled_model(Path(args.model_dir or tmp) / "gpt-oss-mini")
@@ -198,6 +199,47 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import run_audit
+    from .config import load_config
+
+    config = load_config(args.config).with_overrides(
+        seed=args.seed,
+        include=args.include,
+        exclude=args.exclude,
+        randomize=False if args.no_randomize else None,
+        backend=args.backend,
+    )
+    try:
+        result = run_audit(
+            args.model,
+            args.out,
+            config,
+            revision=args.revision,
+            address=args.address,
+            resume=args.resume,
+            quiet=args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"llm-audit: partial report in {args.out}; complete it with --resume", file=sys.stderr
+        )
+        return 130
+    summary = result.summary
+    print(f"report: {result.out}")
+    print(
+        f"matrices: {summary['matrices_in_report']} of {summary['matrices_planned']} "
+        f"(audited {summary['audited']}, skipped {summary['skipped']}, "
+        f"failed {summary['failed']})"
+    )
+    print(
+        f"correlation traps: {summary['total_traps']} in {summary['matrices_with_traps']} matrices"
+    )
+    for kind, alpha in summary["mean_alpha_by_kind"].items():
+        print(f"  mean alpha {kind:15s} {alpha:.3f}")
+    return 1 if result.failed else 0
+
+
 def _parse_trap(text: str) -> tuple[str, int]:
     name, _, count = text.partition("=")
     try:
@@ -265,6 +307,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("audit", help="audit a whole checkpoint with Ray into a report folder")
+    p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--config", help="YAML config (see configs/default.yaml)")
+    p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
+    p.add_argument("--seed", type=int, help="run seed (overrides the config)")
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="REGEX",
+        help="audit only matrices whose id matches (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="REGEX",
+        help="leave out matrices whose id matches (repeatable)",
+    )
+    p.add_argument("--no-randomize", action="store_true", help="skip shuffles and traps")
+    p.add_argument("--backend", choices=BACKEND_NAMES, help="array backend in the workers")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--resume", action="store_true", help="complete a partial report in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("plan", help="list what an audit of MODEL would compute, reading no weights")
     p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")

@@ -5,20 +5,18 @@ known. The bundled model is a miniature gpt-oss written by `synth` from a fixed 
 real tensor names, MXFP4 experts, layers across two shards — with large entries planted
 in three named matrices; the audit must report traps there and nowhere else. Until the
 Ray-distributed `audit` exists (issue #4), the matrices are read and analyzed here, one
-at a time, in this process (`unit_analysis.analyze_unit`, as workers will).
+at a time, in this process (`unit_analysis.analyze_units`, as workers will).
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
 from .synth import SynthConfig, synth_gpt_oss
-from .unit_analysis import analyze_unit
+from .unit_analysis import analyze_units
 
 PLANTED = {
     "model.layers.1.mlp.experts.down_proj[5]": 4,
@@ -45,28 +43,7 @@ def audit_in_process(
     units = checkpoint.plan().units
     rows: list[dict[str, Any]] = []
     for done, unit in enumerate(units, 1):
-        rows.append(
-            analyze_unit(checkpoint, unit, seed=seed, backend=backend, rand_route=rand_route)
-        )
+        rows += analyze_units(checkpoint, [unit], seed=seed, backend=backend, rand_route=rand_route)
         if progress:
             progress(done, len(units))
     return rows
-
-
-def stderr_progress(label: str) -> Callable[[int, int], None]:
-    """A progress callback printing done / total, rate and ETA on one stderr line."""
-    start = time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        elapsed = time.perf_counter() - start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else 0.0
-        end = "\n" if done == total else "\r"
-        print(
-            f"{label}: {done}/{total} matrices, {rate:.1f}/s, ETA {eta:.0f} s",
-            end=end,
-            file=sys.stderr,
-            flush=True,
-        )
-
-    return report

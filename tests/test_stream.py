@@ -105,7 +105,7 @@ def test_embedding_streamed_from_a_checkpoint(tmp_path):
 
 
 def test_analyze_unit_streams_only_large_tall_units(tmp_path):
-    from llm_audit.unit_analysis import analyze_unit, streams
+    from llm_audit.unit_analysis import analyze_units, streams
 
     folder = synth_gpt_oss(tmp_path / "m", SynthConfig(layers=1, vocab=2048))
     checkpoint = open_checkpoint(resolve_model(str(folder)))
@@ -113,8 +113,10 @@ def test_analyze_unit_streams_only_large_tall_units(tmp_path):
     embedding, expert = units["embedding"], units["expert_down"]
     assert streams(embedding, 1 << 20) and not streams(expert, 1 << 20)
     assert not streams(embedding)  # 2048 x 256 float32 is far below the default 512 MB
-    row = analyze_unit(checkpoint, embedding, stream_above_bytes=1 << 20, spill_dir=str(tmp_path))
+    (row,) = analyze_units(
+        checkpoint, [embedding], stream_above_bytes=1 << 20, spill_dir=str(tmp_path)
+    )
     assert row["matrix"] == embedding.id and row["kind"] == "embedding"
     assert row["status"] == "ok" and row["tensor"] == "model.embed_tokens.weight"
-    in_memory = analyze_unit(checkpoint, embedding)
+    (in_memory,) = analyze_units(checkpoint, [embedding])
     assert row["alpha"] == pytest.approx(in_memory["alpha"], rel=1e-9)

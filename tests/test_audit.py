@@ -1,0 +1,207 @@
+"""`llm-audit audit` on a local Ray cluster: report contents, determinism, faults, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from llm_audit.audit import FAULT_ENV, run_audit
+from llm_audit.cli import main
+from llm_audit.config import AuditConfig, load_config
+from llm_audit.demo import PLANTED, write_bundled_model
+from llm_audit.errors import AuditError
+from llm_audit.report import LAYERS_SCHEMA, RUN_DEPENDENT, SCHEMA_VERSION
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_bundled_model(tmp_path_factory.mktemp("model") / "gpt-oss-mini")
+
+
+def _comparable(folder: Path) -> list[dict]:
+    table = pq.read_table(folder / "layers.parquet")
+    return table.drop_columns(list(RUN_DEPENDENT)).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def report(model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "r"
+    result = run_audit(str(model), out, AuditConfig(seed=3), quiet=True)
+    assert result.failed == 0 and result.matrices == 44
+    return out
+
+
+def test_report_files_and_schema(report, model):
+    layers = pq.read_table(report / "layers.parquet")
+    assert layers.schema.equals(LAYERS_SCHEMA, check_metadata=False)
+    assert layers.schema.metadata[b"llm_audit_schema"] == SCHEMA_VERSION.encode()
+    rows = layers.to_pylist()
+    assert len(rows) == 44 and len({r["matrix"] for r in rows}) == 44
+    traps = {r["matrix"]: r["rand_num_spikes"] for r in rows if r["rand_num_spikes"]}
+    assert traps == PLANTED
+    expert = next(r for r in rows if r["matrix"] == "model.layers.1.mlp.experts.down_proj[5]")
+    assert (expert["kind"], expert["layer"], expert["expert"], expert["source_dtype"]) == (
+        "expert_down",
+        1,
+        5,
+        "MXFP4",
+    )
+    assert expert["seed"] == 3 and expert["seconds"] > 0 and expert["node"]
+    assert [abs(e["value"]) for e in expert["trap_entries"]] == [1.0] * 4
+    spectra = pq.read_table(report / "spectra.parquet").to_pylist()
+    assert [s["matrix"] for s in spectra] == [r["matrix"] for r in rows]
+    assert len(spectra[0]["evals"]) == rows[0]["M"] and spectra[0]["rand_evals"]
+    assert not (report / "parts").exists()
+
+
+def test_manifest_and_summary(report, model):
+    manifest = json.loads((report / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["seed"] == 3
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["tool_version"]
+    assert [f["name"] for f in manifest["model"]["files"]] == sorted(
+        p.name for p in model.glob("*.safetensors")
+    )
+    assert all(len(f["header_sha256"]) == 64 for f in manifest["model"]["files"])
+    assert manifest["config"]["seed"] == 3 and manifest["cluster"]["resources"]["CPU"] >= 1
+    assert set(manifest["timings"]) == {"plan_s", "connect_s", "compute_s", "finalize_s"}
+    assert manifest["backends"] == ["numpy"]
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["audited"] == 44 and summary["failed"] == 0
+    assert summary["matrices_with_traps"] == 3 and summary["total_traps"] == 9
+    assert set(summary["mean_alpha_by_kind"]) >= {"expert_down", "q_proj", "embedding"}
+
+
+def test_one_worker_and_two_workers_give_the_same_report(report, model, tmp_path):
+    """Bit for bit, with the same BLAS threads per task (cpus_per_task): one task at a time
+    against two at once. (Other thread counts change float sums in the last bits.)"""
+    one = tmp_path / "one"
+    run_audit(str(model), one, AuditConfig(seed=3, max_in_flight=1), quiet=True)
+    assert _comparable(one) == _comparable(report)
+
+
+def test_a_failing_matrix_is_an_error_row_and_the_run_goes_on(model, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in model.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    from llm_audit.checkpoint import open_checkpoint
+    from llm_audit.model_ref import resolve_model
+
+    checkpoint = open_checkpoint(resolve_model(str(broken)))
+    scales = checkpoint.tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    shard = checkpoint.where["model.layers.0.mlp.experts.down_proj_scales"]
+    with open(shard, "r+b") as handle:  # expert 1's first scale byte -> 255 (NaN in E8M0)
+        handle.seek(scales.start + scales.nbytes // 8)
+        handle.write(b"\xff")
+    code = main(["audit", str(broken), "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == 1
+    rows = {r["matrix"]: r for r in pq.read_table(tmp_path / "r" / "layers.parquet").to_pylist()}
+    bad = rows["model.layers.0.mlp.experts.down_proj[1]"]
+    assert bad["status"] == "error" and "scale byte 255" in bad["error"]
+    assert sum(r["status"] == "ok" for r in rows.values()) == 43
+    assert "failed 1" in capsys.readouterr().out
+
+
+def test_a_killed_worker_is_retried_and_the_report_is_complete(model, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    victim = "model.layers.0.mlp.experts.gate_up_proj[2]"
+    monkeypatch.setenv(FAULT_ENV, f"{victim}|{marker}")
+    result = run_audit(str(model), tmp_path / "r", AuditConfig(seed=3), quiet=True)
+    assert marker.exists()  # a worker really died on that matrix
+    assert result.failed == 0 and result.matrices == 44
+    rows = {r["matrix"]: r for r in pq.read_table(tmp_path / "r" / "layers.parquet").to_pylist()}
+    assert rows[victim]["status"] == "ok" and rows[victim]["rand_num_spikes"] == 2
+
+
+def test_killed_driver_then_resume_computes_only_the_rest(model, tmp_path, report):
+    out = tmp_path / "r"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llm_audit.cli",
+            "audit",
+            str(model),
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--quiet",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list((out / "parts").glob("layers-*"))) < 5:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.wait()
+    done_before = len(list((out / "parts").glob("layers-*")))
+    assert 5 <= done_before < 44, "the run should have been killed mid-way"
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    result = run_audit(str(model), out, AuditConfig(seed=3), resume=True, quiet=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from"] == done_before
+    assert manifest["computed_this_run"] == 44 - done_before
+    assert result.matrices == 44 and manifest["status"] == "complete"
+    assert _comparable(out) == _comparable(report)
+
+
+def test_existing_report_needs_resume(report, model):
+    with pytest.raises(AuditError, match="already holds a report"):
+        run_audit(str(model), report, AuditConfig(), quiet=True)
+
+
+def test_include_exclude(model, tmp_path):
+    config = AuditConfig(include=[r"layers\.1\."], exclude=[r"experts"])
+    result = run_audit(str(model), tmp_path / "r", config, quiet=True)
+    matrices = [r["matrix"] for r in pq.read_table(tmp_path / "r" / "layers.parquet").to_pylist()]
+    assert result.matrices == 5 and all(".layers.1." in m and "experts" not in m for m in matrices)
+
+
+def test_config_files_validate(tmp_path):
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for name in ("default.yaml", "gpt-oss-20b.yaml", "gpt-oss-120b.yaml"):
+        assert isinstance(load_config(root / name), AuditConfig)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("exlude: [x]\n")
+    with pytest.raises(AuditError, match=r"bad.yaml: unknown key\(s\) exlude"):
+        load_config(bad)
+    bad.write_text("seed: -1\n")
+    with pytest.raises(AuditError, match="seed must be a non-negative integer"):
+        load_config(bad)
+    bad.write_text("include: ['(']\n")
+    with pytest.raises(AuditError, match="bad regex"):
+        load_config(bad)
+    bad.write_text("rand_route: fast\n")
+    with pytest.raises(AuditError, match="rand_route must be one of"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(AuditError, match="mapping"):
+        load_config(bad)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm_audit.cli",
+            "audit",
+            "x",
+            "--out",
+            str(tmp_path / "o"),
+            "--config",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
