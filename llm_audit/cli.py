@@ -110,38 +110,39 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import tempfile
+    import shutil
 
-    from .checkpoint import open_checkpoint
-    from .demo import PLANTED, audit_in_process, write_bundled_model
-    from .model_ref import resolve_model
-    from .progress import stderr_progress
+    import pyarrow.parquet as pq
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_bundled_model(Path(args.model_dir or tmp) / "gpt-oss-mini")
-        checkpoint = open_checkpoint(resolve_model(str(folder)))
-        print(
-            f"llm-audit {__version__}: auditing the bundled miniature gpt-oss ({folder})",
-            file=sys.stderr,
-        )
-        rows = audit_in_process(
-            checkpoint,
-            seed=args.seed,
-            backend=args.backend,
-            rand_route=args.rand_route,
-            progress=None if args.quiet else stderr_progress("demo"),
-        )
+    from .audit import run_audit
+    from .config import AuditConfig
+    from .demo import PLANTED, write_bundled_model
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    model = write_bundled_model(out / "gpt-oss-mini")
+    print(f"llm-audit {__version__}: bundled miniature gpt-oss written to {model}", file=sys.stderr)
+    result = run_audit(str(model), out / "report", AuditConfig(seed=args.seed), quiet=args.quiet)
+    rows = pq.read_table(out / "report" / "layers.parquet").to_pylist()
     if args.format == "json":
         _emit(rows, "json")
-        return 0
-    print_table(rows, DEMO_COLUMNS)
+        return 1 if result.failed else 0
+    summary = result.summary
+    print(f"report: {result.out}")
+    print(
+        f"matrices: {summary['matrices_in_report']} (audited {summary['audited']}, "
+        f"failed {summary['failed']}); traps: {summary['total_traps']} in "
+        f"{summary['matrices_with_traps']} matrices"
+    )
+    print_table([r for r in rows if r["rand_num_spikes"]], DEMO_COLUMNS)
     found = {r["matrix"]: r["rand_num_spikes"] for r in rows}
     print("\nplanted traps (matrix: planted -> found):")
     for unit_id, planted in PLANTED.items():
         print(f"  {unit_id}: {planted} -> {found[unit_id]}")
     others = sum(v for k, v in found.items() if k not in PLANTED)
     print(f"traps in the other {len(found) - len(PLANTED)} matrices: {others}")
-    return 0
+    return 1 if result.failed else 0
 
 
 def _human_bytes(n: int) -> str:
@@ -303,9 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="audit the bundled miniature gpt-oss with planted traps")
-    p.add_argument("--model-dir", help="keep the bundled model in this folder (default: temp)")
+    p.add_argument(
+        "--out",
+        default="demo-out",
+        help="folder for the model and its report (replaced; default ./demo-out)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="run seed for the shuffles")
+    p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    common(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("audit", help="audit a whole checkpoint with Ray into a report folder")

@@ -29,14 +29,12 @@ def test_version_and_help():
 def test_demo_audits_the_bundled_model_and_finds_exactly_the_planted_traps(tmp_path, capsys):
     from llm_audit.demo import PLANTED
 
-    assert main(["demo", "--format", "json", "--quiet", "--model-dir", str(tmp_path)]) == 0
-    rows = {r["matrix"]: r for r in json.loads(capsys.readouterr().out)}
-    assert len(rows) == 44 and all(r["status"] == "ok" for r in rows.values())
-    found = {m: r["rand_num_spikes"] for m, r in rows.items() if r["rand_num_spikes"]}
-    assert found == PLANTED
-    expert = rows["model.layers.1.mlp.experts.down_proj[5]"]
-    assert expert["kind"] == "expert_down" and expert["expert"] == 5 and expert["layer"] == 1
-    assert [abs(e["value"]) for e in expert["trap_entries"]] == [1.0] * 4
+    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for unit_id, planted in PLANTED.items():
+        assert f"{unit_id}: {planted} -> {planted}" in out
+    assert "traps in the other 41 matrices: 0" in out
+    assert (tmp_path / "report" / "layers.parquet").is_file()
     assert (tmp_path / "gpt-oss-mini" / "model.safetensors.index.json").is_file()
 
 
