@@ -101,17 +101,21 @@ def _inject_fault(units: list[MatrixUnit]) -> None:
         os._exit(1)
 
 
-def run_task(model: ResolvedModel, units: list[MatrixUnit], settings: dict[str, Any]) -> list:
-    """Body of one Ray task: read and analyze `units` on this worker."""
+def run_task(
+    model: ResolvedModel, units: list[MatrixUnit], settings: dict[str, Any]
+) -> tuple[list[dict[str, Any]], int]:
+    """Body of one Ray task: read and analyze `units` on this worker; rows and bytes read."""
     import ray
 
     _inject_fault(units)
-    rows = analyze_units(_worker_checkpoint(model), units, keep_spectra=True, **settings)
+    checkpoint = _worker_checkpoint(model)
+    before = checkpoint.bytes_read
+    rows = analyze_units(checkpoint, units, keep_spectra=True, **settings)
     context = ray.get_runtime_context()
     node = f"{ray.util.get_node_ip_address()}/{context.get_node_id()[:12]}"
     for row in rows:
         row["node"] = node
-    return rows
+    return rows, checkpoint.bytes_read - before
 
 
 def check_files(files: list[tuple[str, int, str]]) -> tuple[str, list[str]]:
@@ -268,6 +272,7 @@ def run_audit(
 
     import ray
 
+    stats = {"bytes_read": 0, "bytes_on_disk": checkpoint.bytes_on_disk()}
     t1 = time.perf_counter()
     started_local = _connect(address, config)
     timings["connect_s"] = round(time.perf_counter() - t1, 3)
@@ -280,7 +285,7 @@ def run_audit(
         if not started_local:
             _check_nodes(checkpoint)
         t2 = time.perf_counter()
-        status = _run_tasks(model, todo, config, writer, quiet)
+        status = _run_tasks(model, todo, config, writer, quiet, stats)
         timings["compute_s"] = round(time.perf_counter() - t2, 3)
     except KeyboardInterrupt:
         status = "interrupted"
@@ -300,6 +305,7 @@ def run_audit(
             finished=_now(),
             backends=sorted({b for b in table["backend"].to_pylist() if b}),
             timings=timings,
+            io=stats,
             seconds=round(time.perf_counter() - t0, 3),
             computed_this_run=len(todo),
         )
@@ -315,6 +321,7 @@ def _run_tasks(
     config: AuditConfig,
     writer: ReportWriter,
     quiet: bool,
+    stats: dict[str, int],
 ) -> str:
     """Submit with back-pressure, write each finished task; 'complete' when all returned."""
     import ray
@@ -352,7 +359,8 @@ def _run_tasks(
         for ref in ready:
             units, _ = pending.pop(ref)
             try:
-                rows = ray.get(ref)
+                rows, nbytes = ray.get(ref)
+                stats["bytes_read"] += nbytes
             except Exception as err:  # noqa: BLE001 - a task that failed after its retries
                 message = f"task failed: {type(err).__name__}: {str(err).splitlines()[0]}"
                 rows = _error_rows(units, message, config.seed)

@@ -73,6 +73,12 @@ def test_manifest_and_summary(report, model):
     assert manifest["config"]["seed"] == 3 and manifest["cluster"]["resources"]["CPU"] >= 1
     assert set(manifest["timings"]) == {"plan_s", "connect_s", "compute_s", "finalize_s"}
     assert manifest["backends"] == ["numpy"]
+    from llm_audit.checkpoint import open_checkpoint
+    from llm_audit.model_ref import resolve_model
+
+    planned = open_checkpoint(resolve_model(str(model))).plan().bytes_to_read()
+    assert manifest["io"]["bytes_read"] == planned  # each matrix's bytes, read once
+    assert manifest["io"]["bytes_on_disk"] == sum(f["bytes"] for f in manifest["model"]["files"])
     summary = json.loads((report / "summary.json").read_text())
     assert summary["audited"] == 44 and summary["failed"] == 0
     assert summary["matrices_with_traps"] == 3 and summary["total_traps"] == 9
