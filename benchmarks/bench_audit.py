@@ -29,17 +29,19 @@ from llm_audit.config import AuditConfig
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt-oss-20b"
 
 
-def build(folder: Path, layers: int) -> int:
-    """Write the first `layers` layers (one shard per layer); returns bytes on disk."""
+def build(folder: Path, layers: int, *, top_level: bool = False) -> int:
+    """Write the first `layers` layers (one shard per layer), and with `top_level` the
+    embedding, lm_head and final norm in one more shard; returns bytes on disk."""
     spec = json.loads((SHARED / "tensors.json").read_text())
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
     weight_map = {}
-    for layer in range(layers):
-        prefix = f"model.layers.{layer}."
+    groups = [f"model.layers.{layer}." for layer in range(layers)] + ([""] if top_level else [])
+    for index, prefix in enumerate(groups):
         tensors = {}
         for name, meta in spec.items():
-            if not name.startswith(prefix):
+            in_layer = name.startswith("model.layers.")
+            if (prefix and not name.startswith(prefix)) or (not prefix and in_layer):
                 continue
             shape = meta["shape"]
             if name.endswith("_blocks"):
@@ -49,7 +51,7 @@ def build(folder: Path, layers: int) -> int:
             else:
                 values = rng.standard_normal(shape, dtype=np.float32) * 0.02
                 tensors[name] = torch.from_numpy(values).to(torch.bfloat16)
-        shard = f"model-{layer:05d}-of-{layers - 1:05d}.safetensors"
+        shard = f"model-{index:05d}-of-{len(groups) - 1:05d}.safetensors"
         save_file(tensors, folder / shard)
         weight_map |= dict.fromkeys(tensors, shard)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))

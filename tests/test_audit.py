@@ -211,3 +211,22 @@ def test_config_files_validate(tmp_path):
         timeout=60,
     )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_node_check_names_missing_or_different_files(model, tmp_path, monkeypatch):
+    import ray
+
+    from llm_audit.audit import check_files
+    from llm_audit.safetensors_header import read_header
+
+    monkeypatch.setattr(
+        ray, "get_runtime_context", lambda: type("C", (), {"get_node_id": lambda self: "node-a"})()
+    )
+    shard = sorted(model.glob("*.safetensors"))[0]
+    header = read_header(shard)
+    ok = [(str(shard), header.file_size, header.header_sha256)]
+    assert check_files(ok) == ("node-a", [])
+    missing = (str(tmp_path / "gone.safetensors"), 1, "x")
+    _, problems = check_files([missing, (str(shard), header.file_size, "0" * 64)])
+    assert "gone.safetensors: cannot open" in problems[0]
+    assert problems[1].endswith("differs from the driver's copy")

@@ -206,3 +206,20 @@ def test_nan_tensor_and_bad_scale_are_reported_not_crashes(tmp_path):
     checkpoint.read_matrix(units["model.layers.0.mlp.experts.down_proj[0]"])
     with pytest.raises(CheckpointError, match=r"down_proj_blocks'.*scale byte 255"):
         checkpoint.read_matrix(units["model.layers.0.mlp.experts.down_proj[1]"])
+
+
+def test_openai_original_layout_reads_q_k_v_rows(tmp_path):
+    folder = tmp_path / "original"
+    folder.mkdir()
+    qkv = torch.arange(256 * 64, dtype=torch.float32).reshape(256, 64).to(torch.bfloat16)
+    save_file({"block.0.attn.qkv.weight": qkv}, folder / "model.safetensors")
+    (folder / "config.json").write_text(
+        json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32})
+    )
+    checkpoint = open_checkpoint(resolve_model(str(folder)))
+    units = {u.kind: u for u in checkpoint.plan().units}
+    full = qkv.float().numpy()
+    assert np.array_equal(checkpoint.read_matrix(units["q_proj"]), full[:128])
+    assert np.array_equal(checkpoint.read_matrix(units["k_proj"]), full[128:192])
+    assert np.array_equal(checkpoint.read_matrix(units["v_proj"]), full[192:])
+    assert checkpoint.bytes_read == qkv.numel() * 2
