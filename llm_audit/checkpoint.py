@@ -9,7 +9,6 @@ names must be in the shard it names, and decoding errors name the file and tenso
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import numpy as np
 
 from .dtypes import DTYPE_SIZES, decode
 from .errors import CheckpointError
-from .model_ref import ResolvedModel
+from .model_ref import ResolvedModel, load_json_file
 from .mxfp4 import MXFP4Error, decode_mxfp4
 from .plan import MatrixUnit, Plan, build_plan
 from .safetensors_header import Header, TensorInfo, read_header, read_tensor_bytes
@@ -119,12 +118,7 @@ def _load_config(model: ResolvedModel) -> dict[str, Any]:
     path = model.config_path
     if path is None:
         return {}
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise CheckpointError(path, f"config larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(path, f"not valid UTF-8 JSON ({err})") from None
+    config = load_json_file(path, MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise CheckpointError(path, "config is not a JSON object")
     return config

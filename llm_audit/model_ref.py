@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import AuditError, CheckpointError
 
@@ -70,14 +71,19 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
+def load_json_file(path: Path, max_bytes: int) -> Any:
+    """A small JSON file from a checkpoint folder (index, config), size-capped and checked."""
+    if path.stat().st_size > max_bytes:
+        raise CheckpointError(path, f"larger than {max_bytes} bytes")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(path, f"not valid UTF-8 JSON ({err})") from None
+
+
 def _load_index(index: Path) -> dict[str, str]:
     """The index's weight_map, checked: shard names must be plain file names that exist."""
-    if index.stat().st_size > MAX_INDEX_BYTES:
-        raise CheckpointError(index, f"index larger than {MAX_INDEX_BYTES} bytes")
-    try:
-        data = json.loads(index.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(index, f"index is not valid UTF-8 JSON ({err})") from None
+    data = load_json_file(index, MAX_INDEX_BYTES)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(index, "index has no 'weight_map' object")
