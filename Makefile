@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-audit bench-memory fuzz clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -33,6 +33,15 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_spectral.py
+
+bench-audit: $(VENV)/.installed-dev
+	$(PY) benchmarks/bench_audit.py
+
+bench-memory: $(VENV)/.installed-dev
+	$(PY) benchmarks/bench_memory.py
+
+fuzz: $(VENV)/.installed-dev
+	$(PY) benchmarks/fuzz_reader.py --cases 10000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
