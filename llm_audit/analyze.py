@@ -28,7 +28,7 @@ from .entries import EntryAccumulator, EntrySummary, largest_abs, summarize
 from .mp_fit import MPFit, fit_mp, mp_edge_from_entries
 from .powerlaw_fit import EVALS_THRESH, fit_powerlaw
 from .shuffle import shuffle_generator, shuffled
-from .stream import streamed_shuffle
+from .stream import BucketShuffle
 
 MIN_EVALS = 8  # WeightWatcher's DEFAULT_MIN_EVALS
 SMALL_ESD = 100  # below this many eigenvalues WeightWatcher pools 5 shuffles
@@ -372,10 +372,11 @@ def analyze_streamed(
 ) -> Mapping[str, Any]:
     """`analyze_matrix` for a tall matrix read in row chunks (rows >= columns), never whole.
 
-    `chunks()` must yield the matrix's rows in order, each call anew (it is called once
-    for W and once per shuffle). Memory is one chunk, one (columns x columns) Gram and one
-    shuffle bucket of `rows_per_bucket` rows; the shuffle spills one float32 copy to disk
-    (see `llm_audit.stream`). Numbers equal the in-memory route's except the shuffle's
+    `chunks()` must yield the matrix's rows in order; it is called once: the same pass
+    feeds W's Gram, the entry statistics and the shuffle's bucketing, so the matrix is
+    read once. Memory is one chunk, two (columns x columns) Grams and one shuffle bucket
+    of `rows_per_bucket` rows; the shuffle spills one float32 copy to disk (see
+    `llm_audit.stream`). Numbers equal the in-memory route's except the shuffle's
     permutation, which the streamed algorithm draws differently from the same seed.
     """
     rows, cols = shape
@@ -390,40 +391,47 @@ def analyze_streamed(
             reason=f"shape {rows}x{cols} gives {cols} eigenvalues, fewer than {min_evals}",
         )
         return row
-    acc = EntryAccumulator()
-    gram = np.zeros((cols, cols), order="F")
-    bad = 0
-    for chunk in chunks():
-        chunk = _to_numpy(chunk)
-        bad += chunk.size - int(np.isfinite(chunk).sum())
-        if not bad:
-            acc.add(chunk)
-            gram += gram_upper(chunk)
-    if bad or acc.n != rows * cols:
-        reason = (
-            f"matrix has {bad} NaN or Inf entries"
-            if bad
-            else (f"streamed {acc.n} entries for shape {rows}x{cols}")
-        )
-        row.update(status="error", reason=reason)
-        return row
-    entries = acc.summary()
-    if entries.max_abs == 0:
-        row.update(status="skipped", reason="all entries are zero")
-        return row
-    evals = _eigvalsh_upper(gram)
-    rand = None
-    if randomize:
-        rng = shuffle_generator(seed, matrix_id)
+    replicas = (SMALL_ESD_REPLICAS if cols < SMALL_ESD else 1) if randomize else 0
+    rng = shuffle_generator(seed, matrix_id)
+    shuffles = [
+        BucketShuffle(shape, rng, bucket_rows=rows_per_bucket, spill_dir=spill_dir)
+        for _ in range(replicas)
+    ]
+    try:
+        acc = EntryAccumulator()
+        gram = np.zeros((cols, cols), order="F")
+        bad = 0
+        for chunk in chunks():  # one read of the matrix feeds W's Gram and every shuffle
+            chunk = _to_numpy(chunk)
+            bad += chunk.size - int(np.isfinite(chunk).sum())
+            if not bad:
+                acc.add(chunk)
+                gram += gram_upper(chunk)
+                for shuffle in shuffles:
+                    shuffle.add(chunk)
+        if bad or acc.n != rows * cols:
+            reason = (
+                f"matrix has {bad} NaN or Inf entries"
+                if bad
+                else (f"streamed {acc.n} entries for shape {rows}x{cols}")
+            )
+            row.update(status="error", reason=reason)
+            return row
+        entries = acc.summary()
+        if entries.max_abs == 0:
+            row.update(status="skipped", reason="all entries are zero")
+            return row
+        evals = _eigvalsh_upper(gram)
         rand = []
-        for _ in range(SMALL_ESD_REPLICAS if cols < SMALL_ESD else 1):
+        for shuffle in shuffles:
             shuffled_gram = np.zeros((cols, cols), order="F")
-            for block in streamed_shuffle(
-                chunks, shape, rng, bucket_rows=rows_per_bucket, spill_dir=spill_dir
-            ):
+            for block in shuffle.blocks():
                 shuffled_gram += gram_upper(block, fast=True)
             rand.append(_eigvalsh_upper(shuffled_gram.astype(np.float32)))
-    return analyzer.row(shape, entries, matrix_id, evals, rand, keep_spectra)
+    finally:
+        for shuffle in shuffles:
+            shuffle.close()
+    return analyzer.row(shape, entries, matrix_id, evals, rand or None, keep_spectra)
 
 
 def _eigvalsh_upper(gram: np.ndarray) -> np.ndarray:

@@ -5,57 +5,82 @@ its 579 M entries, 2.3 GB as float32 — more than the memory bound of a worker.
 give exactly the same distribution as `rng.permutation` with one chunk and one bucket in
 memory at a time:
 
-1. The output rows are cut into buckets of `bucket_rows` rows. For each input chunk, in
-   order, draw how many of its entries go to each bucket from a multivariate
-   hypergeometric law over the buckets' remaining capacities, permute the chunk, split it
-   by those counts and append each part to its bucket's spill file. This assigns every
-   entry to a uniformly random output slot set, exactly.
-2. For each bucket, in order: load it, permute it uniformly, and yield it as rows.
+1. `add`, for each input chunk in order: the output rows are cut into buckets of
+   `bucket_rows` rows; draw how many of the chunk's entries go to each bucket from a
+   multivariate hypergeometric law over the buckets' remaining capacities, permute the
+   chunk, split it by those counts and append each part to its bucket's spill file. This
+   assigns every entry to a uniformly random set of output slots, exactly.
+2. `blocks`: for each bucket in order, load it, permute it uniformly and yield its rows.
 
-Spill files live in a temporary folder (`spill_dir`, default the system's) and hold one
-copy of the matrix as float32; they are removed when the iteration ends.
+Pass 1 consumes the same chunks as W's own Gram, so the checkpoint is read once. Spill
+files live in a temporary folder (`spill_dir`, default the system's) and hold one float32
+copy of the matrix; they are removed by `close` (or leaving the `with` block).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 
 
-def streamed_shuffle(
-    chunks: Callable[[], Iterable[np.ndarray]],
-    shape: tuple[int, int],
-    rng: np.random.Generator,
-    *,
-    bucket_rows: int,
-    spill_dir: str | Path | None = None,
-) -> Iterator[np.ndarray]:
-    """Row blocks of a uniformly shuffled copy of the matrix that `chunks()` streams."""
-    rows, cols = shape
-    starts = list(range(0, rows, bucket_rows))
-    capacity = np.array([min(bucket_rows, rows - s) * cols for s in starts], dtype=np.int64)
-    with tempfile.TemporaryDirectory(dir=spill_dir, prefix="llm-audit-shuffle-") as tmp:
-        paths = [Path(tmp) / f"bucket-{b:06d}.f32" for b in range(len(starts))]
-        handles = [path.open("wb") for path in paths]
-        try:
-            for chunk in chunks():
-                flat = rng.permutation(np.asarray(chunk, dtype=np.float32).ravel())
-                counts = rng.multivariate_hypergeometric(capacity, flat.size)
-                capacity -= counts
-                for handle, part in zip(
-                    handles, np.split(flat, np.cumsum(counts)[:-1]), strict=True
-                ):
-                    part.tofile(handle)
-        finally:
-            for handle in handles:
-                handle.close()
-        if capacity.any():
-            raise ValueError(f"streamed {capacity.sum()} fewer entries than shape {shape}")
-        for path in paths:
+class BucketShuffle:
+    """Stream rows in with `add`, then read the uniformly shuffled matrix from `blocks`."""
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        rng: np.random.Generator,
+        *,
+        bucket_rows: int,
+        spill_dir: str | Path | None = None,
+    ) -> None:
+        rows, self.cols = shape
+        self.shape = shape
+        self.rng = rng
+        starts = range(0, rows, bucket_rows)
+        self.capacity = np.array(
+            [min(bucket_rows, rows - s) * self.cols for s in starts], dtype=np.int64
+        )
+        self._tmp = tempfile.TemporaryDirectory(dir=spill_dir, prefix="llm-audit-shuffle-")
+        self.paths = [Path(self._tmp.name) / f"bucket-{b:06d}.f32" for b in range(len(starts))]
+        self.handles = [path.open("wb") for path in self.paths]
+
+    def add(self, chunk: np.ndarray) -> None:
+        """Scatter the next rows of the matrix over the buckets."""
+        flat = self.rng.permutation(np.asarray(chunk, dtype=np.float32).ravel())
+        counts = self.rng.multivariate_hypergeometric(self.capacity, flat.size)
+        self.capacity -= counts
+        for handle, part in zip(self.handles, np.split(flat, np.cumsum(counts)[:-1]), strict=True):
+            part.tofile(handle)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Row blocks of the shuffled matrix, in order; call once, after every `add`."""
+        for handle in self.handles:
+            handle.close()
+        if self.capacity.any():
+            raise ValueError(f"{self.capacity.sum()} fewer entries than shape {self.shape}")
+        for path in self.paths:
             bucket = np.fromfile(path, dtype=np.float32)
             path.unlink()
-            rng.shuffle(bucket)
-            yield bucket.reshape(-1, cols)
+            self.rng.shuffle(bucket)
+            yield bucket.reshape(-1, self.cols)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> BucketShuffle:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

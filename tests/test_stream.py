@@ -13,8 +13,15 @@ from llm_audit import analyze_matrix
 from llm_audit.analyze import analyze_streamed
 from llm_audit.checkpoint import open_checkpoint
 from llm_audit.model_ref import resolve_model
-from llm_audit.stream import streamed_shuffle
+from llm_audit.stream import BucketShuffle
 from llm_audit.synth import SynthConfig, synth_gpt_oss
+
+
+def _shuffled(chunks, shape, rng, bucket_rows, spill_dir) -> np.ndarray:
+    with BucketShuffle(shape, rng, bucket_rows=bucket_rows, spill_dir=spill_dir) as shuffle:
+        for chunk in chunks:
+            shuffle.add(chunk)
+        return np.concatenate(list(shuffle.blocks()))
 
 
 def _chunker(matrix: np.ndarray, rows: int):
@@ -27,13 +34,7 @@ def test_every_permutation_of_a_2x2_is_equally_likely(tmp_path):
     index = {p: i for i, p in enumerate(itertools.permutations(range(4)))}
     counts = np.zeros(24)
     for _ in range(4800):
-        out = np.concatenate(
-            list(
-                streamed_shuffle(
-                    _chunker(matrix, 1), (2, 2), rng, bucket_rows=1, spill_dir=tmp_path
-                )
-            )
-        )
+        out = _shuffled(_chunker(matrix, 1)(), (2, 2), rng, 1, tmp_path)
         counts[index[tuple(int(v) for v in out.ravel())]] += 1
     assert chisquare(counts).pvalue > 1e-3
 
@@ -43,10 +44,7 @@ def test_each_entry_lands_uniformly_with_uneven_chunks_and_buckets(tmp_path):
     rng = np.random.default_rng(1)
     where = np.zeros((12, 12))  # value x output position
     for _ in range(6000):
-        chunks = lambda: iter([matrix[:4], matrix[4:]])  # noqa: E731
-        out = np.concatenate(
-            list(streamed_shuffle(chunks, (6, 2), rng, bucket_rows=4, spill_dir=tmp_path))
-        ).ravel()
+        out = _shuffled([matrix[:4], matrix[4:]], (6, 2), rng, 4, tmp_path).ravel()
         assert sorted(out.tolist()) == list(range(12))
         where[out.astype(int), np.arange(12)] += 1
     assert chisquare(where.ravel()).pvalue > 1e-3
@@ -98,7 +96,7 @@ def test_embedding_streamed_from_a_checkpoint(tmp_path):
     streamed = analyze_streamed(
         lambda: checkpoint.iter_rows(unit, 1000), unit.shape, matrix_id=unit.id
     )
-    assert checkpoint.bytes_read - before == 2 * unit.nbytes  # W, then one shuffle pass
+    assert checkpoint.bytes_read - before == unit.nbytes  # one pass feeds W and the shuffle
     ref = analyze_matrix(checkpoint.read_matrix(unit), matrix_id=unit.id)
     assert streamed["alpha"] == pytest.approx(ref["alpha"], rel=1e-9)
     assert streamed["rand_num_spikes"] == ref["rand_num_spikes"] == 0
