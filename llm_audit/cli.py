@@ -119,8 +119,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import PLANTED, write_bundled_model
 
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "gpt-oss-mini").is_dir():
+            raise UserError(f"{out} is not empty and not a demo folder; choose another --out")
+        shutil.rmtree(out)  # an earlier demo's model and report
     model = write_bundled_model(out / "gpt-oss-mini")
     print(f"llm-audit {__version__}: bundled miniature gpt-oss written to {model}", file=sys.stderr)
     result = run_audit(str(model), out / "report", AuditConfig(seed=args.seed), quiet=args.quiet)

@@ -36,6 +36,11 @@ def test_demo_audits_the_bundled_model_and_finds_exactly_the_planted_traps(tmp_p
     assert "traps in the other 41 matrices: 0" in out
     assert (tmp_path / "report" / "layers.parquet").is_file()
     assert (tmp_path / "gpt-oss-mini" / "model.safetensors.index.json").is_file()
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    assert main(["demo", "--out", str(other), "--quiet"]) == 2
+    assert (other / "keep.txt").exists()
 
 
 def test_analyze_npy_files(tmp_path, capsys):
