@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +31,21 @@ DEMO_COLUMNS = (
     "num_spikes",
     "rand_num_spikes",
     "max_abs_entry",
+    "status",
+)
+SHOW_COLUMNS = (
+    "matrix",
+    "kind",
+    "layer",
+    "expert",
+    "N",
+    "M",
+    "alpha",
+    "num_spikes",
+    "rand_num_spikes",
+    "max_abs_entry",
+    "entry_kurtosis",
+    "warning",
     "status",
 )
 SUMMARY_COLUMNS = (
@@ -59,7 +76,7 @@ def _format_value(value: Any) -> str:
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     """Fixed-width table of selected columns on stdout."""
     cells = [[_format_value(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
@@ -243,6 +260,115 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import Rules, evaluate, junit_xml, load_rules
+    from .report_read import load_report
+
+    rules = load_rules(args.rules) if args.rules else Rules()
+    report = load_report(args.report)
+    violations = evaluate(report, rules)
+    if args.junit:
+        Path(args.junit).write_bytes(junit_xml(report, rules, violations))
+    model = report.manifest.get("model", {}).get("reference", "?")
+    for v in violations:
+        print(f"FAIL {v.rule}: {v.subject}: {v.message}")
+    verdict = "FAILED" if violations else "PASSED"
+    print(
+        f"{verdict}: {model}: {len(rules.values)} rules, {len(violations)} violations, "
+        f"{len(report.rows)} matrices"
+    )
+    return 1 if violations else 0
+
+
+_OPS = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    "<": lambda a, b: a < b,
+}
+
+
+_CLAUSE = re.compile(r"^\s*(\w+)\s*(==|!=|>=|<=|>|<)\s*([^<>=!\s][^<>=!]*?)\s*$")
+
+
+def _where(expr: str, columns: set[str]) -> Any:
+    """A row filter from "COL OP VALUE [and COL OP VALUE ...]" (no eval: a tiny parser)."""
+    tests = []
+    for clause in expr.split(" and "):
+        match = _CLAUSE.match(clause)
+        if not match:
+            raise UserError(
+                f"--where {clause!r}: want COLUMN OP VALUE with OP in {', '.join(_OPS)}"
+            )
+        col, op, value = match.groups()
+        if col not in columns:
+            raise UserError(f"--where: unknown column {col!r}")
+        try:
+            parsed: Any = float(value)
+        except ValueError:
+            parsed = value.strip("'\"")
+        tests.append((col, _OPS[op], parsed))
+
+    def keep(row: dict[str, Any]) -> bool:
+        for col, fn, value in tests:
+            cell = row.get(col)
+            if cell is None:
+                return False
+            try:
+                if not fn(cell, value):
+                    return False
+            except TypeError:
+                return False
+        return True
+
+    return keep
+
+
+def cmd_report_show(args: argparse.Namespace) -> int:
+    import csv
+
+    from .report_read import load_report
+
+    report = load_report(args.report)
+    rows = report.rows
+    columns = set(rows[0]) if rows else set()
+    if args.kind:
+        rows = [r for r in rows if r["kind"] == args.kind]
+    if args.where:
+        rows = [r for r in rows if _where(args.where, columns)(r)]
+    if args.sort:
+        key = args.sort
+        if key not in columns:
+            raise UserError(f"--sort: unknown column {key!r}")
+        present = [r for r in rows if r[key] is not None]
+        rows = sorted(present, key=lambda r: r[key], reverse=args.desc) + [
+            r for r in rows if r[key] is None
+        ]
+    if args.top:
+        rows = rows[: args.top]
+    if args.format == "json":
+        _emit(rows, "json")
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(SHOW_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        s, m = report.summary, report.manifest
+        print(
+            f"model {m['model']['reference']}  llm-audit {m.get('tool_version')}  seed "
+            f"{m.get('seed')}  status {m.get('status')}"
+        )
+        print(
+            f"matrices {s['matrices_in_report']} (audited {s['audited']}, skipped "
+            f"{s['skipped']}, failed {s['failed']}); traps {s['total_traps']} in "
+            f"{s['matrices_with_traps']} matrices; showing {len(rows)}"
+        )
+        print_table(rows, SHOW_COLUMNS)
+    return 0
+
+
 def _parse_trap(text: str) -> tuple[str, int]:
     name, _, count = text.partition("=")
     try:
@@ -341,6 +467,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_audit)
 
+    p = sub.add_parser("check", help="release gate: check a report against rules (exit 1 on fail)")
+    p.add_argument("report", help="report folder")
+    p.add_argument("--rules", help="YAML rules (default: configs/release-check.yaml's values)")
+    p.add_argument("--junit", help="also write JUnit XML here")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("report", help="browse a report")
+    report_sub = p.add_subparsers(dest="report_command", required=True)
+    p = report_sub.add_parser("show", help="summary and a table of matrices")
+    p.add_argument("report", help="report folder")
+    p.add_argument("--sort", help="column to sort by (rows without a value last)")
+    p.add_argument("--desc", action="store_true", help="sort descending")
+    p.add_argument("--where", help="filter, e.g. 'rand_num_spikes > 0 and kind == expert_down'")
+    p.add_argument("--kind", help="only this kind")
+    p.add_argument("--top", type=int, help="at most N rows")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.set_defaults(func=cmd_report_show)
+
     p = sub.add_parser("plan", help="list what an audit of MODEL would compute, reading no weights")
     p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
     p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
@@ -383,6 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AuditError, BackendError) as err:
         print(f"llm-audit: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,153 @@
+"""`llm-audit check` (release gate) and `llm-audit report show` on a real report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llm_audit.audit import run_audit
+from llm_audit.check import DEFAULT_RULES
+from llm_audit.cli import main
+from llm_audit.config import AuditConfig
+from llm_audit.demo import write_bundled_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("checked")
+    model = write_bundled_model(base / "model")
+    out = base / "report"
+    run_audit(str(model), out, AuditConfig(), quiet=True)
+    return out
+
+
+def _rules(tmp_path: Path, **rules) -> str:
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return str(path)
+
+
+def test_default_rules_file_is_the_built_in_default():
+    assert yaml.safe_load((ROOT / "configs" / "release-check.yaml").read_text()) == DEFAULT_RULES
+
+
+def test_pass(report, tmp_path, capsys):
+    rules = _rules(
+        tmp_path,
+        max_traps_per_matrix=4,
+        max_total_traps=9,
+        max_failed=0,
+        alpha_range=[1.0, 40.0],
+        max_share_alpha_outside=0.0,
+    )
+    junit = tmp_path / "junit.xml"
+    assert main(["check", str(report), "--rules", rules, "--junit", str(junit)]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    suite = ET.parse(junit).getroot()
+    assert suite.get("tests") == "5" and suite.get("failures") == "0"
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        (
+            {"max_traps_per_matrix": 3},
+            "max_traps_per_matrix: model.layers.1.mlp.experts.down_proj[5]: 4 traps > 3",
+        ),
+        ({"max_traps_per_kind": {"o_proj": 2}}, "max_traps_per_kind: o_proj: 3 traps > 2"),
+        ({"max_total_traps": 8}, "max_total_traps: model: 9 traps > 8"),
+        (
+            {"alpha_range": [2.0, 6.0], "max_share_alpha_outside": 0.1},
+            "max_share_alpha_outside: model: 23 of 44 matrices (52.3%) have alpha outside",
+        ),
+    ],
+)
+def test_each_violation(report, tmp_path, capsys, rules, expected):
+    junit = tmp_path / "junit.xml"
+    assert (
+        main(["check", str(report), "--rules", _rules(tmp_path, **rules), "--junit", str(junit)])
+        == 1
+    )
+    out = capsys.readouterr().out
+    assert f"FAIL {expected}" in out and "FAILED" in out
+    failures = ET.parse(junit).getroot().findall(".//failure")
+    assert failures and expected.split(": ", 1)[1] in failures[0].get("message")
+
+
+def test_failed_matrices(report, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("manifest.json", "summary.json", "spectra.parquet"):
+        (broken / name).write_bytes((report / name).read_bytes())
+    table = pq.read_table(report / "layers.parquet")
+    status = table["status"].to_pylist()
+    error = table["error"].to_pylist()
+    status[5], error[5] = "error", "tensor 'x': MXFP4 scale byte 255"
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+    table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(error))
+    pq.write_table(table, broken / "layers.parquet")
+    assert main(["check", str(broken), "--rules", _rules(tmp_path, max_failed=0)]) == 1
+    assert "1 matrices failed > 0; first:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("max_trap: 1\n", "unknown rule 'max_trap'"),
+        ("max_total_traps: -1\n", "must be a non-negative integer"),
+        ("alpha_range: [6, 2]\n", "low < high"),
+        ("max_share_alpha_outside: 2\n", "share between 0 and 1"),
+        ("[1, 2]\n", "mapping"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_malformed_rules_exit_2(report, tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["check", str(report), "--rules", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_not_a_report_exit_2(tmp_path, capsys):
+    assert main(["check", str(tmp_path)]) == 2
+    assert "not a report folder" in capsys.readouterr().err
+
+
+def test_report_show(report, capsys):
+    assert (
+        main(
+            [
+                "report",
+                "show",
+                str(report),
+                "--where",
+                "rand_num_spikes > 0",
+                "--sort",
+                "rand_num_spikes",
+                "--desc",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "traps 9 in 3 matrices; showing 3" in out
+    lines = out.splitlines()
+    assert "down_proj[5]" in lines[3] and "gate_up_proj[2]" in lines[5]
+    assert main(["report", "show", str(report), "--kind", "router", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["kind"] for r in rows] == ["router", "router"]
+    assert main(["report", "show", str(report), "--top", "2", "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+    assert main(["report", "show", str(report), "--where", "alpha >> 3"]) == 2
+    assert main(["report", "show", str(report), "--sort", "nope"]) == 2
