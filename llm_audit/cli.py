@@ -369,6 +369,45 @@ def cmd_report_show(args: argparse.Namespace) -> int:
     return 0
 
 
+DIFF_COLUMNS = (
+    "matrix",
+    "kind",
+    "new_traps",
+    "rand_num_spikes_a",
+    "rand_num_spikes_b",
+    "alpha_a",
+    "alpha_b",
+    "d_alpha",
+    "d_log_norm",
+    "d_log_spectral_norm",
+)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import csv
+
+    from .diff import diff_reports
+    from .report_read import load_report
+
+    rows = diff_reports(load_report(args.a), load_report(args.b))
+    if args.top:
+        rows = rows[: args.top]
+    if args.format == "json":
+        _emit(rows, "json")
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        gained = sum(r["new_traps"] for r in rows)
+        print(
+            f"{len(rows)} matrices compared; {gained} new traps in "
+            f"{sum(r['new_traps'] > 0 for r in rows)} matrices"
+        )
+        print_table(rows, DIFF_COLUMNS)
+    return 0
+
+
 def _parse_trap(text: str) -> tuple[str, int]:
     name, _, count = text.partition("=")
     try:
@@ -484,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, help="at most N rows")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.set_defaults(func=cmd_report_show)
+
+    p = sub.add_parser("diff", help="per-matrix changes between two reports (same architecture)")
+    p.add_argument("a", help="report folder (before: base model, earlier checkpoint)")
+    p.add_argument("b", help="report folder (after)")
+    p.add_argument("--top", type=int, help="at most N rows")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("plan", help="list what an audit of MODEL would compute, reading no weights")
     p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")

@@ -151,3 +151,40 @@ def test_report_show(report, capsys):
     assert len(json.loads(capsys.readouterr().out)) == 2
     assert main(["report", "show", str(report), "--where", "alpha >> 3"]) == 2
     assert main(["report", "show", str(report), "--sort", "nope"]) == 2
+
+
+def test_diff_same_architecture_puts_new_traps_first(report, tmp_path, capsys):
+    from llm_audit.synth import SynthConfig, synth_gpt_oss
+
+    tuned = synth_gpt_oss(
+        tmp_path / "tuned",
+        SynthConfig(
+            seed=2026,
+            traps={
+                "model.layers.0.mlp.experts.down_proj[1]": 5,
+                "model.layers.1.self_attn.o_proj.weight": 3,
+            },
+        ),
+    )
+    run_audit(str(tuned), tmp_path / "b", AuditConfig(), quiet=True)
+    assert main(["diff", str(report), str(tmp_path / "b"), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 44
+    assert rows[0]["matrix"] == "model.layers.0.mlp.experts.down_proj[1]"
+    assert rows[0]["new_traps"] == 5 and rows[0]["rand_num_spikes_a"] == 0
+    o_proj = next(r for r in rows if r["matrix"] == "model.layers.1.self_attn.o_proj.weight")
+    assert o_proj["new_traps"] == 0 and o_proj["d_alpha"] == pytest.approx(0.0, abs=1e-12)
+    gone = next(r for r in rows if r["matrix"] == "model.layers.1.mlp.experts.down_proj[5]")
+    assert gone["rand_num_spikes_a"] == 4 and gone["rand_num_spikes_b"] == 0
+    assert main(["diff", str(report), str(tmp_path / "b")]) == 0
+    assert "5 new traps in 1 matrices" in capsys.readouterr().out
+
+
+def test_diff_refuses_different_architectures(report, tmp_path, capsys):
+    from llm_audit.synth import SynthConfig, synth_gpt_oss
+
+    other = synth_gpt_oss(tmp_path / "other", SynthConfig(layers=1))
+    run_audit(str(other), tmp_path / "o", AuditConfig(), quiet=True)
+    assert main(["diff", str(report), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "different architectures" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,63 @@
+"""`llm-audit diff A B`: what changed, matrix by matrix, between two reports of one architecture.
+
+Why: the questions are "what did fine-tuning (or 10k more steps) do to the spectra?" and
+"where did new traps appear?", so rows are matched by matrix id, shapes must agree, and
+new traps come first. Reports of different architectures are refused: comparing a
+5760x2880 expert with a 2880x2880 one means nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import AuditError
+from .report_read import Report
+
+COMPARED = (
+    "alpha",
+    "rand_num_spikes",
+    "num_spikes",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+)
+
+
+def _delta(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None else b - a
+
+
+def diff_reports(a: Report, b: Report) -> list[dict[str, Any]]:
+    """Rows of (matrix, kind, each compared column in A, in B and its change).
+
+    Sorted: matrices that gained traps first (most gained first), then by |change in alpha|.
+    """
+    shapes_a = {r["matrix"]: (r["N"], r["M"]) for r in a.rows}
+    shapes_b = {r["matrix"]: (r["N"], r["M"]) for r in b.rows}
+    if shapes_a.keys() != shapes_b.keys():
+        only_a = sorted(shapes_a.keys() - shapes_b.keys())
+        only_b = sorted(shapes_b.keys() - shapes_a.keys())
+        first = (only_a or only_b)[0]
+        raise AuditError(
+            f"different architectures: {len(only_a)} matrices only in {a.folder}, "
+            f"{len(only_b)} only in {b.folder} (e.g. {first})"
+        )
+    for matrix, shape in shapes_a.items():
+        if shapes_b[matrix] != shape and None not in shape and None not in shapes_b[matrix]:
+            raise AuditError(
+                f"different architectures: {matrix} is {shape[0]}x{shape[1]} in "
+                f"{a.folder}, {shapes_b[matrix][0]}x{shapes_b[matrix][1]} in "
+                f"{b.folder}"
+            )
+    by_b = {r["matrix"]: r for r in b.rows}
+    out = []
+    for ra in a.rows:
+        rb = by_b[ra["matrix"]]
+        row: dict[str, Any] = {"matrix": ra["matrix"], "kind": ra["kind"]}
+        for col in COMPARED:
+            row[f"{col}_a"], row[f"{col}_b"] = ra[col], rb[col]
+            row[f"d_{col}"] = _delta(ra[col], rb[col])
+        row["new_traps"] = max(0, (rb["rand_num_spikes"] or 0) - (ra["rand_num_spikes"] or 0))
+        out.append(row)
+    out.sort(key=lambda r: (-r["new_traps"], -abs(r["d_alpha"] or 0.0)))
+    return out
