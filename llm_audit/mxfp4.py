@@ -59,8 +59,8 @@ def encode_mxfp4(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Per block of 32: e = floor(log2(max |x|)) - 2 (so the largest lands in [4, 8) and rounds
     to at most 6), scale byte e + 127 clamped to 0..254; an all-zero block gets byte 0.
-    Each element becomes the nearest FP4 value of x / 2**e, ties to the even code (numpy's
-    argmin picks the first of two equally near values, which is the smaller magnitude).
+    Each element becomes the nearest FP4 value of x / 2**e; a tie goes to the smaller
+    magnitude (numpy's argmin picks the first of two equally near values).
     """
     dense = np.asarray(dense, dtype=np.float32)
     if dense.shape[-1] % BLOCK:

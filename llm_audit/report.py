@@ -148,7 +148,7 @@ class ReportWriter:
             table = table.take(pa.array(indices, pa.int64())).replace_schema_metadata(_META)
             write_atomic(self.folder / final, lambda t, tb=table: pq.write_table(tb, t))
             merged[prefix] = table
-        for part in self.parts.glob("*.parquet"):
+        for part in self.parts.iterdir():  # parts, and temp files of a killed write
             part.unlink()
         self.parts.rmdir()
         return merged["layers"]
