@@ -230,3 +230,14 @@ def test_node_check_names_missing_or_different_files(model, tmp_path, monkeypatc
     _, problems = check_files([missing, (str(shard), header.file_size, "0" * 64)])
     assert "gone.safetensors: cannot open" in problems[0]
     assert problems[1].endswith("differs from the driver's copy")
+
+
+def test_finalize_ignores_and_removes_a_killed_write(tmp_path):
+    from llm_audit.report import ReportWriter
+
+    writer = ReportWriter(tmp_path)
+    writer.add([{"matrix": "a", "status": "ok", "evals": [1.0, 2.0], "rand_evals": None}])
+    (writer.parts / ".layers-dead.parquet.1234.tmp").write_bytes(b"half a file")
+    assert writer.done() == {"a"}
+    table = writer.finalize(["a"])
+    assert table["matrix"].to_pylist() == ["a"] and not writer.parts.exists()
