@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
-import yaml
-
+from .config import read_yaml
 from .errors import AuditError
 from .report_read import Report
 
@@ -59,12 +58,7 @@ def _bad(path: Path, key: str, expected: str, value: Any) -> AuditError:
 def load_rules(path: str | Path) -> Rules:
     """Parse and validate a rules file (see configs/release-check.yaml)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise AuditError(f"{path}: cannot read rules ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise AuditError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = read_yaml(path, "rules")
     if not isinstance(data, dict):
         raise AuditError(f"{path}: rules are a mapping of rule names to limits")
     for key, value in data.items():

@@ -96,17 +96,22 @@ def _validated(values: dict[str, Any], where: str) -> AuditConfig:
     return AuditConfig(**values)
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content (safe loader only), or a one-line AuditError naming the file."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise AuditError(f"{path}: cannot read {what} ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise AuditError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
 def load_config(path: str | Path | None) -> AuditConfig:
     """Defaults, or the defaults updated by a YAML file's keys."""
     if path is None:
         return AuditConfig()
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise AuditError(f"{path}: cannot read config ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise AuditError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = read_yaml(path, "config")
     if data is None:
         data = {}
     if not isinstance(data, dict):
