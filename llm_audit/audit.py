@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
 import socket
 import sys
 import time
@@ -347,13 +348,13 @@ def _run_tasks(
     }
     task = ray.remote(run_task).options(**options)
     model_ref = ray.put(model)
-    queue = _tasks(todo, config, gpus)
+    queue = deque(_tasks(todo, config, gpus))
     pending: dict[Any, tuple[list[MatrixUnit], float]] = {}
     progress = None if quiet else stderr_progress("audit")
     finished = 0
     while queue or pending:
         while queue and len(pending) < in_flight:
-            units = queue.pop(0)
+            units = queue.popleft()
             pending[task.remote(model_ref, units, settings)] = (units, time.monotonic())
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
         for ref in ready:
