@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections import deque
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
