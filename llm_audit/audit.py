@@ -137,10 +137,16 @@ def check_files(files: list[tuple[str, int, str]]) -> tuple[str, list[str]]:
     return ray.get_runtime_context().get_node_id(), problems
 
 
-def _connect(address: str | None, config: AuditConfig) -> bool:
-    """Join the given (or $RAY_ADDRESS) cluster, or start a local one; True if started."""
+def connect(address: str | None, config: AuditConfig) -> bool:
+    """Join the given (or $RAY_ADDRESS) cluster, or start a local one; True if started.
+
+    Where Ray is already initialized (a caller auditing many checkpoints in one session,
+    as `llm-audit grok` does), it is used as it is, and left running.
+    """
     import ray
 
+    if ray.is_initialized():
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
@@ -275,7 +281,7 @@ def run_audit(
 
     stats = {"bytes_read": 0, "bytes_on_disk": checkpoint.bytes_on_disk()}
     t1 = time.perf_counter()
-    started_local = _connect(address, config)
+    started_local = connect(address, config)
     timings["connect_s"] = round(time.perf_counter() - t1, 3)
     status = "failed"
     try:

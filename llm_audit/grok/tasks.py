@@ -1,0 +1,111 @@
+"""The two setups as data + model + loss: what the training loop needs and nothing more.
+
+Why one small interface: the loop, the checkpoint schedule, the resume logic and the
+measures are the same for both setups; only these differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .mnist import load_mnist
+from .models import MLP, ModAddTransformer
+from .settings import GrokConfig
+
+
+@dataclass
+class Task:
+    """A model with its training and test sets, and how to draw a step's batch."""
+
+    model: nn.Module
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    data_source: str
+    mse: bool  # MSE on one-hot targets (the MNIST setup) instead of cross-entropy
+    batch_size: int  # 0: full batch
+    seed: int
+    _epoch: int = field(default=-1, init=False, repr=False)
+    _perm: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.mse:
+            return F.mse_loss(logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype))
+        return F.cross_entropy(logits, labels)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `step`'s batch: a pure function of (seed, step), so a resumed run is exact."""
+        n = len(self.train_x)
+        if not self.batch_size or self.batch_size >= n:
+            return self.train_x, self.train_y
+        per_epoch = n // self.batch_size
+        epoch, k = divmod(step, per_epoch)
+        if self._perm is None or self._epoch != epoch:
+            self._epoch = epoch
+            self._perm = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(n))
+        idx = self._perm[k * self.batch_size : (k + 1) * self.batch_size]
+        return self.train_x[idx], self.train_y[idx]
+
+
+def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` indices, n/10 per class, drawn with `seed`, in a seeded order."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per = n // len(classes)
+    picks = [rng.choice(np.flatnonzero(labels == c), per, replace=False) for c in classes]
+    return rng.permutation(np.concatenate(picks))
+
+
+def mlp_mnist(config: GrokConfig, data: str | Path | None, cache: Path) -> Task:
+    """MLP on 1,000 stratified MNIST training images, tested on the full test set."""
+    digits = load_mnist(data, cache)
+    dtype = getattr(torch, config.dtype)
+    idx = _stratified(digits.train_y, config.n_train, config.seed)
+    torch.manual_seed(config.seed)
+    model = MLP(digits.train_x.shape[1], config.width, 2, 10, config.init_scale).to(dtype)
+    return Task(
+        model,
+        torch.from_numpy(digits.train_x[idx]).to(dtype),
+        torch.from_numpy(digits.train_y[idx]),
+        torch.from_numpy(digits.test_x).to(dtype),
+        torch.from_numpy(digits.test_y),
+        digits.source,
+        mse=True,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+
+
+def modadd(config: GrokConfig) -> Task:
+    """(a + b) mod p from [a, b, =]; a seeded `train_fraction` of all p*p pairs trains."""
+    p = config.p
+    a, b = np.divmod(np.arange(p * p), p)
+    tokens = np.stack([a, b, np.full_like(a, p)], axis=1)
+    order = np.random.default_rng(config.seed).permutation(p * p)
+    cut = int(config.train_fraction * p * p)
+    tokens, labels = torch.from_numpy(tokens[order]), torch.from_numpy((a + b)[order] % p)
+    torch.manual_seed(config.seed)
+    dtype = getattr(torch, config.dtype)
+    model = ModAddTransformer(p, init_scale=config.init_scale).to(dtype)
+    return Task(
+        model,
+        tokens[:cut],
+        labels[:cut],
+        tokens[cut:],
+        labels[cut:],
+        f"modular addition p={p}",
+        mse=False,
+        batch_size=0,
+        seed=config.seed,
+    )
+
+
+def build_task(config: GrokConfig, data: str | Path | None, cache: Path) -> Task:
+    return mlp_mnist(config, data, cache) if config.task == "mlp-mnist" else modadd(config)

