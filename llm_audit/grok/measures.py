@@ -15,7 +15,9 @@ from .models import weight_matrices
 
 def l2_norm(model: nn.Module) -> float:
     """sqrt of the sum of squared Frobenius norms of the weight matrices."""
-    return float(sum(w.detach().double().pow(2).sum() for w in weight_matrices(model).values()) ** 0.5)
+    return float(
+        sum(w.detach().double().pow(2).sum() for w in weight_matrices(model).values()) ** 0.5
+    )
 
 
 def abs_weight_entropy(model: nn.Module) -> float:
@@ -36,7 +38,7 @@ def circuit_mask(model: nn.Module, layer: str, seed: int, fraction: float = 0.1)
     """A random, fixed boolean mask of `fraction` of `layer`'s weights (the ones zeroed)."""
     shape = weight_matrices(model)[layer].shape
     gen = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=gen) < fraction
+    return torch.rand(shape, generator=gen) < fraction  # on the CPU: the same mask anywhere
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ class ModAddTransformer(nn.Module):
         """
         b, t = tokens.shape
         x = self.embed[None] + self.pos[:, None]  # (T, V, d): every token at every position
-        at = torch.arange(t)
+        at = torch.arange(t, device=tokens.device)
 
         def heads(w: torch.Tensor) -> torch.Tensor:  # (B, H, T, dh)
             return (x @ w.T)[at, tokens].view(b, t, self.n_heads, self.d_head).transpose(1, 2)

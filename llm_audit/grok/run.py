@@ -3,7 +3,7 @@
 Run folder: run.json (settings, data source, tool version), checkpoints/ (weights per
 checkpoint step, safetensors), audits/ (one audit report per checkpoint),
 metrics.jsonl (one row per checkpoint, appended as they come), state.safetensors (the
-resume point), timeline.parquet, phases.json and timeline.png.
+resume point), timeline.parquet, phases.json, phases.md and timeline.png.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..report import write_json
 from .plots import plot_timeline
 from .settings import GrokConfig
 from .tasks import build_task
-from .timeline import audit_checkpoint, phases, write_timeline
+from .timeline import audit_checkpoint, layers_of, phases, phases_markdown, write_timeline
 from .train import train
 
 
@@ -49,8 +49,12 @@ def run_grok(
     data: str | Path | None = None,
     resume: bool = False,
     threads: int = 1,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Train, audit every checkpoint, write the timeline; the phases found."""
+    """Train, audit every checkpoint, write the timeline; the phases found.
+
+    `device` "auto" trains on CUDA where torch sees it, else on the CPU.
+    """
     out = Path(out)
     run_file = out / "run.json"
     if run_file.exists():
@@ -60,7 +64,11 @@ def run_grok(
     elif resume:
         raise AuditError(f"{out}: nothing to resume (no run.json)")
     torch.set_num_threads(threads)
-    task = build_task(config, data, data_cache())
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise AuditError("--device cuda: torch sees no CUDA device")
+    task = build_task(config, data, data_cache()).to(torch.device(device))
     run = {
         "tool": "llm-audit",
         "tool_version": __version__,
@@ -69,6 +77,7 @@ def run_grok(
         "train_examples": len(task.train_x),
         "test_examples": len(task.test_x),
         "torch": torch.__version__,
+        "device": device,
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(run_file, run)
@@ -89,6 +98,7 @@ def run_grok(
     write_timeline(rows, out / "timeline.parquet", run)
     found = phases(rows)
     write_json(out / "phases.json", found)
+    (out / "phases.md").write_text(phases_markdown(found, layers_of(rows)))
     title = (
         f"{config.task}: init scale {config.init_scale}, weight decay {config.weight_decay}, "
         f"lr {config.lr}, {config.dtype}, seed {config.seed}; data: {task.data_source}"

@@ -35,6 +35,13 @@ class Task:
     _epoch: int = field(default=-1, init=False, repr=False)
     _perm: torch.Tensor | None = field(default=None, init=False, repr=False)
 
+    def to(self, device: torch.device) -> Task:
+        """Model and data on `device` (initialized on the CPU first: the same init anywhere)."""
+        self.model.to(device)
+        for name in ("train_x", "train_y", "test_x", "test_y"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.mse:
             return F.mse_loss(logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype))
@@ -49,7 +56,8 @@ class Task:
         epoch, k = divmod(step, per_epoch)
         if self._perm is None or self._epoch != epoch:
             self._epoch = epoch
-            self._perm = torch.from_numpy(np.random.default_rng([self.seed, epoch]).permutation(n))
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm = torch.from_numpy(perm).to(self.train_x.device)
         idx = self._perm[k * self.batch_size : (k + 1) * self.batch_size]
         return self.train_x[idx], self.train_y[idx]
 

@@ -130,3 +130,37 @@ def phases(rows: list[dict[str, Any]], fall: float = 0.02) -> dict[str, Any]:
         "persistent_trap": persistent,
         "phases": table,
     }
+
+
+def _pm(stat: dict[str, Any], key: str, digits: int = 2) -> str:
+    if key not in stat:
+        return "-"
+    mean, std = stat[key]
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def phases_markdown(found: dict[str, Any], layers: list[str]) -> str:
+    """The per-phase table (mean ± std over the checkpoints of each phase) and the
+    boundaries, as Markdown for reports/README.md."""
+    head = ["phase", "steps", "checkpoints", "train acc", "test acc"]
+    head += [f"alpha {x}" for x in layers] + [f"traps {x}" for x in layers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, stat in found["phases"].items():
+        cells = [name, f"{stat['steps'][0]:,} to {stat['steps'][1]:,}", str(stat["checkpoints"])]
+        cells += [_pm(stat, "train_acc", 3), _pm(stat, "test_acc", 3)]
+        cells += [_pm(stat, f"alpha.{x}") for x in layers]
+        cells += [_pm(stat, f"traps.{x}", 1) for x in layers]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    def at(key: str) -> str:
+        return "none" if found[key] is None else f"{found[key]:,}"
+
+    lines += [
+        "",
+        f"Peak test accuracy {found['peak_test_acc']:.3f} at step {found['peak_step']:,}; "
+        f"lowest after the peak {found['min_test_acc_after_peak']:.3f}; final "
+        f"{found['final_test_acc']:.3f}. Grokking from step {at('grok_start')}; test accuracy "
+        f"starts to fall at step {at('fall_start')}; first trap at step {at('first_trap')}; "
+        f"traps at every checkpoint from step {at('persistent_trap')}.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -41,7 +41,7 @@ def checkpoint_steps(steps: int, per_decade: int) -> list[int]:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
     os.replace(tmp, path)
 
 
@@ -60,7 +60,7 @@ def load_state(path: Path, task: Task, opt: torch.optim.Optimizer) -> int:
 
     with safe_open(path, "pt") as fh:
         step = int(fh.metadata()["step"])
-    tensors = load_file(path)
+    tensors = load_file(path, device=str(task.train_x.device))
     task.model.load_state_dict(
         {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     )
@@ -134,7 +134,7 @@ def train(
         raise AuditError(f"{out}: nothing to resume (no state.safetensors)")
     rows = _read_metrics(metrics_path, step)
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    mask = measures.circuit_mask(model, config.circuit_layer, config.seed)
+    mask = measures.circuit_mask(model, config.circuit_layer, config.seed).to(task.train_x.device)
     todo = [s for s in checkpoint_steps(config.steps, config.checkpoints_per_decade) if s > step]
     if step == 0 and not rows:
         todo.insert(0, 0)
