@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench bench-audit bench-memory fuzz clean
+.PHONY: demo test lint bench bench-audit bench-memory fuzz grok-validate clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -51,6 +51,16 @@ bench-memory: $(VENV)/.installed-dev
 
 fuzz: $(VENV)/.installed-dev
 	$(PY) benchmarks/fuzz_reader.py --cases 10000
+
+# The validation runs of reports/README.md (hours on a CPU; each resumes if interrupted).
+GROK := $(VENV)/bin/llm-audit grok
+grok-validate: $(VENV)/.installed
+	$(GROK) mlp-mnist --init-scale 4 --weight-decay 0 --dtype float32 --steps 2000000 \
+		--out reports/grok-mlp-mnist-s4-wd0 $(if $(wildcard reports/grok-mlp-mnist-s4-wd0/run.json),--resume)
+	$(GROK) mlp-mnist --init-scale 4 --weight-decay 0.01 --dtype float32 --steps 2000000 \
+		--out reports/grok-mlp-mnist-s4-wd0.01 $(if $(wildcard reports/grok-mlp-mnist-s4-wd0.01/run.json),--resume)
+	$(GROK) modadd --steps 20000 --out reports/grok-modadd-wd1 \
+		$(if $(wildcard reports/grok-modadd-wd1/run.json),--resume)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
