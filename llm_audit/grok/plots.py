@@ -37,7 +37,8 @@ def plot_timeline(
         ax.plot(step, [r.get(f"alpha.{layer}") for r in rows], label=f"alpha {layer}")
     ax.plot(step, [r.get("mean_alpha") for r in rows], "k--", label="mean alpha")
     ax.axhline(2.0, color="grey", lw=0.8)
-    ax.set_ylabel("alpha")
+    ax.set_ylim(0, 12)  # WeightWatcher-style fits of a near-Gaussian ESD can give alpha > 20
+    ax.set_ylabel("alpha (clipped at 12)")
     ax = axes[2]
     for layer in layers_of(rows):
         ax.plot(step, [r.get(f"traps.{layer}") for r in rows], label=f"traps {layer}")
@@ -49,12 +50,13 @@ def plot_timeline(
         ax.plot(step, (v - v.min()) / span, label=key.replace("_", " "))
     ax.set_ylabel("measure (min-max scaled)")
     ax.set_xlabel("step")
+    marks = {"grok_start": ("green", "--"), "fall_start": ("red", "--"), "first_trap": ("red", ":")}
     for ax in axes:
         ax.set_xscale("log")
-        for key in ("grok_start", "fall_start", "first_trap"):
+        for key, (color, style) in marks.items():
             if phase_info.get(key):
-                style = ":" if key == "first_trap" else "--"
-                ax.axvline(phase_info[key], color="red", ls=style, lw=0.8)
+                label = key.replace("_", " ") if ax is axes[0] else None
+                ax.axvline(phase_info[key], color=color, ls=style, lw=0.9, label=label)
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
     axes[0].set_title(title, fontsize=9)
