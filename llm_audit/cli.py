@@ -369,6 +369,14 @@ def cmd_report_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_html(args: argparse.Namespace) -> int:
+    from .html_report import write_html_report
+
+    out = write_html_report(args.report, args.output, compare=args.compare)
+    print(f"{out} ({_human_bytes(out.stat().st_size)})")
+    return 0
+
+
 DIFF_COLUMNS = (
     "matrix",
     "kind",
@@ -523,6 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, help="at most N rows")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.set_defaults(func=cmd_report_show)
+    p = report_sub.add_parser("html", help="one self-contained HTML page (works offline)")
+    p.add_argument("report", help="report folder")
+    p.add_argument("-o", "--output", help="HTML file to write (default: REPORT/report.html)")
+    p.add_argument(
+        "--compare",
+        metavar="B",
+        help="baseline report of the same architecture: show the changes from B to REPORT",
+    )
+    p.set_defaults(func=cmd_report_html)
 
     p = sub.add_parser("diff", help="per-matrix changes between two reports (same architecture)")
     p.add_argument("a", help="report folder (before: base model, earlier checkpoint)")

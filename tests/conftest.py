@@ -80,3 +80,71 @@ def quiet():
     ):
         warnings.simplefilter("ignore")
         yield
+
+
+@pytest.fixture(scope="session")
+def bundled_report(tmp_path_factory):
+    """A real report folder: the bundled demo model audited once per session (about 10 s)."""
+    from llm_audit.audit import run_audit
+    from llm_audit.config import AuditConfig
+    from llm_audit.demo import write_bundled_model
+
+    base = tmp_path_factory.mktemp("bundled")
+    run_audit(str(write_bundled_model(base / "model")), base / "report", AuditConfig(), quiet=True)
+    return base / "report"
+
+
+def _rewrite_report(src, dst, edit, model=None):
+    """Copy report `src` to `dst` through ReportWriter; `edit(row)` may change each row
+    (evals and rand_evals included); `model` replaces the manifest's model reference."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from llm_audit.report import ReportWriter
+
+    rows = pq.read_table(src / "layers.parquet").to_pylist()
+    spectra = pq.read_table(src / "spectra.parquet").to_pylist()
+    for row, spectrum in zip(rows, spectra, strict=True):
+        row.update(evals=spectrum["evals"], rand_evals=spectrum["rand_evals"])
+        edit(row)
+    writer = ReportWriter(dst)
+    writer.add(rows)
+    writer.finalize([r["matrix"] for r in rows])
+    manifest = json.loads((src / "manifest.json").read_text())
+    if model is not None:
+        manifest["model"]["reference"] = model
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    (dst / "summary.json").write_text((src / "summary.json").read_text())
+    return dst
+
+
+@pytest.fixture(scope="session")
+def rewrite_report():
+    """`rewrite_report(src, dst, edit, model=None)`: a modified copy of a report folder."""
+    return _rewrite_report
+
+
+HOSTILE_RENAMES = {
+    # a trapped attention matrix, and a trapped expert whose kind is hostile too
+    "model.layers.1.self_attn.o_proj.weight": ("model.layers.1.<script>alert(1)</script>", None),
+    "model.layers.0.mlp.experts.gate_up_proj[2]": (
+        '"><img src=x onerror=alert(1)>',
+        "<img src=x onerror=alert(2)>",
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def hostile_report(bundled_report, tmp_path_factory):
+    """The bundled report with tensor, matrix, kind and model names that are HTML/JS."""
+
+    def rename(row):
+        if row["matrix"] in HOSTILE_RENAMES:
+            name, kind = HOSTILE_RENAMES[row["matrix"]]
+            row.update(matrix=name, tensor=name, matrix_id=name)
+            if kind is not None:
+                row["kind"] = kind
+
+    dst = tmp_path_factory.mktemp("hostile") / "report"
+    return _rewrite_report(bundled_report, dst, rename, model="<script>alert(3)</script>")
