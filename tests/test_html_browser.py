@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_audit.columns import COLUMNS
 from llm_audit.html_report import write_html_report
 
 from .conftest import HOSTILE_RENAMES
@@ -32,6 +33,7 @@ FLAGS = (
     "--disable-sync",
     "--window-size=1400,1000",
 )
+INTERNAL = ("chrome://", "chrome-untrusted://", "devtools://")
 WAIT_S = 30  # generous: the machine may be busy; nothing here asserts on time
 
 
@@ -67,11 +69,18 @@ def pages(bundled_report, hostile_report, rewrite_report, tmp_path_factory) -> d
         if row["matrix"] == "model.layers.0.self_attn.q_proj.weight":
             row["rand_num_spikes"] = 5
 
+    def fail(row):
+        if row["matrix"] == "model.layers.1.mlp.router.weight":  # as a crashed analysis writes
+            row.update({col: None for col in COLUMNS if col not in ("matrix_id", "seed")})
+            row.update(status="error", error="MemoryError: simulated", evals=None, rand_evals=None)
+
     changed = rewrite_report(bundled_report, folder / "changed", add_traps)
+    failed = rewrite_report(bundled_report, folder / "failed", fail)
     return {
         "bundled": write_html_report(bundled_report, folder / "bundled.html"),
         "hostile": write_html_report(hostile_report, folder / "hostile.html"),
         "compare": write_html_report(changed, folder / "compare.html", compare=bundled_report),
+        "failed": write_html_report(failed, folder / "failed.html"),
     }
 
 
@@ -98,12 +107,14 @@ def _errors(driver) -> list[str]:
 
 
 def _requests(driver) -> set[str]:
+    """URLs requested since the last call, less the browser's own UI pages (chrome://...,
+    which a fresh Chromium may still be loading for its start page): no network there."""
     urls = set()
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message["method"] == "Network.requestWillBeSent":
             urls.add(message["params"]["request"]["url"])
-    return urls
+    return {u for u in urls if not u.startswith(INTERNAL)}
 
 
 def _rows(driver) -> list[str]:
@@ -226,4 +237,18 @@ def test_compare_page_puts_new_traps_first(browser, pages):
     assert _rows(browser)[0] == "model.layers.0.self_attn.q_proj.weight"
     gained = browser.find_element(By.CSS_SELECTOR, "#table-body tr.row td.gained")
     assert gained.text == "5"
+    assert _errors(browser) == []
+
+
+def test_a_failed_matrix_shows_its_error_and_no_plots(browser, pages):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, pages["failed"])
+    _filter(browser, "layers.1.mlp.router")
+    row = browser.find_element(By.CSS_SELECTOR, "#table-body tr.row")
+    assert row.text.split()[-1] == "error"
+    row.click()
+    detail = browser.find_element(By.ID, "detail")
+    assert "MemoryError: simulated" in detail.text
+    assert detail.find_elements(By.CSS_SELECTOR, "svg.plot") == []
     assert _errors(browser) == []
