@@ -21,6 +21,7 @@ from . import __version__
 from .analyze import RAND_ROUTES, analyze_batch
 from .backends import BACKEND_NAMES, BackendError
 from .errors import AuditError
+from .grok.cli import add_grok_parser
 
 DEMO_COLUMNS = (
     "matrix",
@@ -579,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trap-scale", type=float, default=1.0, help="size of a planted entry")
     p.set_defaults(func=cmd_synth)
+
+    add_grok_parser(sub)
     return parser
 
 
