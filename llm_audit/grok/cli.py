@@ -25,9 +25,18 @@ def cmd_grok(args: argparse.Namespace) -> int:
     )
     out = Path(args.out or f"grok-{args.task}")
     print(f"llm-audit grok {args.task}: {json.dumps(config.to_dict())}", file=sys.stderr)
-    found = run_grok(
-        config, out, data=args.data, resume=args.resume, threads=args.threads, device=args.device
-    )
+    try:
+        found = run_grok(
+            config,
+            out,
+            data=args.data,
+            resume=args.resume,
+            threads=args.threads,
+            device=args.device,
+        )
+    except KeyboardInterrupt:
+        print(f"llm-audit: interrupted; continue with --resume --out {out}", file=sys.stderr)
+        return 130
     print(f"run: {out}  (timeline.parquet, timeline.png, phases.json, audits/)")
     print(
         f"peak test accuracy {found['peak_test_acc']:.3f} at step {found['peak_step']}; "

@@ -138,7 +138,9 @@ def train(
     todo = [s for s in checkpoint_steps(config.steps, config.checkpoints_per_decade) if s > step]
     if step == 0 and not rows:
         todo.insert(0, 0)
-    progress = stderr_progress(f"grok {config.task}", "steps")
+    # counts the steps of this session, so that rate and ETA stay right after a resume
+    label = f"grok {config.task}" + (f" (resumed at step {step})" if step else "")
+    progress = stderr_progress(label, "steps")
     t0, first = time.perf_counter(), step
     for target in todo:
         model.train()
@@ -153,7 +155,7 @@ def train(
             opt.step()
             step += 1
             if step % 256 == 0:
-                progress(step, config.steps)
+                progress(step - first, config.steps - first)
         model.eval()
         row: dict[str, Any] = {"step": step, **evaluate(task, config.circuit_layer, mask)}
         weights = ckpt_dir / f"step-{step:09d}.safetensors"
@@ -164,7 +166,7 @@ def train(
         with metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         save_state(state_path, task, opt, step)
-    progress(config.steps, config.steps)
+    progress(config.steps - first, config.steps - first)
     if step > first:
         rate = (step - first) / (time.perf_counter() - t0)
         print(f"grok {config.task}: {step - first} steps, {rate:.0f} steps/s", file=sys.stderr)
