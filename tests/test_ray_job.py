@@ -2,8 +2,10 @@
 
 One test, about 40 s: `ray start --head` (with the job server), a second node with a
 custom resource, a job submission with `--working-dir .`, the report checked for units
-that ran on both nodes, and the cluster stopped. Token auth is disabled for this private
-test cluster (Ray 2.60 enables it by default for `ray start`).
+that ran on both nodes, and the cluster stopped. Caution: `ray stop --force` stops every
+Ray process on the machine, so do not run this test beside a running audit or grok run
+(`ray start --block` + SIGTERM, tried instead, left processes behind). Token auth is
+disabled for this private test cluster (Ray 2.60 enables it by default for `ray start`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -71,21 +74,14 @@ def test_ray_job_submit_audits_on_both_nodes(cluster, tmp_path):
     env, address = cluster
     model = write_bundled_model(tmp_path / "model")
     out = tmp_path / "report"
-    job = _ray(
-        "job",
-        "submit",
-        f"--address={address}",
-        "--working-dir",
-        ".",
-        "--",
-        "llm-audit",
-        "audit",
-        str(model),
-        "--out",
-        str(out),
-        env=env,
-        timeout=600,
-    )
+    submit = ["job", "submit", f"--address={address}", "--working-dir", ".", "--"]
+    for _ in range(30):  # the head's job agent comes up a little after `ray start` returns
+        job = _ray(
+            *submit, "llm-audit", "audit", str(model), "--out", str(out), env=env, timeout=600
+        )
+        if "No available agent" not in job.stdout + job.stderr:
+            break
+        time.sleep(2)
     assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["cluster"]["address"] == "joined"
