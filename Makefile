@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench bench-audit bench-memory fuzz grok-validate clean
+.PHONY: demo test lint bench bench-audit bench-memory fuzz bench-html grok-validate clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-audit: $(VENV)/.installed-dev
 
 bench-memory: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_memory.py
+
+bench-html: $(VENV)/.installed-dev /usr/bin/chromium /usr/bin/chromedriver
+	$(PY) benchmarks/bench_html.py
 
 fuzz: $(VENV)/.installed-dev
 	$(PY) benchmarks/fuzz_reader.py --cases 10000
