@@ -151,7 +151,10 @@ def connect(address: str | None, config: AuditConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
+    # "local": a new cluster of our own. Without it ray.init() attaches to whatever local
+    # cluster was started last (another audit, a grok run), and our sizing is refused.
     ray.init(
+        address="local",
         num_cpus=os.cpu_count(),
         include_dashboard=False,
         log_to_driver=False,

@@ -241,3 +241,44 @@ def test_finalize_ignores_and_removes_a_killed_write(tmp_path):
     assert writer.done() == {"a"}
     table = writer.finalize(["a"])
     assert table["matrix"].to_pylist() == ["a"] and not writer.parts.exists()
+
+
+def test_an_audit_beside_another_local_ray_starts_its_own(model, tmp_path):
+    """A second local audit must not attach to the first one's cluster (and be refused)."""
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ray, time; ray.init(address='local', num_cpus=1); print('up', flush=True);"
+            " time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert first.stdout.readline().strip() == "up"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llm_audit.cli",
+                "audit",
+                str(model),
+                "--out",
+                str(tmp_path / "r"),
+                "--quiet",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+        assert manifest["cluster"]["address"] == "local" and manifest["status"] == "complete"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
