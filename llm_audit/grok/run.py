@@ -95,13 +95,33 @@ def run_grok(
     finally:
         if started:
             ray.shutdown()
+    return summarize(out, rows, run)
+
+
+def summarize(out: Path, rows: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
+    """timeline.parquet, phases.json, phases.md and timeline.png from the metrics rows."""
     write_timeline(rows, out / "timeline.parquet", run)
     found = phases(rows)
     write_json(out / "phases.json", found)
     (out / "phases.md").write_text(phases_markdown(found, layers_of(rows)))
+    c = run["config"]
     title = (
-        f"{config.task}: init scale {config.init_scale}, weight decay {config.weight_decay}, "
-        f"lr {config.lr}, {config.dtype}, seed {config.seed}; data: {task.data_source}"
+        f"{c['task']}: init scale {c['init_scale']}, weight decay {c['weight_decay']}, "
+        f"lr {c['lr']}, {c['dtype']}, seed {c['seed']}; data: {run['data_source']}; "
+        f"{rows[-1]['step']:,} of {c['steps']:,} steps"
     )
     plot_timeline(rows, found, out / "timeline.png", title)
     return found
+
+
+def summarize_run(out: str | Path) -> dict[str, Any]:
+    """`summarize` a run folder as it is now: a run still going, or stopped part-way."""
+    out = Path(out)
+    try:
+        run = json.loads((out / "run.json").read_text())
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    except (OSError, json.JSONDecodeError) as err:
+        raise AuditError(f"{out}: not a grok run folder ({err})") from None
+    if not rows:
+        raise AuditError(f"{out}: no checkpoint done yet")
+    return summarize(out, rows, run)
