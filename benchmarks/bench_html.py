@@ -31,23 +31,14 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.chromium
+
 from llm_audit import __version__
 from llm_audit.html_report import write_html_report
 from llm_audit.report import SCHEMA_VERSION, ReportWriter, write_json
+from tests.chromium import CHROMEDRIVER, CHROMIUM, start_chromium
 
 HIDDEN, EXPERTS, VOCAB = 2880, 128, 201088
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,1000",
-)
 
 
 def units(count: int) -> list[tuple[str, str, int | None, int | None, int, int]]:
@@ -194,17 +185,11 @@ def build_report(folder: Path, count: int, seed: int = 0) -> None:
 
 def browser_run(url: str) -> dict[str, float]:
     """One fresh Chromium: load, then time a drill-down (twice), a sort and a filter."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     profile = tempfile.mkdtemp(prefix="bench-html-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = start_chromium(profile)
     try:
         t0 = time.perf_counter()
         driver.get(url)

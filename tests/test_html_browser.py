@@ -18,21 +18,9 @@ import pytest
 from llm_audit.columns import COLUMNS
 from llm_audit.html_report import write_html_report
 
+from .chromium import CHROMEDRIVER, CHROMIUM, start_chromium
 from .conftest import HOSTILE_RENAMES
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,1000",
-)
 INTERNAL = ("chrome://", "chrome-untrusted://", "devtools://")
 WAIT_S = 30  # generous: the machine may be busy; nothing here asserts on time
 
@@ -43,18 +31,17 @@ def browser():
     if missing:
         pytest.fail(f"{', '.join(missing)} not found: run `make test`, which installs Chromium")
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
+        import selenium  # noqa: F401
     except ImportError:
         pytest.fail("selenium is not installed: run `make test` (it installs the dev extras)")
     profile = tempfile.mkdtemp(prefix="llm-audit-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    options.set_capability("unhandledPromptBehavior", "ignore")  # an alert stays to be seen
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = start_chromium(
+        profile,
+        {
+            "goog:loggingPrefs": {"browser": "ALL", "performance": "ALL"},
+            "unhandledPromptBehavior": "ignore",  # an alert stays to be seen
+        },
+    )
     driver.set_page_load_timeout(WAIT_S)
     yield driver
     driver.quit()
