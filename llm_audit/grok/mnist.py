@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AuditError
+from ..report import write_atomic
 
 DIGITS_LABEL = "sklearn-digits-8x8 (FALLBACK: not MNIST)"
 _ALLOWED = {
@@ -159,9 +160,13 @@ def load_mnist(idx_folder: str | Path | None, cache: Path, allow_fallback: bool 
     if pkl is not None:
         digits = load_arrays_pickle(pkl)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **{k: getattr(digits, k) for k in _IDX}, source=digits.source)
-        tmp.replace(cache)
+        arrays = {k: getattr(digits, k) for k in _IDX}
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as fh:  # a handle: np.savez would append .npz to a name
+                np.savez(fh, **arrays, source=digits.source)
+
+        write_atomic(cache, save)
         return digits
     if not allow_fallback:
         raise AuditError(

@@ -24,7 +24,7 @@ from .plots import plot_timeline
 from .settings import GrokConfig
 from .tasks import build_task
 from .timeline import audit_checkpoint, layers_of, phases, phases_markdown, write_timeline
-from .train import train
+from .train import read_metrics, train
 
 
 def data_cache() -> Path:
@@ -119,7 +119,7 @@ def summarize_run(out: str | Path) -> dict[str, Any]:
     out = Path(out)
     try:
         run = json.loads((out / "run.json").read_text())
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+        rows = read_metrics(out / "metrics.jsonl")
     except (OSError, json.JSONDecodeError) as err:
         raise AuditError(f"{out}: not a grok run folder ({err})") from None
     if not rows:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from ..audit import run_audit
 from ..config import AuditConfig
+from ..report import write_atomic
 
 
 def layer_name(tensor: str) -> str:
@@ -54,9 +55,7 @@ def audit_checkpoint(weights: Path, reports: Path, seed: int) -> dict[str, Any]:
 
 def write_timeline(rows: list[dict[str, Any]], path: Path, run: dict[str, Any]) -> pa.Table:
     table = pa.Table.from_pylist(rows).replace_schema_metadata({"run": json.dumps(run)})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     return table
 
 

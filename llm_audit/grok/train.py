@@ -12,7 +12,6 @@ complete checkpoint and redoes at most one interval; batches are a pure function
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import AuditError
 from ..progress import stderr_progress
+from ..report import write_atomic
 from . import measures
 from .settings import GrokConfig
 from .tasks import Task
@@ -40,9 +41,8 @@ def checkpoint_steps(steps: int, per_decade: int) -> list[int]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    host = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(host, tmp, metadata=meta))
 
 
 def save_state(path: Path, task: Task, opt: torch.optim.Optimizer, step: int) -> None:
@@ -56,11 +56,9 @@ def save_state(path: Path, task: Task, opt: torch.optim.Optimizer, step: int) ->
 
 def load_state(path: Path, task: Task, opt: torch.optim.Optimizer) -> int:
     """Restore what `save_state` wrote; the step it was written at."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as fh:
+    with safe_open(path, "pt", device=str(task.train_x.device)) as fh:
         step = int(fh.metadata()["step"])
-    tensors = load_file(path, device=str(task.train_x.device))
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
     task.model.load_state_dict(
         {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     )
@@ -97,7 +95,8 @@ def evaluate(task: Task, circuit_layer: str, mask: torch.Tensor) -> dict[str, fl
     }
 
 
-def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+def read_metrics(path: Path, upto: float = float("inf")) -> list[dict[str, Any]]:
+    """The metrics rows of checkpoints up to step `upto` (none if the file is absent)."""
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -132,7 +131,7 @@ def train(
         step = load_state(state_path, task, opt)
     elif resume:
         raise AuditError(f"{out}: nothing to resume (no state.safetensors)")
-    rows = _read_metrics(metrics_path, step)
+    rows = read_metrics(metrics_path, step)
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     mask = measures.circuit_mask(model, config.circuit_layer, config.seed).to(task.train_x.device)
     todo = [s for s in checkpoint_steps(config.steps, config.checkpoints_per_decade) if s > step]
