@@ -22,7 +22,7 @@ from llm_audit.grok.models import MLP, ModAddTransformer
 from llm_audit.grok.settings import load_grok_config
 from llm_audit.grok.tasks import build_task
 from llm_audit.grok.timeline import phases
-from llm_audit.grok.train import checkpoint_steps, train
+from llm_audit.grok.train import checkpoint_steps, load_state, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,6 +222,25 @@ def test_an_interrupted_run_resumes_exactly(idx_folder, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_started_from_another_goes_on_from_its_weights_and_moments(idx_folder, tmp_path):
+    config, task = _tiny(idx_folder)
+    first = train(task, config, tmp_path / "a", lambda s, w: {}, resume=False)
+    config, task = _tiny(idx_folder, weight_decay=0.5, steps=3)
+    state = tmp_path / "a" / "state.safetensors"
+    then = train(task, config, tmp_path / "b", lambda s, w: {}, resume=False, init_from=state)
+    drop = {"step", "train_seconds"}
+    assert {k: v for k, v in then[0].items() if k not in drop} == {
+        k: v for k, v in first[-1].items() if k not in drop
+    }
+    # Adam's moments came along: the first update is a continuation, not a fresh start
+    config, task = _tiny(idx_folder, weight_decay=0.5, steps=3)
+    fresh = train(task, config, tmp_path / "c", lambda s, w: {}, resume=False)
+    assert then[1]["train_loss"] != fresh[1]["train_loss"]
+    opt = torch.optim.AdamW(task.model.parameters())
+    assert load_state(state, task, opt) == 40
+    assert all(float(s["step"]) == 40 for s in opt.state_dict()["state"].values())
+
+
 def test_phases_are_read_off_the_timeline():
     acc = {1: 0.2, 10: 0.3, 100: 0.9, 1000: 0.95, 2000: 0.94, 5000: 0.8, 10000: 0.7}
     traps = {5000: 2, 10000: 3, 10: 1}
@@ -288,6 +307,22 @@ def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path
         == 2
     )
     assert "no train-images-idx3-ubyte" in capsys.readouterr().err
+
+    # --init-from: the grokked run goes on under other settings, recorded in run.json
+    def more(name: str, *extra: str) -> list[str]:
+        return [*args[:7], str(tmp_path / name), *args[8:], "--config", str(config), *extra]
+
+    assert main(more("more", "--steps", "3", "--init-from", str(out), "--weight-decay", "0.5")) == 0
+    run = json.loads((tmp_path / "more" / "run.json").read_text())
+    assert run["init_from"]["step"] == 30 and run["config"]["weight_decay"] == 0.5
+    first = pq.read_table(tmp_path / "more" / "timeline.parquet").to_pylist()[0]
+    assert (first["step"], first["test_acc"]) == (0, table[-1]["test_acc"])
+    assert main(more("more", "--init-from", str(out), "--resume")) == 2
+    assert main(more("m2", "--init-from", str(out), "--seed", "1")) == 2
+    assert main(more("m3", "--init-from", str(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert "pass one of them" in err and "it has seed=0, this run seed=1" in err
+    assert "not a grok run folder" in err
 
 
 @pytest.mark.gpu

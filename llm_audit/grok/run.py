@@ -3,23 +3,26 @@
 Run folder: run.json (settings, data source, tool version), checkpoints/ (weights per
 checkpoint step, safetensors), audits/ (one audit report per checkpoint),
 metrics.jsonl (one row per checkpoint, appended as they come), state.safetensors (the
-resume point), timeline.parquet, phases.json, phases.md and timeline.png.
+resume point), timeline.parquet, phases.json, phases.md and timeline.png; with
+--init-from, init.safetensors (the state the run started from).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .. import __version__
 from ..audit import connect
 from ..config import AuditConfig
 from ..errors import AuditError
-from ..report import write_json
+from ..report import write_atomic, write_json
 from .plots import plot_timeline
 from .settings import GrokConfig
 from .tasks import build_task
@@ -42,6 +45,44 @@ def _check_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
             )
 
 
+# What a run started from another run's state must share with it: the model's shape and
+# dtype, and the seed, which fixes the training/test split and the batches.
+INIT_STATE = "init.safetensors"
+_SAME_MODEL_AND_DATA = ("task", "seed", "dtype", "n_train", "width", "p", "train_fraction")
+
+
+def _init_source(source: Path, config: GrokConfig, out: Path) -> dict[str, Any]:
+    """Copy `source`'s resume state into `out` (init.safetensors: the run folder stays
+    self-contained even if `source` goes on); what run.json records of the source."""
+    try:
+        other = json.loads((source / "run.json").read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise AuditError(f"--init-from {source}: not a grok run folder ({err})") from None
+    for key in _SAME_MODEL_AND_DATA:
+        if other.get(key) != getattr(config, key):
+            raise AuditError(
+                f"--init-from {source}: it has {key}={other.get(key)!r}, this run "
+                f"{key}={getattr(config, key)!r}; they must be equal"
+            )
+    try:
+        data = (source / "state.safetensors").read_bytes()
+    except OSError as err:
+        raise AuditError(f"--init-from {source}: no checkpoint to start from ({err})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / INIT_STATE, lambda tmp: Path(tmp).write_bytes(data))
+    try:
+        with safe_open(out / INIT_STATE, "pt") as fh:
+            step = int(fh.metadata()["step"])
+    except (SafetensorError, KeyError, TypeError, ValueError) as err:
+        raise AuditError(f"--init-from {source}: unreadable state.safetensors ({err})") from None
+    return {
+        "run": str(source),
+        "step": step,
+        "state_sha256": hashlib.sha256(data).hexdigest(),
+        "config": other,
+    }
+
+
 def run_grok(
     config: GrokConfig,
     out: str | Path,
@@ -50,19 +91,30 @@ def run_grok(
     resume: bool = False,
     threads: int = 1,
     device: str = "auto",
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train, audit every checkpoint, write the timeline; the phases found.
 
-    `device` "auto" trains on CUDA where torch sees it, else on the CPU.
+    `device` "auto" trains on CUDA where torch sees it, else on the CPU. `init_from`
+    (a run folder) starts from that run's last checkpoint, weights and optimizer moments,
+    instead of a fresh initialization: how a grokked model is trained on under other
+    settings (e.g. without weight decay).
     """
     out = Path(out)
     run_file = out / "run.json"
+    origin = None
     if run_file.exists():
         if not resume:
             raise AuditError(f"{out} already holds a run: pass --resume, or choose another --out")
-        _check_same(json.loads(run_file.read_text())["config"], config.to_dict(), out)
+        if init_from is not None:
+            raise AuditError("--init-from starts a run; --resume continues one: pass one of them")
+        old = json.loads(run_file.read_text())
+        _check_same(old["config"], config.to_dict(), out)
+        origin = old.get("init_from")
     elif resume:
         raise AuditError(f"{out}: nothing to resume (no run.json)")
+    elif init_from is not None:
+        origin = _init_source(Path(init_from), config, out)
     torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,6 +131,8 @@ def run_grok(
         "torch": torch.__version__,
         "device": device,
     }
+    if origin is not None:
+        run["init_from"] = origin
     out.mkdir(parents=True, exist_ok=True)
     write_json(run_file, run)
     import ray
@@ -91,6 +145,7 @@ def run_grok(
             out,
             lambda step, weights: audit_checkpoint(weights, out / "audits", config.seed),
             resume,
+            out / INIT_STATE if origin and not resume else None,
         )
     finally:
         if started:
@@ -110,6 +165,8 @@ def summarize(out: Path, rows: list[dict[str, Any]], run: dict[str, Any]) -> dic
         f"lr {c['lr']}, {c['dtype']}, seed {c['seed']}; data: {run['data_source']}; "
         f"{rows[-1]['step']:,} of {c['steps']:,} steps"
     )
+    if origin := run.get("init_from"):
+        title += f"; started from {Path(origin['run']).name} at its step {origin['step']:,}"
     plot_timeline(rows, found, out / "timeline.png", title)
     return found
 

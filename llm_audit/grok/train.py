@@ -109,10 +109,13 @@ def train(
     out: Path,
     on_checkpoint: Callable[[int, Path], dict[str, Any]],
     resume: bool,
+    init_from: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train `task.model` for `config.steps` steps; the metrics rows, one per checkpoint.
 
     `on_checkpoint(step, weights_file)` audits a checkpoint and returns columns for its row.
+    `init_from`: another run's state.safetensors to start from (weights and Adam moments,
+    so the other run goes on under this run's settings); this run's steps count from 0.
     """
     model = task.model
     opt = torch.optim.AdamW(
@@ -131,6 +134,8 @@ def train(
         step = load_state(state_path, task, opt)
     elif resume:
         raise AuditError(f"{out}: nothing to resume (no state.safetensors)")
+    elif init_from is not None:
+        load_state(init_from, task, opt)
     rows = read_metrics(metrics_path, step)
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     mask = measures.circuit_mask(model, config.circuit_layer, config.seed).to(task.train_x.device)
