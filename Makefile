@@ -58,12 +58,14 @@ fuzz: $(VENV)/.installed-dev
 # The validation runs of reports/README.md (hours on a CPU; each resumes if interrupted).
 GROK := $(VENV)/bin/llm-audit grok
 grok-validate: $(VENV)/.installed
-	$(GROK) mlp-mnist --init-scale 4 --weight-decay 0 --dtype float32 --steps 2000000 \
+	$(GROK) mlp-mnist --init-scale 4 --weight-decay 0 --dtype float32 --steps 5000000 \
 		--out reports/grok-mlp-mnist-s4-wd0 $(if $(wildcard reports/grok-mlp-mnist-s4-wd0/run.json),--resume)
 	$(GROK) mlp-mnist --init-scale 4 --weight-decay 0.01 --dtype float32 --steps 2000000 \
 		--out reports/grok-mlp-mnist-s4-wd0.01 $(if $(wildcard reports/grok-mlp-mnist-s4-wd0.01/run.json),--resume)
 	$(GROK) modadd --steps 20000 --out reports/grok-modadd-wd1 \
 		$(if $(wildcard reports/grok-modadd-wd1/run.json),--resume)
+	$(GROK) modadd --weight-decay 0 --steps 100000 --out reports/grok-modadd-wd1-then-wd0 \
+		$(if $(wildcard reports/grok-modadd-wd1-then-wd0/run.json),--resume,--init-from reports/grok-modadd-wd1)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
