@@ -127,21 +127,15 @@ def test_a_killed_worker_is_retried_and_the_report_is_complete(model, tmp_path, 
     assert rows[victim]["status"] == "ok" and rows[victim]["rand_num_spikes"] == 2
 
 
+def _audit_command(model: Path | str, out: Path, *options: str) -> list[str]:
+    """`llm-audit audit MODEL --out OUT ...` as a separate process (its own Ray driver)."""
+    return [sys.executable, "-m", "llm_audit.cli", "audit", str(model), "--out", str(out), *options]
+
+
 def test_killed_driver_then_resume_computes_only_the_rest(model, tmp_path, report):
     out = tmp_path / "r"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llm_audit.cli",
-            "audit",
-            str(model),
-            "--out",
-            str(out),
-            "--seed",
-            "3",
-            "--quiet",
-        ],
+        _audit_command(model, out, "--seed", "3", "--quiet"),
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -195,17 +189,7 @@ def test_config_files_validate(tmp_path):
     with pytest.raises(AuditError, match="mapping"):
         load_config(bad)
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llm_audit.cli",
-            "audit",
-            "x",
-            "--out",
-            str(tmp_path / "o"),
-            "--config",
-            str(bad),
-        ],
+        _audit_command("x", tmp_path / "o", "--config", str(bad)),
         capture_output=True,
         text=True,
         timeout=60,
@@ -261,16 +245,7 @@ def test_an_audit_beside_another_local_ray_starts_its_own(model, tmp_path):
         assert first.stdout.readline().strip() == "up"
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "llm_audit.cli",
-                "audit",
-                str(model),
-                "--out",
-                str(tmp_path / "r"),
-                "--quiet",
-            ],
+            _audit_command(model, tmp_path / "r", "--quiet"),
             env=env,
             capture_output=True,
             text=True,

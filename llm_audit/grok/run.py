@@ -45,9 +45,9 @@ def _check_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
             )
 
 
+INIT_STATE = "init.safetensors"
 # What a run started from another run's state must share with it: the model's shape and
 # dtype, and the seed, which fixes the training/test split and the batches.
-INIT_STATE = "init.safetensors"
 _SAME_MODEL_AND_DATA = ("task", "seed", "dtype", "n_train", "width", "p", "train_fraction")
 
 
@@ -69,7 +69,7 @@ def _init_source(source: Path, config: GrokConfig, out: Path) -> dict[str, Any]:
     except OSError as err:
         raise AuditError(f"--init-from {source}: no checkpoint to start from ({err})") from None
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / INIT_STATE, lambda tmp: Path(tmp).write_bytes(data))
+    write_atomic(out / INIT_STATE, lambda tmp: tmp.write_bytes(data))
     try:
         with safe_open(out / INIT_STATE, "pt") as fh:
             step = int(fh.metadata()["step"])
