@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from llm_audit.audit import run_audit
-from llm_audit.config import AuditConfig
+from llm_audit.run.audit import run_audit
+from llm_audit.run.config import AuditConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt-oss-20b"
 

@@ -34,8 +34,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.chromium
 
 from llm_audit import __version__
-from llm_audit.html_report import write_html_report
-from llm_audit.report import SCHEMA_VERSION, ReportWriter, write_json
+from llm_audit.files import write_json
+from llm_audit.report.html import write_html_report
+from llm_audit.report.schema import SCHEMA_VERSION
+from llm_audit.report.writer import ReportWriter
 from tests.chromium import CHROMEDRIVER, CHROMIUM, start_chromium
 
 HIDDEN, EXPERTS, VOCAB = 2880, 128, 201088

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from llm_audit.synth import SynthConfig, synth_gpt_oss
+from llm_audit.source.synth import SynthConfig, synth_gpt_oss
 
 SHAPE = {
     "experts": 32,

@@ -46,7 +46,7 @@ import scipy.linalg
 from scipy.linalg.blas import dsyrk
 
 from llm_audit import analyze_batch, analyze_matrix
-from llm_audit.backends import select_backend
+from llm_audit.spectral.backends import select_backend
 
 SIGMA = 0.02  # entry scale, typical of trained transformer weights
 KINDS = ("gaussian", "planted", "student_t3", "lowrank_noise")

@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_audit import build
 
-from llm_audit.audit import run_audit
-from llm_audit.config import AuditConfig
+from llm_audit.run.audit import run_audit
+from llm_audit.run.config import AuditConfig
 
 
 def main() -> int:

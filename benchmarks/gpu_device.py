@@ -73,7 +73,8 @@ def check_cuda() -> Any:
 
 
 def gpu_backends(skip_cupy: bool) -> list[Any]:
-    from llm_audit.backends import BackendError, select_backend
+    from llm_audit.errors import BackendError
+    from llm_audit.spectral.backends import select_backend
 
     out = [select_backend("cuda")]
     if skip_cupy:
@@ -248,7 +249,7 @@ def throughput(backends: list[Any], stack: np.ndarray, wide: np.ndarray) -> list
 def compare_analyze(stack: np.ndarray, gpu: str, esd_s_per_matrix: float) -> dict[str, Any]:
     """analyze_batch with backend `gpu` on the stack (fewer if that would run long)."""
     from llm_audit import analyze_batch
-    from llm_audit.shuffle import shuffle_generator, shuffled
+    from llm_audit.spectral.shuffle import shuffle_generator, shuffled
 
     free_device_memory()
     mats = list(stack)
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write the measured figures to PATH")
     args = p.parse_args(argv)
     start = _t0()
-    from llm_audit.backends import select_backend
+    from llm_audit.spectral.backends import select_backend
 
     section("a. device")
     if args.cpu_dry_run:

@@ -1,13 +1,30 @@
-"""llm-audit: spectral (HTSR) auditing and correlation-trap detection for neural-network weights."""
+"""llm-audit: spectral (HTSR) auditing and correlation-trap detection for neural-network weights.
+
+The package follows the data flow: `source` (checkpoints, headers, decoders, the plan) →
+`spectral` (one matrix's ESD, fits, shuffles and traps) → `report` (the row schema,
+writer, readers, check, diff, HTML) ← `run` (the Ray audit that turns a plan into a
+report); `grok` is a client of `run` and `report`. Each imports only the stages before it.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .analyze import analyze_batch, analyze_matrix
-from .columns import COLUMN_NAMES, COLUMNS
+from .errors import AuditError, CheckpointError
+from .spectral.analyze import analyze_batch, analyze_matrix
+from .spectral.columns import COLUMN_NAMES, COLUMNS
+from .spectral.settings import AnalysisSettings
 
 try:
     __version__ = version("llm-audit")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["COLUMNS", "COLUMN_NAMES", "__version__", "analyze_batch", "analyze_matrix"]
+__all__ = [
+    "COLUMNS",
+    "COLUMN_NAMES",
+    "AnalysisSettings",
+    "AuditError",
+    "CheckpointError",
+    "__version__",
+    "analyze_batch",
+    "analyze_matrix",
+]

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+# Ray's logger keeps the stderr it found at import; imported first inside a test, that is the
+# test's capture, closed later ("Logging error: I/O operation on closed file").
+import ray  # noqa: F401  isort: skip
+
 
 @dataclass(frozen=True)
 class Case:
@@ -85,9 +89,9 @@ def quiet():
 @pytest.fixture(scope="session")
 def bundled_report(tmp_path_factory):
     """A real report folder: the bundled demo model audited once per session (about 10 s)."""
-    from llm_audit.audit import run_audit
-    from llm_audit.config import AuditConfig
-    from llm_audit.demo import write_bundled_model
+    from llm_audit.run.audit import run_audit
+    from llm_audit.run.config import AuditConfig
+    from llm_audit.source.synth import write_bundled_model
 
     base = tmp_path_factory.mktemp("bundled")
     run_audit(str(write_bundled_model(base / "model")), base / "report", AuditConfig(), quiet=True)
@@ -101,7 +105,7 @@ def _rewrite_report(src, dst, edit, model=None):
 
     import pyarrow.parquet as pq
 
-    from llm_audit.report import ReportWriter
+    from llm_audit.report.writer import ReportWriter
 
     rows = pq.read_table(src / "layers.parquet").to_pylist()
     spectra = pq.read_table(src / "spectra.parquet").to_pylist()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save as save_bytes
 
 from llm_audit.errors import CheckpointError
-from llm_audit.safetensors_header import read_header
+from llm_audit.source.header import read_header
 
 
 def valid_file() -> bytes:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from llm_audit import COLUMN_NAMES, analyze_batch, analyze_matrix
-from llm_audit.backends import NumpyBackend, TorchBackend, select_backend
+from llm_audit.errors import AuditError, BackendError
+from llm_audit.spectral.backends import NumpyBackend, TorchBackend, select_backend
 
 
 def _wide_range_matrix() -> np.ndarray:
@@ -122,9 +123,9 @@ def test_backend_selection(monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.delenv("LLM_AUDIT_BACKEND")
         assert select_backend().name in ("numpy", "cupy")
-        with pytest.raises(RuntimeError, match="no CUDA"):
+        with pytest.raises(BackendError, match="no CUDA"):
             select_backend("cuda")
-    with pytest.raises(RuntimeError, match="unknown backend"):
+    with pytest.raises(BackendError, match="unknown backend"):
         select_backend("tpu")
 
 
@@ -142,7 +143,7 @@ def test_topk_route_reproduces_the_full_route_on_clear_cases():
         assert topk["rand_bulk_max"] == pytest.approx(full["rand_bulk_max"], rel=0.03)
         assert topk["max_rand_eval"] == pytest.approx(full["max_rand_eval"], rel=1e-5)
         assert topk["rand_route"] == "topk" and topk["rand_distance"] is None
-    with pytest.raises(ValueError, match="rand_route"):
+    with pytest.raises(AuditError, match="rand_route"):
         analyze_matrix(clean, rand_route="fast")
 
 

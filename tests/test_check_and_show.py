@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from llm_audit.audit import run_audit
-from llm_audit.check import DEFAULT_RULES
 from llm_audit.cli import main
-from llm_audit.config import AuditConfig
-from llm_audit.demo import write_bundled_model
+from llm_audit.report.check import DEFAULT_RULES
+from llm_audit.run.audit import run_audit
+from llm_audit.run.config import AuditConfig
+from llm_audit.source.synth import write_bundled_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,7 +154,7 @@ def test_report_show(report, capsys):
 
 
 def test_diff_same_architecture_puts_new_traps_first(report, tmp_path, capsys):
-    from llm_audit.synth import SynthConfig, synth_gpt_oss
+    from llm_audit.source.synth import SynthConfig, synth_gpt_oss
 
     tuned = synth_gpt_oss(
         tmp_path / "tuned",
@@ -181,7 +181,7 @@ def test_diff_same_architecture_puts_new_traps_first(report, tmp_path, capsys):
 
 
 def test_diff_refuses_different_architectures(report, tmp_path, capsys):
-    from llm_audit.synth import SynthConfig, synth_gpt_oss
+    from llm_audit.source.synth import SynthConfig, synth_gpt_oss
 
     other = synth_gpt_oss(tmp_path / "other", SynthConfig(layers=1))
     run_audit(str(other), tmp_path / "o", AuditConfig(), quiet=True)

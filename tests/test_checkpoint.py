@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from llm_audit import analyze_matrix
-from llm_audit.checkpoint import open_checkpoint
-from llm_audit.dtypes import DTYPE_SIZES
 from llm_audit.errors import CheckpointError
-from llm_audit.model_ref import resolve_model
-from llm_audit.synth import SynthConfig, synth_gpt_oss
+from llm_audit.source.checkpoint import open_checkpoint
+from llm_audit.source.dtypes import DTYPE_SIZES
+from llm_audit.source.reference import resolve_model
+from llm_audit.source.synth import SynthConfig, synth_gpt_oss
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")
@@ -60,7 +60,7 @@ def test_plan_of_headers_only_gpt_oss_20b_with_its_real_sharding(tmp_path):
         == index["metadata"]["total_size"]
         == 13_761_264_768
     )
-    plan = checkpoint.plan()
+    plan = checkpoint.plan(8)
     assert len(plan.units) == 1658
     assert checkpoint.bytes_read == 0  # planning reads headers only
 
@@ -75,7 +75,7 @@ def test_plan_of_headers_only_gpt_oss_120b(tmp_path):
     }  # the real shard assignment is not published
     _headers_only(tmp_path / "120b", shards)
     checkpoint = open_checkpoint(resolve_model(str(tmp_path / "120b")))
-    assert len(checkpoint.plan().units) == 9398
+    assert len(checkpoint.plan(8).units) == 9398
     assert sum(t.nbytes for t in checkpoint.tensors.values()) == 65_248_815_744
 
 
@@ -107,7 +107,7 @@ def test_synth_is_deterministic(tmp_path, synth_model):
 
 def test_reading_a_unit_reads_only_its_bytes(synth_model):
     checkpoint = open_checkpoint(resolve_model(str(synth_model)))
-    plan = checkpoint.plan()
+    plan = checkpoint.plan(8)
     assert plan.counts_by_kind() == {
         "q_proj": 2,
         "k_proj": 2,
@@ -131,7 +131,7 @@ def test_reading_a_unit_reads_only_its_bytes(synth_model):
 def test_planted_traps_are_found_where_planted(synth_model):
     checkpoint = open_checkpoint(resolve_model(str(synth_model)))
     traps = {}
-    for unit in checkpoint.plan().units:
+    for unit in checkpoint.plan(8).units:
         traps[unit.id] = analyze_matrix(checkpoint.read_matrix(unit), matrix_id=unit.id)[
             "rand_num_spikes"
         ]
@@ -146,7 +146,7 @@ def test_transformers_loads_synth_and_dequantizes_to_our_values(synth_model):
     model = GptOssForCausalLM.from_pretrained(str(synth_model), dtype=torch.float32)
     state = model.state_dict()
     checkpoint = open_checkpoint(resolve_model(str(synth_model)))
-    for unit in checkpoint.plan().units:
+    for unit in checkpoint.plan(8).units:
         ours = checkpoint.read_matrix(unit)
         if unit.expert is not None:  # transformers keeps experts as [E, in, out]
             theirs = state[unit.tensor.removesuffix("_blocks")][unit.expert].T
@@ -161,7 +161,7 @@ def test_dense_experts_layout(tmp_path):
 
     folder = synth_gpt_oss(tmp_path / "dense", SynthConfig(mxfp4=False, dtype="f32", layers=1))
     checkpoint = open_checkpoint(resolve_model(str(folder)))
-    units = [u for u in checkpoint.plan().units if u.kind == "expert_gate_up"]
+    units = [u for u in checkpoint.plan(8).units if u.kind == "expert_gate_up"]
     assert len(units) == 8 and units[3].layout == "expert" and units[3].transpose
     matrix = checkpoint.read_matrix(units[3])
     with safe_open(checkpoint.where[units[3].tensor], framework="numpy") as handle:
@@ -200,7 +200,7 @@ def test_nan_tensor_and_bad_scale_are_reported_not_crashes(tmp_path):
         folder / "model.safetensors",
     )
     checkpoint = open_checkpoint(resolve_model(str(folder)))
-    units = {u.id: u for u in checkpoint.plan().units}
+    units = {u.id: u for u in checkpoint.plan(8).units}
     row = analyze_matrix(checkpoint.read_matrix(units["model.layers.0.self_attn.q_proj.weight"]))
     assert row["status"] == "error" and "1 NaN" in row["reason"]
     checkpoint.read_matrix(units["model.layers.0.mlp.experts.down_proj[0]"])
@@ -217,7 +217,7 @@ def test_openai_original_layout_reads_q_k_v_rows(tmp_path):
         json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32})
     )
     checkpoint = open_checkpoint(resolve_model(str(folder)))
-    units = {u.kind: u for u in checkpoint.plan().units}
+    units = {u.kind: u for u in checkpoint.plan(8).units}
     full = qkv.float().numpy()
     assert np.array_equal(checkpoint.read_matrix(units["q_proj"]), full[:128])
     assert np.array_equal(checkpoint.read_matrix(units["k_proj"]), full[128:192])

@@ -27,7 +27,7 @@ def test_version_and_help():
 
 
 def test_demo_audits_the_bundled_model_and_finds_exactly_the_planted_traps(tmp_path, capsys):
-    from llm_audit.demo import PLANTED
+    from llm_audit.source.synth import PLANTED
 
     assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_audit.dtypes import decode
+from llm_audit.source.dtypes import decode
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llm_audit import analyze_batch
-from llm_audit.backends import NumpyBackend, select_backend
+from llm_audit.spectral.backends import NumpyBackend, select_backend
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

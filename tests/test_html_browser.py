@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_audit.columns import COLUMNS
-from llm_audit.html_report import write_html_report
+from llm_audit.report.html import write_html_report
+from llm_audit.spectral.columns import COLUMNS
 
 from .chromium import CHROMEDRIVER, CHROMIUM, start_chromium
 from .conftest import HOSTILE_RENAMES

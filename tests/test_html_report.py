@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_audit.cli import main
-from llm_audit.html_report import TOP, histogram, script_json
+from llm_audit.report.html import TOP, histogram, script_json
 
 from .conftest import HOSTILE_RENAMES
 

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from llm_audit.errors import AuditError, CheckpointError
-from llm_audit.model_ref import resolve_model
+from llm_audit.source.reference import resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

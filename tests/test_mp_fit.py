@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llm_audit import analyze_matrix
-from llm_audit.mp_fit import fit_mp, linear_kde, mp_edge_from_entries
+from llm_audit.spectral.marchenko_pastur import fit_mp, linear_kde, mp_edge_from_entries
 
 
 def test_linear_kde_equals_scikit_learn():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from llm_audit.mxfp4 import MXFP4Error, decode_mxfp4, encode_mxfp4
+from llm_audit.errors import DecodeError
+from llm_audit.source.mxfp4 import decode_mxfp4, encode_mxfp4
 
 
 def _transformers(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -60,11 +61,11 @@ def test_scale_255_and_bad_pairs_are_errors():
     blocks = np.zeros((2, 3, 16), np.uint8)
     scales = np.full((2, 3), 127, np.uint8)
     scales[1, 2] = 255
-    with pytest.raises(MXFP4Error, match=r"scale byte 255 .* at \[1, 2\]"):
+    with pytest.raises(DecodeError, match=r"scale byte 255 .* at \[1, 2\]"):
         decode_mxfp4(blocks, scales)
-    with pytest.raises(MXFP4Error, match="do not match"):
+    with pytest.raises(DecodeError, match="do not match"):
         decode_mxfp4(blocks, scales[:, :2])
-    with pytest.raises(MXFP4Error, match="uint8"):
+    with pytest.raises(DecodeError, match="uint8"):
         decode_mxfp4(blocks.astype(np.int16), scales)
 
 

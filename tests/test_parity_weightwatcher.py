@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from llm_audit import analyze_matrix
-from llm_audit.mp_fit import fit_mp
-from llm_audit.powerlaw_fit import fit_powerlaw
-from llm_audit.shuffle import shuffle_generator, shuffled
+from llm_audit.spectral.marchenko_pastur import fit_mp
+from llm_audit.spectral.powerlaw import fit_powerlaw
+from llm_audit.spectral.shuffle import shuffle_generator, shuffled
 
 from .conftest import quiet
 

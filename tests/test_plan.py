@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from llm_audit.errors import AuditError
-from llm_audit.plan import build_plan
+from llm_audit.source.plan import build_plan
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")
@@ -30,7 +30,7 @@ def _real(model: str) -> dict[str, SimpleNamespace]:
     [("gpt-oss-20b", 24, 32, 1658), ("gpt-oss-120b", 36, 128, 9398)],
 )
 def test_real_gpt_oss_tensor_lists(model, layers, experts, total):
-    plan = build_plan(_real(model))
+    plan = build_plan(_real(model), min_evals=8)
     assert len(plan.units) == total
     per_layer = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1, "router": 1}
     expected = {k: v * layers for k, v in per_layer.items()}
@@ -67,14 +67,14 @@ def test_openai_original_layout_splits_fused_qkv():
         "unembedding.weight": _meta("BF16", 1000, 64),
     }
     config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}
-    plan = build_plan(tensors, config)
+    plan = build_plan(tensors, config, min_evals=8)
     qkv = {u.kind: (u.row_start, u.row_stop) for u in plan.units if u.layout == "rows"}
     assert qkv == {"q_proj": (0, 128), "k_proj": (128, 192), "v_proj": (192, 256)}
     kinds = plan.counts_by_kind()
     assert kinds["expert_gate_up"] == kinds["expert_down"] == 16
     assert kinds["o_proj"] == kinds["router"] == kinds["embedding"] == kinds["lm_head"] == 1
     with pytest.raises(AuditError, match="fused qkv"):
-        build_plan(tensors, {})
+        build_plan(tensors, {}, min_evals=8)
 
 
 def test_transformers_dense_experts_are_transposed_per_expert():
@@ -82,7 +82,8 @@ def test_transformers_dense_experts_are_transposed_per_expert():
         {
             "model.layers.3.mlp.experts.gate_up_proj": _meta("F32", 4, 64, 256),
             "model.layers.3.mlp.experts.down_proj": _meta("F32", 4, 128, 64),
-        }
+        },
+        min_evals=8,
     )
     gate_up = [u for u in plan.units if u.kind == "expert_gate_up"]
     assert [u.expert for u in gate_up] == [0, 1, 2, 3]
@@ -99,7 +100,8 @@ def test_generic_layers_conv_and_skips():
             "tiny.weight": _meta("F32", 4, 100),
             "ids": _meta("I64", 10, 10),
             "model.layers.0.mlp.experts.down_proj_bias": _meta("BF16", 4, 64),
-        }
+        },
+        min_evals=8,
     )
     linear = [u for u in plan.units if u.kind == "linear"]
     assert [(u.id, u.layer) for u in linear] == [("encoder.layer.2.dense.weight", 2)]
@@ -113,10 +115,10 @@ def test_generic_layers_conv_and_skips():
 def test_broken_mxfp4_pairs_are_errors():
     blocks = {"model.layers.0.mlp.experts.down_proj_blocks": _meta("U8", 2, 64, 2, 16)}
     with pytest.raises(AuditError, match="without their scales"):
-        build_plan(blocks)
+        build_plan(blocks, min_evals=8)
     scales = {"model.layers.0.mlp.experts.down_proj_scales": _meta("U8", 2, 64, 2)}
     with pytest.raises(AuditError, match="without their blocks"):
-        build_plan(scales)
+        build_plan(scales, min_evals=8)
     mismatched = blocks | {"model.layers.0.mlp.experts.down_proj_scales": _meta("U8", 2, 64, 3)}
     with pytest.raises(AuditError, match="scales must be U8"):
-        build_plan(mismatched)
+        build_plan(mismatched, min_evals=8)

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from llm_audit.powerlaw_fit import fit_powerlaw
+from llm_audit.spectral.powerlaw import fit_powerlaw
 
 
 def _loop_fit(evals: np.ndarray) -> tuple[float, float, float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from llm_audit.demo import PLANTED, write_bundled_model
+from llm_audit.source.synth import PLANTED, write_bundled_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llm_audit.errors import CheckpointError
-from llm_audit.safetensors_header import read_header, read_tensor_bytes
+from llm_audit.source.header import read_header, read_tensor_bytes
 
 from .fuzz_safetensors import check_reader, join, mutated_bytes, mutated_headers, split, valid_file
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from llm_audit import analyze_matrix
-from llm_audit.analyze import analyze_streamed
-from llm_audit.checkpoint import open_checkpoint
-from llm_audit.model_ref import resolve_model
-from llm_audit.stream import BucketShuffle
-from llm_audit.synth import SynthConfig, synth_gpt_oss
+from llm_audit import AnalysisSettings, analyze_matrix
+from llm_audit.source.checkpoint import open_checkpoint
+from llm_audit.source.reference import resolve_model
+from llm_audit.source.synth import SynthConfig, synth_gpt_oss
+from llm_audit.spectral.analyze import analyze_streamed
+from llm_audit.spectral.shuffle import BucketShuffle
 
 
 def _shuffled(chunks, shape, rng, bucket_rows, spill_dir) -> np.ndarray:
@@ -73,9 +73,29 @@ def test_streamed_analysis_matches_in_memory():
         assert ours[col] == pytest.approx(ref[col], rel=1e-9), col
     assert ours["num_spikes"] == ref["num_spikes"]
     assert ours["trap_entries"] == ref["trap_entries"]
+    planted = sorted(divmod(int(i), 200) for i in np.flatnonzero(w == 80.0))
+    assert [(e["row"], e["col"]) for e in ours["trap_entries"]] == planted  # ties: row, col
     assert ours["rand_num_spikes"] == ref["rand_num_spikes"] == 3
     assert ours["rand_bulk_max"] == pytest.approx(ref["rand_bulk_max"], rel=0.02)
     assert ours["rand_evals"].sum() == pytest.approx(ref["norm"], rel=1e-5)  # same entries
+
+
+def test_equal_entries_rank_by_row_then_column_on_both_routes():
+    """|w| descending, then row, then column: one order on every CPU and on both routes,
+    including ties cut at the boundary and equal |w| of opposite signs."""
+    from llm_audit.spectral.entries import EntryAccumulator, summarize
+
+    w = np.zeros((40, 8), np.float32)
+    w[[3, 3, 17, 30, 39], [5, 1, 0, 7, 2]] = [-2.0, 2.0, 2.0, -2.0, 2.0]
+    w[25, 4] = 3.0
+    want = [(25, 4), (3, 1), (3, 5), (17, 0)]
+    in_memory = summarize(w).top(4)
+    acc = EntryAccumulator()
+    for start in range(0, 40, 7):
+        acc.add(w[start : start + 7])
+    streamed = acc.summary().top(4)
+    assert [(e["row"], e["col"]) for e in in_memory] == want
+    assert streamed == in_memory
 
 
 def test_streamed_bad_input():
@@ -91,7 +111,7 @@ def test_streamed_bad_input():
 def test_embedding_streamed_from_a_checkpoint(tmp_path):
     folder = synth_gpt_oss(tmp_path / "m", SynthConfig(layers=1, vocab=4096))
     checkpoint = open_checkpoint(resolve_model(str(folder)))
-    unit = next(u for u in checkpoint.plan().units if u.kind == "embedding")
+    unit = next(u for u in checkpoint.plan(8).units if u.kind == "embedding")
     before = checkpoint.bytes_read
     streamed = analyze_streamed(
         lambda: checkpoint.iter_rows(unit, 1000), unit.shape, matrix_id=unit.id
@@ -103,18 +123,18 @@ def test_embedding_streamed_from_a_checkpoint(tmp_path):
 
 
 def test_analyze_unit_streams_only_large_tall_units(tmp_path):
-    from llm_audit.unit_analysis import analyze_units, streams
+    from llm_audit.run.units import analyze_units, streams
 
+    small = AnalysisSettings(memory_budget_mb=1, spill_dir=str(tmp_path))
     folder = synth_gpt_oss(tmp_path / "m", SynthConfig(layers=1, vocab=2048))
     checkpoint = open_checkpoint(resolve_model(str(folder)))
-    units = {u.kind: u for u in checkpoint.plan().units}
+    units = {u.kind: u for u in checkpoint.plan(8).units}
     embedding, expert = units["embedding"], units["expert_down"]
-    assert streams(embedding, 1 << 20) and not streams(expert, 1 << 20)
-    assert not streams(embedding)  # 2048 x 256 float32 is far below the default 512 MB
-    (row,) = analyze_units(
-        checkpoint, [embedding], stream_above_bytes=1 << 20, spill_dir=str(tmp_path)
-    )
+    assert streams(embedding, small) and not streams(expert, small)
+    # 2048 x 256 float32 is far below the default 512 MB
+    assert not streams(embedding, AnalysisSettings())
+    (row,) = analyze_units(checkpoint, [embedding], small)
     assert row["matrix"] == embedding.id and row["kind"] == "embedding"
     assert row["status"] == "ok" and row["tensor"] == "model.embed_tokens.weight"
-    (in_memory,) = analyze_units(checkpoint, [embedding])
+    (in_memory,) = analyze_units(checkpoint, [embedding], AnalysisSettings())
     assert row["alpha"] == pytest.approx(in_memory["alpha"], rel=1e-9)

@@ -1,8 +1,8 @@
 """The progress measures the anti-grokking paper compares correlation traps against.
 
 Why here and not in the audit: they need the model's forward pass and its training
-inputs, which the spectral audit deliberately never sees. Definitions follow
-shared/reference/grokking.md ("Other progress measures").
+inputs, which the spectral audit deliberately never sees. Definitions follow the
+anti-grokking paper's "other progress measures" (Prakash & Martin 2026).
 """
 
 from __future__ import annotations

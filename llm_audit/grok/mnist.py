@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AuditError
-from ..report import write_atomic
+from ..files import write_atomic
 
 DIGITS_LABEL = "sklearn-digits-8x8 (FALLBACK: not MNIST)"
 _ALLOWED = {

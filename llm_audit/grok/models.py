@@ -2,7 +2,7 @@
 
 Why named tensors: checkpoints are saved as safetensors and audited by the same pipeline
 as a large model, so each weight matrix must be one 2-D tensor under a readable name
-(`fc1.weight`, `W_Q`, ...). Shapes follow shared/reference/grokking.md.
+(`fc1.weight`, `W_Q`, ...). Shapes follow the paper's setups (configs/grok-*.yaml).
 """
 
 from __future__ import annotations

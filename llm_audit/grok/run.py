@@ -19,10 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .. import __version__
-from ..audit import connect
-from ..config import AuditConfig
 from ..errors import AuditError
-from ..report import write_atomic, write_json
+from ..files import write_atomic, write_json
+from ..run.cluster import connect
 from .plots import plot_timeline
 from .settings import GrokConfig
 from .tasks import build_task
@@ -137,7 +136,7 @@ def run_grok(
     write_json(run_file, run)
     import ray
 
-    started = connect(None, AuditConfig(seed=config.seed))
+    started = connect(None)
     try:
         rows = train(
             task,

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import read_yaml
 from ..errors import AuditError
+from ..inputs import read_yaml
 
 TASKS = ("mlp-mnist", "modadd")
 DTYPES = ("float32", "float64")

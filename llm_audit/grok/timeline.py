@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..audit import run_audit
-from ..config import AuditConfig
-from ..report import write_atomic
+from ..files import write_atomic
+from ..run.audit import run_audit
+from ..run.config import AuditConfig
 
 
 def layer_name(tensor: str) -> str:

@@ -23,9 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import AuditError
-from ..progress import stderr_progress
-from ..report import write_atomic
-from . import measures
+from ..files import write_atomic
+from ..grok import measures
+from ..run.progress import stderr_progress
 from .settings import GrokConfig
 from .tasks import Task
 

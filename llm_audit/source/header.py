@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointError
 from .dtypes import DTYPE_SIZES
-from .errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own MAX_HEADER_SIZE
 MAX_RANK = 16

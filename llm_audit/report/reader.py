@@ -13,8 +13,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from .errors import AuditError
-from .report import SCHEMA_VERSION
+from ..errors import ReportError
+from .schema import LAYERS_SCHEMA, READABLE_VERSIONS, conform
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,11 @@ def _json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise AuditError(f"{path.parent}: not a report folder (no {path.name})") from None
+        raise ReportError(f"{path.parent}: not a report folder (no {path.name})") from None
     except (OSError, json.JSONDecodeError) as err:
-        raise AuditError(f"{path}: unreadable ({err})") from None
+        raise ReportError(f"{path}: unreadable ({err})") from None
     if not isinstance(data, dict):
-        raise AuditError(f"{path}: not a JSON object")
+        raise ReportError(f"{path}: not a JSON object")
     return data
 
 
@@ -44,15 +44,16 @@ def load_report(folder: str | Path) -> Report:
     folder = Path(folder)
     manifest = _json(folder / "manifest.json")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise AuditError(
-            f"{folder}: report schema {version!r}, this llm-audit reads {SCHEMA_VERSION!r}"
+    if version not in READABLE_VERSIONS:
+        raise ReportError(
+            f"{folder}: report schema {version!r}, this llm-audit reads "
+            f"{', '.join(map(repr, READABLE_VERSIONS))}"
         )
     layers = folder / "layers.parquet"
     if not layers.is_file():
-        raise AuditError(
+        raise ReportError(
             f"{folder}: no layers.parquet (a run still going, or killed before "
             "its first result? --resume completes it)"
         )
-    rows = pq.read_table(layers).to_pylist()
+    rows = conform(pq.read_table(layers), LAYERS_SCHEMA).to_pylist()
     return Report(folder, rows, manifest, _json(folder / "summary.json"))

@@ -25,7 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import AuditError
+from ..errors import AuditError
+from . import mxfp4
+from .dtypes import FLOAT_DTYPES
 
 KINDS = (
     "q_proj",
@@ -40,9 +42,6 @@ KINDS = (
     "linear",
     "conv",
 )
-FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"})
-MXFP4_BYTES_PER_BLOCK = 16
-MXFP4_BLOCK = 32
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
 _BY_SUFFIX = (  # (name pattern, kind) for dense 2-D weights, first match wins
@@ -233,7 +232,7 @@ class _Planner:
         self, name: str, base: str, sep: str, dtype: str, shape: tuple[int, ...]
     ) -> None:
         scales = base + sep.replace("blocks", "scales")
-        if dtype != "U8" or len(shape) != 4 or shape[-1] != MXFP4_BYTES_PER_BLOCK:
+        if dtype != "U8" or len(shape) != 4 or shape[-1] != mxfp4.BYTES_PER_BLOCK:
             self.skip(
                 name, f"MXFP4 blocks must be U8 [E, rows, groups, 16], got {dtype} {list(shape)}"
             )
@@ -247,7 +246,7 @@ class _Planner:
                 f"got {meta.dtype} {list(meta.shape)}"
             )
         experts, rows, groups, _ = shape
-        per_expert = rows * groups * (MXFP4_BYTES_PER_BLOCK + 1)
+        per_expert = rows * groups * (mxfp4.BYTES_PER_BLOCK + 1)
         for e in range(experts):
             self.add(
                 MatrixUnit(
@@ -256,7 +255,7 @@ class _Planner:
                     _expert_kind(base),
                     _layer_of(name),
                     e,
-                    (rows, groups * MXFP4_BLOCK),
+                    (rows, groups * mxfp4.BLOCK),
                     "MXFP4",
                     per_expert,
                     "mxfp4",
@@ -335,7 +334,7 @@ def build_plan(
     tensors: Mapping[str, TensorMeta],
     config: Mapping[str, Any] | None = None,
     *,
-    min_evals: int = 8,
+    min_evals: int,
 ) -> Plan:
     """Map every tensor (name -> dtype and shape) to audit units or a skip reason.
 

@@ -5,8 +5,9 @@ them; transformers dequantizes them only while building a whole model. Here one 
 slice is decoded alone, with two table lookups per byte, into float32 — exact, since every
 FP4 value times a power of two in range is a float32.
 
-Layout (shared/reference/gpt-oss-format.md): `blocks[*P, G, 16]` uint8 holds 32 elements
-per group, low nibble first; `scales[*P, G]` uint8 is the group's exponent + 127.
+Layout (gpt-oss's safetensors, as transformers' MXFP4 loader reads it):
+`blocks[*P, G, 16]` uint8 holds 32 elements per group, low nibble first; `scales[*P, G]`
+uint8 is the group's exponent + 127.
 Scale byte 255 is NaN in E8M0 (OCP MX spec); the reference decoders do not special-case
 it, so a checkpoint containing it is treated as corrupt rather than silently decoded.
 """
@@ -14,6 +15,8 @@ it, so a checkpoint containing it is treated as corrupt rather than silently dec
 from __future__ import annotations
 
 import numpy as np
+
+from ..errors import DecodeError
 
 FP4_VALUES = np.array(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
@@ -29,25 +32,21 @@ with np.errstate(over="ignore"):  # byte 255 -> inf here; it is rejected before 
     _SCALES = np.ldexp(1.0, np.arange(256) - 127).astype(np.float32)
 
 
-class MXFP4Error(ValueError):
-    """MXFP4 blocks and scales that cannot be decoded."""
-
-
 def decode_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """float32 [*P, G*32] from uint8 blocks [*P, G, 16] and scales [*P, G]."""
     if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
-        raise MXFP4Error(
+        raise DecodeError(
             f"MXFP4 blocks and scales must be uint8, got {blocks.dtype}, {scales.dtype}"
         )
     if blocks.ndim < 2 or blocks.shape[-1] != BYTES_PER_BLOCK or blocks.shape[:-1] != scales.shape:
-        raise MXFP4Error(
+        raise DecodeError(
             f"MXFP4 blocks {list(blocks.shape)} do not match scales {list(scales.shape)} "
             f"(want blocks [..., G, 16] and scales [..., G])"
         )
     bad = np.flatnonzero(scales == SCALE_NAN)
     if bad.size:
         where = tuple(int(i) for i in np.unravel_index(bad[0], scales.shape))
-        raise MXFP4Error(f"MXFP4 scale byte 255 (NaN in E8M0) at {list(where)}, {bad.size} in all")
+        raise DecodeError(f"MXFP4 scale byte 255 (NaN in E8M0) at {list(where)}, {bad.size} in all")
     out = _PAIRS[blocks]  # [*P, G, 16, 2]: low nibble is the even element
     with np.errstate(over="ignore"):  # 6 x 2^127 is inf, as in the reference decoders
         out *= _SCALES[scales][..., None, None]
@@ -64,7 +63,7 @@ def encode_mxfp4(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     dense = np.asarray(dense, dtype=np.float32)
     if dense.shape[-1] % BLOCK:
-        raise MXFP4Error(f"last dimension {dense.shape[-1]} is not a multiple of {BLOCK}")
+        raise DecodeError(f"last dimension {dense.shape[-1]} is not a multiple of {BLOCK}")
     groups = dense.reshape(*dense.shape[:-1], dense.shape[-1] // BLOCK, BLOCK)
     amax = np.abs(groups).max(axis=-1)
     with np.errstate(divide="ignore"):

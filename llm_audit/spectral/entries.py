@@ -33,10 +33,17 @@ class EntrySummary:
 
 
 def _largest_abs_index(matrix: np.ndarray, count: int) -> np.ndarray:
-    """Flat indices of the `count` largest |w|, largest first."""
+    """Flat indices of the `count` largest |w|: |w| descending, then row, then column.
+
+    A total order, so equal entries come out the same on every CPU (argpartition's tie
+    order depends on its SIMD path) and in the streamed route (`EntryAccumulator`).
+    """
     flat = np.abs(matrix.ravel())
-    top = np.argpartition(flat, flat.size - count)[-count:]
-    return top[np.argsort(-flat[top], kind="stable")]
+    cut = flat[np.argpartition(flat, flat.size - count)[flat.size - count]]
+    above = np.flatnonzero(flat > cut)  # ascending flat index = row, then column
+    ties = np.flatnonzero(flat == cut)[: count - above.size]
+    top = np.concatenate([above, ties])
+    return top[np.lexsort((top, -flat[top]))]
 
 
 def largest_abs(matrix: np.ndarray, count: int) -> np.ndarray:
@@ -53,6 +60,11 @@ def _entries(matrix: np.ndarray, count: int, row_offset: int = 0) -> list[dict[s
         {"row": int(r) + row_offset, "col": int(c), "value": float(matrix[r, c])}
         for r, c in zip(rows, cols, strict=True)
     ]
+
+
+def _rank(entry: dict[str, Any]) -> tuple[float, int, int]:
+    """The order of `_largest_abs_index`: |w| descending, then row, then column."""
+    return (-abs(entry["value"]), entry["row"], entry["col"])
 
 
 def _moments(flat: np.ndarray) -> tuple[int, float, float, float, float]:
@@ -108,7 +120,7 @@ class EntryAccumulator:
         self.m2 += m2b + delta**2 * na * nb / n
         self.m3, self.m4, self.mean, self.n = m3, m4, self.mean + delta * nb / n, n
         merged = self.top + _entries(chunk, MAX_TRAP_ENTRIES, self.rows_seen)
-        self.top = sorted(merged, key=lambda e: -abs(e["value"]))[:MAX_TRAP_ENTRIES]
+        self.top = sorted(merged, key=_rank)[:MAX_TRAP_ENTRIES]
         self.rows_seen += chunk.shape[0]
 
     def summary(self) -> EntrySummary:

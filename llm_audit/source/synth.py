@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .errors import AuditError
+from ..errors import AuditError
 from .mxfp4 import encode_mxfp4
 
 INIT_STD = 0.02
@@ -229,3 +229,19 @@ def _write_shards(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> N
             total += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# The bundled demo model (`llm-audit demo`, `make demo`): the main job must run on a fresh
+# machine with no download, on a model whose truth is known, so the Ray audit must report
+# traps in exactly these matrices and nowhere else.
+PLANTED = {
+    "model.layers.1.mlp.experts.down_proj[5]": 4,
+    "model.layers.0.mlp.experts.gate_up_proj[2]": 2,
+    "model.layers.1.self_attn.o_proj.weight": 3,
+}
+BUNDLED = SynthConfig(seed=2026, traps=PLANTED)
+
+
+def write_bundled_model(folder: str | Path) -> Path:
+    """Write the bundled model (byte-identical on every machine) into `folder`."""
+    return synth_gpt_oss(folder, BUNDLED)

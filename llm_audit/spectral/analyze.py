@@ -15,7 +15,7 @@ errors and raise.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,15 +25,13 @@ from scipy.spatial.distance import jensenshannon
 from .backends import Backend, NumpyBackend, gram_upper, select_backend
 from .columns import COLUMN_NAMES
 from .entries import EntryAccumulator, EntrySummary, largest_abs, summarize
-from .mp_fit import MPFit, fit_mp, mp_edge_from_entries
-from .powerlaw_fit import EVALS_THRESH, fit_powerlaw
-from .shuffle import shuffle_generator, shuffled
-from .stream import BucketShuffle
+from .marchenko_pastur import MPFit, fit_mp, mp_edge_from_entries
+from .powerlaw import EVALS_THRESH, fit_powerlaw
+from .settings import AnalysisSettings
+from .shuffle import BucketShuffle, shuffle_generator, shuffled
 
-MIN_EVALS = 8  # WeightWatcher's DEFAULT_MIN_EVALS
 SMALL_ESD = 100  # below this many eigenvalues WeightWatcher pools 5 shuffles
 SMALL_ESD_REPLICAS = 5
-RAND_ROUTES = ("full", "topk")
 TOPK_START = 16
 OVER_TRAINED, UNDER_TRAINED = 2.0, 6.0
 
@@ -83,7 +81,9 @@ def _prepare(matrix: Any, min_evals: int) -> _Prepared:
     return _Prepared(arr, oriented, "ok", "")
 
 
-def _empty_row(seed: int, matrix_id: str, backend: str, rand_route: str) -> dict[str, Any]:
+def _empty_row(seed: int, matrix_id: str, backend: str | None, rand_route: str) -> dict[str, Any]:
+    """A row before any eigenvalue: `backend` names the one that computes them (None for a
+    matrix refused or skipped before its ESD)."""
     row: dict[str, Any] = dict.fromkeys(COLUMN_NAMES)
     row.update(seed=seed, matrix_id=matrix_id, backend=backend, rand_route=rand_route)
     row.update(trap_evals=[], trap_entries=[], warning="", status="ok", reason="")
@@ -149,16 +149,12 @@ def _stack(matrices: list[np.ndarray]) -> np.ndarray:
 class _Analyzer:
     """Holds the run settings; turns stacks of same-shape matrices into rows."""
 
-    def __init__(
-        self, backend: Backend, randomize: bool, seed: int, rand_route: str, min_evals: int
-    ) -> None:
-        if rand_route not in RAND_ROUTES:
-            raise ValueError(f"rand_route must be one of {RAND_ROUTES}, got {rand_route!r}")
+    def __init__(self, backend: Backend, settings: AnalysisSettings) -> None:
         self.backend = backend
-        self.randomize = randomize
-        self.seed = seed
-        self.rand_route = rand_route
-        self.min_evals = min_evals
+        self.randomize = settings.randomize
+        self.seed = settings.seed
+        self.rand_route = settings.rand_route
+        self.min_evals = settings.min_evals
 
     def rows(
         self, prepared: Sequence[_Prepared], ids: Sequence[str], keep_spectra: bool
@@ -282,43 +278,49 @@ class _Analyzer:
             k = min(2 * k, m - 1)
 
 
+def _settings(settings: AnalysisSettings | None, options: dict[str, Any]) -> AnalysisSettings:
+    return replace(settings or AnalysisSettings(), **options)
+
+
 def analyze_batch(
     matrices: Iterable[Any],
     *,
-    randomize: bool = True,
-    seed: int = 0,
     matrix_ids: Sequence[str] | None = None,
+    settings: AnalysisSettings | None = None,
     backend: Backend | str | None = None,
-    rand_route: str = "full",
-    min_evals: int = MIN_EVALS,
     batch_size: int | None = None,
     keep_spectra: bool = False,
+    **options: Any,
 ) -> list[dict[str, Any]]:
     """Analyze many matrices; same-shape ones go to the backend as one stack.
 
+    Settings come from `settings`, updated by `options` (any `AnalysisSettings` field:
+    seed, randomize, rand_route, min_evals, ...); `backend` may also be a `Backend`.
     Returns one mapping per matrix, in input order, keyed by report column names (plus,
     when `keep_spectra`, `evals` and `rand_evals`: the shuffled eigenvalues the trap count
     was computed from — 5 pooled shuffles below 100 eigenvalues, the top-k in that route).
-    `batch_size` caps a stack; the default is 1 on the host (memory one matrix deep) and 32
-    on a GPU (a layer's experts).
+    `batch_size` caps a stack; the default is 1 on the host (memory one matrix deep) and
+    `gpu_batch_size` on a GPU (a layer's experts).
     """
+    if isinstance(backend, str):
+        options["backend"] = backend
+    cfg = _settings(settings, options)
     mats = list(matrices)
     ids = list(matrix_ids) if matrix_ids is not None else [str(i) for i in range(len(mats))]
     if len(ids) != len(mats):
         raise ValueError(f"{len(mats)} matrices but {len(ids)} matrix_ids")
-    be = select_backend(backend) if backend is None or isinstance(backend, str) else backend
-    if batch_size is None:
-        batch_size = 32 if be.name in ("cuda", "cupy") else 1
-    analyzer = _Analyzer(be, randomize, seed, rand_route, min_evals)
+    be = select_backend(cfg.backend) if backend is None or isinstance(backend, str) else backend
+    batch_size = batch_size or cfg.batch_size(be.name)
+    analyzer = _Analyzer(be, cfg)
     rows: list[dict[str, Any] | None] = [None] * len(mats)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, matrix in enumerate(mats):
-        prep = _prepare(matrix, min_evals)
+        prep = _prepare(matrix, cfg.min_evals)
         mats[i] = prep
         if prep.status == "ok":
             groups.setdefault(prep.oriented.shape, []).append(i)
         else:
-            row = _empty_row(seed, ids[i], be.name, rand_route)
+            row = _empty_row(cfg.seed, ids[i], None, cfg.rand_route)
             row.update(status=prep.status, reason=prep.reason)
             rows[i] = row
     for members in groups.values():
@@ -333,28 +335,25 @@ def analyze_batch(
 def analyze_matrix(
     matrix: Any,
     *,
-    randomize: bool = True,
-    seed: int = 0,
     matrix_id: str = "",
+    settings: AnalysisSettings | None = None,
     backend: Backend | str | None = None,
-    rand_route: str = "full",
-    min_evals: int = MIN_EVALS,
     keep_spectra: bool = False,
+    **options: Any,
 ) -> Mapping[str, Any]:
     """HTSR metrics, MP fit and correlation traps of one 2-D matrix (numpy or torch).
 
     `seed` and `matrix_id` fix the shuffle; `rand_route="topk"` finds traps with a
     Lanczos top-k solve instead of the full shuffled ESD (see README for when it agrees).
+    Other settings as in `analyze_batch`.
     """
     return analyze_batch(
         [matrix],
-        randomize=randomize,
-        seed=seed,
         matrix_ids=[matrix_id],
+        settings=settings,
         backend=backend,
-        rand_route=rand_route,
-        min_evals=min_evals,
         keep_spectra=keep_spectra,
+        **options,
     )[0]
 
 
@@ -362,39 +361,39 @@ def analyze_streamed(
     chunks: Callable[[], Iterable[Any]],
     shape: tuple[int, int],
     *,
-    randomize: bool = True,
-    seed: int = 0,
     matrix_id: str = "",
-    min_evals: int = MIN_EVALS,
+    settings: AnalysisSettings | None = None,
     rows_per_bucket: int = 16384,
-    spill_dir: str | None = None,
     keep_spectra: bool = False,
+    **options: Any,
 ) -> Mapping[str, Any]:
     """`analyze_matrix` for a tall matrix read in row chunks (rows >= columns), never whole.
 
     `chunks()` must yield the matrix's rows in order; it is called once: the same pass
     feeds W's Gram, the entry statistics and the shuffle's bucketing, so the matrix is
     read once. Memory is one chunk, two (columns x columns) Grams and one shuffle bucket
-    of `rows_per_bucket` rows; the shuffle spills one float32 copy to disk (see
-    `llm_audit.stream`). Numbers equal the in-memory route's except the shuffle's
-    permutation, which the streamed algorithm draws differently from the same seed.
+    of `rows_per_bucket` rows; the shuffle spills one float32 copy to `spill_dir` (see
+    `llm_audit.spectral.shuffle`). Numbers equal the in-memory route's except the
+    shuffle's permutation, which the streamed algorithm draws differently from the same
+    seed. Always on the host (numpy), whatever `backend` says, and always the full route.
     """
+    cfg = replace(_settings(settings, options), backend="numpy", rand_route="full")
     rows, cols = shape
     if rows < cols:
         raise ValueError(f"streamed analysis needs rows >= columns, got {rows}x{cols}")
     backend = NumpyBackend()
-    analyzer = _Analyzer(backend, randomize, seed, "full", min_evals)
-    row = _empty_row(seed, matrix_id, backend.name, "full")
-    if cols < min_evals:
+    analyzer = _Analyzer(backend, cfg)
+    row = _empty_row(cfg.seed, matrix_id, None, "full")  # for a refusal before the ESD
+    if cols < cfg.min_evals:
         row.update(
             status="skipped",
-            reason=f"shape {rows}x{cols} gives {cols} eigenvalues, fewer than {min_evals}",
+            reason=f"shape {rows}x{cols} gives {cols} eigenvalues, fewer than {cfg.min_evals}",
         )
         return row
-    replicas = (SMALL_ESD_REPLICAS if cols < SMALL_ESD else 1) if randomize else 0
-    rng = shuffle_generator(seed, matrix_id)
+    replicas = (SMALL_ESD_REPLICAS if cols < SMALL_ESD else 1) if cfg.randomize else 0
+    rng = shuffle_generator(cfg.seed, matrix_id)
     shuffles = [
-        BucketShuffle(shape, rng, bucket_rows=rows_per_bucket, spill_dir=spill_dir)
+        BucketShuffle(shape, rng, bucket_rows=rows_per_bucket, spill_dir=cfg.spill_dir)
         for _ in range(replicas)
     ]
     try:

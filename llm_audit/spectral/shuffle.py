@@ -1,6 +1,13 @@
-"""An exact uniform shuffle of a matrix too large to hold, streamed in row chunks.
+"""Seeded element shuffles: the randomized copy of W whose outlier eigenvalues are traps.
 
-Why: the shuffled ESD of a 201088 x 2880 embedding needs a uniformly random permutation of
+Why seeded per matrix: WeightWatcher shuffles with numpy's global, unseeded generator, so
+two runs disagree on the trap count of a borderline matrix. Here each matrix gets its own
+generator from (run seed, matrix id), so a report is reproducible whatever order, worker
+or node computed it. The permutation is always drawn on the host with numpy's PCG64, so
+CPU and GPU backends shuffle identically.
+
+Streamed (`BucketShuffle`): an exact uniform shuffle of a matrix too large to hold. The
+shuffled ESD of a 201088 x 2880 embedding needs a uniformly random permutation of
 its 579 M entries, 2.3 GB as float32 — more than the memory bound of a worker. Two passes
 give exactly the same distribution as `rng.permutation` with one chunk and one bucket in
 memory at a time:
@@ -19,12 +26,25 @@ copy of the matrix; they are removed by `close` (or leaving the `with` block).
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+
+
+def shuffle_generator(seed: int, matrix_id: str) -> np.random.Generator:
+    """Generator for one matrix's shuffles, fixed by the run seed and the matrix id."""
+    digest = hashlib.blake2b(matrix_id.encode("utf-8"), digest_size=8).digest()
+    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF, int.from_bytes(digest, "little")]
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+def shuffled(matrix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A copy of `matrix` with all its entries uniformly permuted (same shape)."""
+    return rng.permutation(matrix.ravel()).reshape(matrix.shape)
 
 
 class BucketShuffle:

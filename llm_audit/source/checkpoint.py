@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CheckpointError, DecodeError
 from .dtypes import DTYPE_SIZES, decode
-from .errors import CheckpointError
-from .model_ref import ResolvedModel, load_json_file
-from .mxfp4 import MXFP4Error, decode_mxfp4
+from .header import Header, TensorInfo, read_header, read_tensor_bytes
+from .mxfp4 import decode_mxfp4
 from .plan import MatrixUnit, Plan, build_plan
-from .safetensors_header import Header, TensorInfo, read_header, read_tensor_bytes
+from .reference import ResolvedModel, load_json_file
 
 MAX_CONFIG_BYTES = 4 * 2**20
 
@@ -42,7 +42,7 @@ class Checkpoint:
         """Every tensor's header entry (name, dtype, shape, absolute offsets)."""
         return {name: self.headers[path].tensors[name] for name, path in self.where.items()}
 
-    def plan(self, *, min_evals: int = 8) -> Plan:
+    def plan(self, min_evals: int) -> Plan:
         """The audit plan of this checkpoint (see `llm_audit.plan`)."""
         return build_plan(self.tensors, self.config, min_evals=min_evals)
 
@@ -64,7 +64,7 @@ class Checkpoint:
         path, info = self._info(unit.tensor)
         try:
             return self._decode(unit, info)
-        except (ValueError, MXFP4Error) as err:
+        except (ValueError, DecodeError) as err:
             raise CheckpointError(path, str(err), unit.tensor) from None
 
     def iter_rows(self, unit: MatrixUnit, rows_per_chunk: int) -> Iterator[np.ndarray]:

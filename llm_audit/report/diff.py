@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import AuditError
-from .report_read import Report
+from ..errors import AuditError
+from .reader import Report
 
 COMPARED = (
     "alpha",

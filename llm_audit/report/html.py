@@ -38,12 +38,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
-from .columns import COLUMNS
+from .. import __version__
+from ..errors import AuditError
+from ..files import write_atomic
 from .diff import COMPARED, diff_reports
-from .errors import AuditError
-from .report import LAYERS_SCHEMA, write_atomic
-from .report_read import Report, load_report
+from .reader import Report, load_report
+from .schema import LAYERS_SCHEMA, REPORT_COLUMNS
 
 TOP = 32  # largest eigenvalues kept per spectrum
 MAX_TRAPS = 256  # trap eigenvalues and entries kept per matrix
@@ -52,18 +52,6 @@ MIN_BINS = 8
 TABLE_DIGITS = 6  # significant digits of the numbers in the table rows
 SPECTRUM_DIGITS = 5  # ... and of the eigenvalues kept
 
-UNIT_MEANINGS = {
-    "matrix": "Unit id: the tensor name, with [expert] or a slice suffix where one tensor "
-    "holds several matrices.",
-    "tensor": "Name of the checkpoint tensor the matrix comes from.",
-    "kind": "Role of the matrix (q_proj, expert_down, embedding, ...), from its name.",
-    "layer": "Transformer block index, when the name has one.",
-    "expert": "Expert index within an MoE tensor.",
-    "source_dtype": "Storage dtype in the checkpoint.",
-    "error": "The error message when status is 'error'.",
-    "seconds": "Time spent on this matrix.",
-    "node": "Ray node that computed it.",
-}
 _SCALAR_FIELDS = [f.name for f in LAYERS_SCHEMA if not pa.types.is_list(f.type)]
 _JS_UNSAFE = {
     ord("<"): "\\u003c",
@@ -187,7 +175,7 @@ def build_payload(report: Report, base: Report | None = None) -> dict[str, Any]:
             "rendered_by": f"llm-audit {__version__}",
         },
         "summary": report.summary,
-        "columns": {**UNIT_MEANINGS, **{name: meaning for name, (_, meaning) in COLUMNS.items()}},
+        "columns": {name: meaning for name, (_, meaning) in REPORT_COLUMNS.items()},
         "rows": {
             name: [_round(row.get(name), TABLE_DIGITS) for row in report.rows]
             for name in _SCALAR_FIELDS
@@ -198,7 +186,7 @@ def build_payload(report: Report, base: Report | None = None) -> dict[str, Any]:
 
 
 def _asset(name: str) -> str:
-    return resources.files("llm_audit").joinpath("html", name).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def _hash(source: str) -> str:

@@ -4,7 +4,7 @@ Why tasks and not Ray Data: each unit's status, retries, GPU batching by shape a
 resume-by-matrix must be under our control, and results must land in the report as they
 arrive. Measured here, Ray Data's from_items/map/write_parquet took 3.95 s and wrote 64
 files for 64 items against 0.33 s for tasks + `ray.wait` + pyarrow, and has no natural
-partial resume (shared/reference/ray-and-compute.md). So: the driver plans from headers
+partial resume. So: the driver plans from headers
 only, submits tasks (names and offsets, never weights; each worker reads its own bytes
 from the checkpoint path), keeps a bounded number in flight, and writes each finished
 task as a report part (`llm_audit.report`).
@@ -19,7 +19,6 @@ be read or analyzed is a row with status=error; a task that still fails, or runs
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import sys
@@ -30,18 +29,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .checkpoint import Checkpoint, open_checkpoint
+from .. import __version__
+from ..errors import AuditError
+from ..files import write_json
+from ..report.schema import SCHEMA_VERSION, failure_row
+from ..report.writer import ReportWriter
+from ..source.checkpoint import Checkpoint, open_checkpoint
+from ..source.plan import MatrixUnit
+from ..source.reference import ResolvedModel, resolve_model
+from ..spectral.settings import AnalysisSettings
+from .cluster import check_nodes, connect
 from .config import AuditConfig
-from .errors import AuditError
-from .model_ref import ResolvedModel, resolve_model
-from .plan import MatrixUnit
 from .progress import stderr_progress
-from .report import SCHEMA_VERSION, ReportWriter, write_json
-from .unit_analysis import analyze_units
+from .units import analyze_units
 
-OBJECT_STORE_BYTES = 256 * 2**20
-FAULT_ENV = "LLM_AUDIT_FAULT_KILL_ONCE"  # test hook: "UNIT_ID|MARKER": die once on that unit
+ERRORS_LOG = "errors.log"  # the full traceback of every bug, beside the report
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task name in its tracebacks
 
 
 @dataclass(frozen=True)
@@ -91,27 +94,15 @@ def _worker_checkpoint(model: ResolvedModel) -> Checkpoint:
     return _CHECKPOINTS[key]
 
 
-def _inject_fault(units: list[MatrixUnit]) -> None:
-    """Kill this worker once when asked to, so tests can prove tasks are retried."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    unit_id, _, marker = spec.partition("|")
-    if any(u.id == unit_id for u in units) and not os.path.exists(marker):
-        Path(marker).write_text(str(os.getpid()))
-        os._exit(1)
-
-
 def run_task(
-    model: ResolvedModel, units: list[MatrixUnit], settings: dict[str, Any]
+    model: ResolvedModel, units: list[MatrixUnit], settings: AnalysisSettings
 ) -> tuple[list[dict[str, Any]], int]:
     """Body of one Ray task: read and analyze `units` on this worker; rows and bytes read."""
     import ray
 
-    _inject_fault(units)
     checkpoint = _worker_checkpoint(model)
     before = checkpoint.bytes_read
-    rows = analyze_units(checkpoint, units, keep_spectra=True, **settings)
+    rows = analyze_units(checkpoint, units, settings, keep_spectra=True)
     context = ray.get_runtime_context()
     node = f"{ray.util.get_node_ip_address()}/{context.get_node_id()[:12]}"
     for row in rows:
@@ -119,99 +110,36 @@ def run_task(
     return rows, checkpoint.bytes_read - before
 
 
-def check_files(files: list[tuple[str, int, str]]) -> tuple[str, list[str]]:
-    """Body of the per-node check: which checkpoint files this node lacks or sees differently."""
-    import ray
-
-    from .safetensors_header import read_header
-
-    problems = []
-    for path, size, digest in files:
-        try:
-            header = read_header(path)
-        except AuditError as err:
-            problems.append(str(err))
-            continue
-        if header.file_size != size or header.header_sha256 != digest:
-            problems.append(f"{path}: differs from the driver's copy")
-    return ray.get_runtime_context().get_node_id(), problems
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
 
 
-def connect(address: str | None, config: AuditConfig) -> bool:
-    """Join the given (or $RAY_ADDRESS) cluster, or start a local one; True if started.
-
-    Where Ray is already initialized (a caller auditing many checkpoints in one session,
-    as `llm-audit grok` does), it is used as it is, and left running.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return False
-    # "local": a new cluster of our own. Without it ray.init() attaches to whatever local
-    # cluster was started last (another audit, a grok run), and our sizing is refused.
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=OBJECT_STORE_BYTES,
-    )
-    return True
-
-
-def _check_nodes(checkpoint: Checkpoint) -> None:
-    """Every alive node must read the same checkpoint files at the same paths."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    files = [(str(p), h.file_size, h.header_sha256) for p, h in checkpoint.headers.items()]
-    remote = ray.remote(num_cpus=0)(check_files)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    refs = [
-        remote.options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote(files)
-        for n in nodes
-    ]
-    for node, (node_id, problems) in zip(nodes, ray.get(refs, timeout=300), strict=True):
-        if problems:
-            name = node.get("NodeManagerAddress", node_id)
-            raise AuditError(
-                f"node {name} ({node_id[:12]}) cannot read the checkpoint at the "
-                f"same path: {problems[0]}"
-            )
-
-
-def _error_rows(units: list[MatrixUnit], message: str, seed: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "matrix": u.id,
-            "tensor": u.tensor,
-            "kind": u.kind,
-            "layer": u.layer,
-            "expert": u.expert,
-            "source_dtype": u.source_dtype,
-            "status": "error",
-            "reason": message,
-            "error": message,
-            "seed": seed,
-            "matrix_id": u.id,
-        }
-        for u in units
-    ]
+def _bug_rows(
+    folder: Path, units: list[MatrixUnit], err: Exception, config: AuditConfig
+) -> list[dict[str, Any]]:
+    """Error rows for a task whose analysis raised; its full traceback goes to errors.log."""
+    cause = getattr(err, "cause", None) or err
+    with (folder / ERRORS_LOG).open("a") as log:
+        log.write(f"== {_now()} bug in the task for {', '.join(u.id for u in units)}\n")
+        trace = getattr(err, "traceback_str", "") or str(err)
+        log.write(_ANSI.sub("", trace).rstrip() + "\n\n")
+    message = f"bug: {type(cause).__name__}: {_first_line(cause)} (traceback in {ERRORS_LOG})"
+    return [failure_row(u, message, "bug", config) for u in units]
 
 
 def _summary(table: Any, planned: int) -> dict[str, Any]:
-    rows = table.select(["kind", "status", "alpha", "rand_num_spikes", "warning"]).to_pylist()
+    columns = ["kind", "status", "error_kind", "alpha", "rand_num_spikes", "warning"]
+    rows = table.select(columns).to_pylist()
     by_kind: dict[str, list[float]] = {}
     for r in rows:
         if r["alpha"] is not None:
             by_kind.setdefault(r["kind"], []).append(r["alpha"])
     traps = [r["rand_num_spikes"] or 0 for r in rows]
+    failed: dict[str, int] = {}
+    for r in rows:
+        if r["status"] == "error":
+            failed[r["error_kind"] or "data"] = failed.get(r["error_kind"] or "data", 0) + 1
     warnings: dict[str, int] = {}
     for r in rows:
         if r["warning"]:
@@ -222,6 +150,8 @@ def _summary(table: Any, planned: int) -> dict[str, Any]:
         "audited": sum(r["status"] == "ok" for r in rows),
         "skipped": sum(r["status"] == "skipped" for r in rows),
         "failed": sum(r["status"] == "error" for r in rows),
+        "failed_by_kind": failed,
+        "bugs": failed.get("bug", 0),
         "matrices_with_traps": sum(t > 0 for t in traps),
         "total_traps": sum(traps),
         "mean_alpha_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
@@ -252,7 +182,7 @@ def run_audit(
         )
     model = resolve_model(reference, revision)
     checkpoint = open_checkpoint(model)
-    units = _select(checkpoint.plan(min_evals=config.min_evals).units, config)
+    units = _select(checkpoint.plan(config.min_evals).units, config)
     timings = {"plan_s": round(time.perf_counter() - t0, 3)}
     writer = ReportWriter(out)
     done = writer.done() if resume else set()
@@ -284,7 +214,7 @@ def run_audit(
 
     stats = {"bytes_read": 0, "bytes_on_disk": checkpoint.bytes_on_disk()}
     t1 = time.perf_counter()
-    started_local = connect(address, config)
+    started_local = connect(address)
     timings["connect_s"] = round(time.perf_counter() - t1, 3)
     status = "failed"
     try:
@@ -293,7 +223,7 @@ def run_audit(
             "resources": ray.cluster_resources(),
         }
         if not started_local:
-            _check_nodes(checkpoint)
+            check_nodes(checkpoint)
         t2 = time.perf_counter()
         status = _run_tasks(model, todo, config, writer, quiet, stats)
         timings["compute_s"] = round(time.perf_counter() - t2, 3)
@@ -345,16 +275,7 @@ def _run_tasks(
     if gpus:
         slots = max(1, int(resources["GPU"] // config.gpus_per_task))
     in_flight = config.max_in_flight or 2 * slots
-    settings = {
-        "seed": config.seed,
-        "randomize": config.randomize,
-        "backend": None if config.backend == "auto" else config.backend,
-        "rand_route": config.rand_route,
-        "min_evals": config.min_evals,
-        "stream_above_bytes": config.memory_budget_mb * 2**20,
-        "spill_dir": config.spill_dir,
-        "batch_size": config.gpu_batch_size if gpus else 1,
-    }
+    settings = config.analysis()
     task = ray.remote(run_task).options(**options)
     model_ref = ray.put(model)
     queue = deque(_tasks(todo, config, gpus))
@@ -371,9 +292,11 @@ def _run_tasks(
             try:
                 rows, nbytes = ray.get(ref)
                 stats["bytes_read"] += nbytes
-            except Exception as err:  # noqa: BLE001 - a task that failed after its retries
-                message = f"task failed: {type(err).__name__}: {str(err).splitlines()[0]}"
-                rows = _error_rows(units, message, config.seed)
+            except ray.exceptions.RayTaskError as err:  # the analysis raised: a bug
+                rows = _bug_rows(writer.folder, units, err, config)
+            except ray.exceptions.RayError as err:  # the worker died, after its retries
+                message = f"task failed: {type(err).__name__}: {_first_line(err)}"
+                rows = [failure_row(u, message, "task", config) for u in units]
             writer.add(rows)
             finished += len(units)
         now = time.monotonic()
@@ -381,9 +304,8 @@ def _run_tasks(
             if now - since > config.task_timeout_s:
                 ray.cancel(ref, force=True)
                 del pending[ref]
-                writer.add(
-                    _error_rows(units, f"task ran past {config.task_timeout_s:g} s", config.seed)
-                )
+                message = f"task ran past {config.task_timeout_s:g} s"
+                writer.add([failure_row(u, message, "timeout", config) for u in units])
                 finished += len(units)
         if progress:
             progress(finished, len(todo))

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from .config import read_yaml
-from .errors import AuditError
-from .report_read import Report
+from ..errors import AuditError
+from ..inputs import read_yaml
+from .reader import Report
 
 RULE_KEYS = {
     "max_traps_per_matrix": "int",

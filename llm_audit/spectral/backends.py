@@ -25,12 +25,11 @@ import scipy.linalg
 from scipy.linalg.blas import dsyrk, ssyrk
 from scipy.sparse.linalg import eigsh
 
+from ..errors import BackendError
+
 GRAM_ROW_CHUNK = 16384  # rows upcast to float64 at a time when forming a Gram
 BACKEND_NAMES = ("auto", "numpy", "torch", "cuda", "cupy")
-
-
-class BackendError(RuntimeError):
-    """A requested backend is not available on this machine."""
+GPU_BACKENDS = ("cuda", "cupy")
 
 
 class Backend(Protocol):
@@ -202,7 +201,8 @@ def _cupy_available() -> bool:
 
 def select_backend(name: str | None = None) -> Backend:
     """Return a backend by name; "auto" (default, or $LLM_AUDIT_BACKEND) picks the GPU if any."""
-    name = name or os.environ.get("LLM_AUDIT_BACKEND") or "auto"
+    if name in (None, "auto"):
+        name = os.environ.get("LLM_AUDIT_BACKEND") or "auto"
     if name not in BACKEND_NAMES:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "auto":

@@ -6,83 +6,23 @@ name, then renamed: a part is complete or absent), so an interrupted run leaves 
 partial report and `--resume` knows exactly which matrices are done. `finalize` merges
 the parts, in plan order, into `layers.parquet` and `spectra.parquet` (atomically too).
 
-Schema (version `SCHEMA_VERSION`, in every file's metadata and in the manifest):
-- layers.parquet: one row per matrix: `matrix, tensor, kind, layer, expert, source_dtype`,
-  every `analyze_matrix` column (llm_audit.columns), and `error, seconds, node`;
+Schema (`llm_audit.report.schema`, its version in every file's metadata and the manifest):
+- layers.parquet: one row per matrix, every column of `REPORT_COLUMNS`;
 - spectra.parquet: `matrix, evals, rand_evals` (eigenvalues of W and of its shuffle).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .columns import COLUMNS
-
-SCHEMA_VERSION = "1"
-_ARROW = {
-    "int": pa.int64(),
-    "float": pa.float64(),
-    "str": pa.string(),
-    "list<float>": pa.list_(pa.float64()),
-    "list<entry>": pa.list_(
-        pa.struct([("row", pa.int64()), ("col", pa.int64()), ("value", pa.float64())])
-    ),
-}
-UNIT_FIELDS = [
-    pa.field("matrix", pa.string(), nullable=False),
-    pa.field("tensor", pa.string()),
-    pa.field("kind", pa.string()),
-    pa.field("layer", pa.int64()),
-    pa.field("expert", pa.int64()),
-    pa.field("source_dtype", pa.string()),
-]
-RUN_FIELDS = [
-    pa.field("error", pa.string()),
-    pa.field("seconds", pa.float64()),
-    pa.field("node", pa.string()),
-]
-_META = {b"llm_audit_schema": SCHEMA_VERSION.encode()}
-LAYERS_SCHEMA = pa.schema(
-    UNIT_FIELDS + [pa.field(n, _ARROW[t]) for n, (t, _) in COLUMNS.items()] + RUN_FIELDS,
-    metadata=_META,
-)
-SPECTRA_SCHEMA = pa.schema(
-    [
-        pa.field("matrix", pa.string(), nullable=False),
-        pa.field("evals", pa.list_(pa.float64())),
-        pa.field("rand_evals", pa.list_(pa.float64())),
-    ],
-    metadata=_META,
-)
-# Columns that differ between two runs of the same audit (where and how long it ran).
-RUN_DEPENDENT = ("seconds", "node", "backend")
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, then rename onto `path`: readers see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
-
-
-def _list(values: Any) -> list[float] | None:
-    return None if values is None else np.asarray(values, dtype=np.float64).tolist()
+from ..files import write_atomic
+from .schema import LAYERS_SCHEMA, SCHEMA_METADATA, SPECTRA_SCHEMA, conform, float_list
 
 
 class ReportWriter:
@@ -108,8 +48,8 @@ class ReportWriter:
             [
                 {
                     "matrix": r["matrix"],
-                    "evals": _list(r.get("evals")),
-                    "rand_evals": _list(r.get("rand_evals")),
+                    "evals": float_list(r.get("evals")),
+                    "rand_evals": float_list(r.get("rand_evals")),
                 }
                 for r in rows
             ],
@@ -120,11 +60,10 @@ class ReportWriter:
         write_atomic(self.parts / f"layers-{name}.parquet", lambda t: pq.write_table(layers, t))
 
     def _tables(self, prefix: str, final: str, schema: pa.Schema) -> pa.Table:
-        tables = [
-            pq.read_table(p, schema=schema) for p in sorted(self.parts.glob(f"{prefix}-*.parquet"))
-        ]
+        files = sorted(self.parts.glob(f"{prefix}-*.parquet"))
         if (self.folder / final).exists():
-            tables.append(pq.read_table(self.folder / final, schema=schema))
+            files.append(self.folder / final)
+        tables = [conform(pq.read_table(path), schema) for path in files]
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def done(self) -> set[str]:
@@ -145,7 +84,8 @@ class ReportWriter:
             for i, matrix in enumerate(matrices):  # a retried task may have written twice
                 keep.setdefault(matrix, i)
             indices = sorted(keep.values(), key=lambda i: rank.get(matrices[i], len(rank)))
-            table = table.take(pa.array(indices, pa.int64())).replace_schema_metadata(_META)
+            table = table.take(pa.array(indices, pa.int64()))
+            table = table.replace_schema_metadata(SCHEMA_METADATA)
             write_atomic(self.folder / final, lambda t, tb=table: pq.write_table(tb, t))
             merged[prefix] = table
         for part in self.parts.iterdir():  # parts, and temp files of a killed write

@@ -1,0 +1,167 @@
+"""The commands that read report folders: `report show`, `report html`, `diff`, `check`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from .format import human_bytes, print_json, print_table
+from .reader import load_report
+
+SHOW_COLUMNS = (
+    "matrix",
+    "kind",
+    "layer",
+    "expert",
+    "N",
+    "M",
+    "alpha",
+    "num_spikes",
+    "rand_num_spikes",
+    "max_abs_entry",
+    "entry_kurtosis",
+    "warning",
+    "status",
+)
+DIFF_COLUMNS = (
+    "matrix",
+    "kind",
+    "new_traps",
+    "rand_num_spikes_a",
+    "rand_num_spikes_b",
+    "alpha_a",
+    "alpha_b",
+    "d_alpha",
+    "d_log_norm",
+    "d_log_spectral_norm",
+)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import Rules, evaluate, junit_xml, load_rules
+
+    rules = load_rules(args.rules) if args.rules else Rules()
+    report = load_report(args.report)
+    violations = evaluate(report, rules)
+    if args.junit:
+        Path(args.junit).write_bytes(junit_xml(report, rules, violations))
+    model = report.manifest.get("model", {}).get("reference", "?")
+    for v in violations:
+        print(f"FAIL {v.rule}: {v.subject}: {v.message}")
+    verdict = "FAILED" if violations else "PASSED"
+    print(
+        f"{verdict}: {model}: {len(rules.values)} rules, {len(violations)} violations, "
+        f"{len(report.rows)} matrices"
+    )
+    return 1 if violations else 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
+    from .query import row_filter
+
+    report = load_report(args.report)
+    rows = report.rows
+    columns = set(rows[0]) if rows else set()
+    if args.kind:
+        rows = [r for r in rows if r["kind"] == args.kind]
+    if args.where:
+        keep = row_filter(args.where, columns)
+        rows = [r for r in rows if keep(r)]
+    if args.sort:
+        key = args.sort
+        if key not in columns:
+            raise UsageError(f"--sort: unknown column {key!r}")
+        present = [r for r in rows if r[key] is not None]
+        rows = sorted(present, key=lambda r: r[key], reverse=args.desc) + [
+            r for r in rows if r[key] is None
+        ]
+    if args.top:
+        rows = rows[: args.top]
+    if args.format == "json":
+        print_json(rows)
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(SHOW_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        s, m = report.summary, report.manifest
+        print(
+            f"model {m['model']['reference']}  llm-audit {m.get('tool_version')}  seed "
+            f"{m.get('seed')}  status {m.get('status')}"
+        )
+        print(
+            f"matrices {s['matrices_in_report']} (audited {s['audited']}, skipped "
+            f"{s['skipped']}, failed {s['failed']}); traps {s['total_traps']} in "
+            f"{s['matrices_with_traps']} matrices; showing {len(rows)}"
+        )
+        print_table(rows, SHOW_COLUMNS)
+    return 0
+
+
+def cmd_html(args: argparse.Namespace) -> int:
+    from .html import write_html_report
+
+    out = write_html_report(args.report, args.output, compare=args.compare)
+    print(f"{out} ({human_bytes(out.stat().st_size)})")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff_reports
+
+    rows = diff_reports(load_report(args.a), load_report(args.b))
+    if args.top:
+        rows = rows[: args.top]
+    if args.format == "json":
+        print_json(rows)
+    elif args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        gained = sum(r["new_traps"] for r in rows)
+        print(
+            f"{len(rows)} matrices compared; {gained} new traps in "
+            f"{sum(r['new_traps'] > 0 for r in rows)} matrices"
+        )
+        print_table(rows, DIFF_COLUMNS)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="release gate: check a report against rules (exit 1 on fail)")
+    p.add_argument("report", help="report folder")
+    p.add_argument("--rules", help="YAML rules (default: configs/release-check.yaml's values)")
+    p.add_argument("--junit", help="also write JUnit XML here")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("report", help="browse a report")
+    report_sub = p.add_subparsers(dest="report_command", required=True)
+    p = report_sub.add_parser("show", help="summary and a table of matrices")
+    p.add_argument("report", help="report folder")
+    p.add_argument("--sort", help="column to sort by (rows without a value last)")
+    p.add_argument("--desc", action="store_true", help="sort descending")
+    p.add_argument("--where", help="filter, e.g. 'rand_num_spikes > 0 and kind == expert_down'")
+    p.add_argument("--kind", help="only this kind")
+    p.add_argument("--top", type=int, help="at most N rows")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.set_defaults(func=cmd_show)
+    p = report_sub.add_parser("html", help="one self-contained HTML page (works offline)")
+    p.add_argument("report", help="report folder")
+    p.add_argument("-o", "--output", help="HTML file to write (default: REPORT/report.html)")
+    p.add_argument(
+        "--compare",
+        metavar="B",
+        help="baseline report of the same architecture: show the changes from B to REPORT",
+    )
+    p.set_defaults(func=cmd_html)
+
+    p = sub.add_parser("diff", help="per-matrix changes between two reports (same architecture)")
+    p.add_argument("a", help="report folder (before: base model, earlier checkpoint)")
+    p.add_argument("b", help="report folder (after)")
+    p.add_argument("--top", type=int, help="at most N rows")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.set_defaults(func=cmd_diff)

@@ -1,0 +1,55 @@
+"""How results are printed: a fixed-width table for people, JSON for machines.
+
+Why one module: every command that prints rows (analyze, demo, audit, report show, diff)
+must print the same value the same way, so a number in a table matches the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def format_value(value: Any) -> str:
+    """One table cell: '-' for missing, 4 significant digits for floats."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Fixed-width table of selected columns on stdout."""
+    cells = [[format_value(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value).__name__)
+
+
+def print_json(data: Any) -> None:
+    """`data` as indented JSON on stdout (numpy values as plain numbers)."""
+    json.dump(data, sys.stdout, indent=1, default=_json_default)
+    print()
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (powers of 1000, as disks are sold)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError("unreachable")

@@ -1,0 +1,150 @@
+"""The report's columns and rows: one definition, read by the writer, the readers, the
+HTML page, the README test and every code path that produces a row.
+
+Why here: a row is built in three situations — a matrix analyzed, a matrix that could not
+be read or analyzed, a task that died or timed out — and all three must give the same
+columns with the same types, or a reader (a release gate) sees `[]` in one place and null
+in another. `report_row` and `failure_row` are the only row builders.
+
+Schema version 2 added `error_kind` (what failed: data, bug, task, timeout); version-1
+reports still read, with the new columns null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..source.plan import MatrixUnit
+from ..spectral.columns import COLUMNS
+from ..spectral.settings import AnalysisSettings
+
+SCHEMA_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
+
+# name -> (type, meaning), in file order around the analysis columns.
+UNIT_COLUMNS: dict[str, tuple[str, str]] = {
+    "matrix": (
+        "str",
+        "Unit id: the tensor name, with [expert] or a slice suffix where one tensor holds "
+        "several matrices.",
+    ),
+    "tensor": ("str", "Name of the checkpoint tensor the matrix comes from."),
+    "kind": ("str", "Role of the matrix (q_proj, expert_down, embedding, ...), from its name."),
+    "layer": ("int", "Transformer block index, when the name has one."),
+    "expert": ("int", "Expert index within an MoE tensor."),
+    "source_dtype": ("str", "Storage dtype in the checkpoint."),
+}
+RUN_COLUMNS: dict[str, tuple[str, str]] = {
+    "error": ("str", "The error message when status is 'error'."),
+    "error_kind": (
+        "str",
+        "What failed when status is 'error': 'data' (the matrix's bytes or values are bad), "
+        "'bug' (an unexpected exception; its traceback is in errors.log), 'task' (the worker "
+        "died after its retries) or 'timeout'.",
+    ),
+    "seconds": ("float", "Time spent on this matrix."),
+    "node": ("str", "Ray node that computed it (IP / node id)."),
+}
+REPORT_COLUMNS: dict[str, tuple[str, str]] = {**UNIT_COLUMNS, **COLUMNS, **RUN_COLUMNS}
+ERROR_KINDS = ("data", "bug", "task", "timeout")
+
+_ARROW = {
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "str": pa.string(),
+    "list<float>": pa.list_(pa.float64()),
+    "list<entry>": pa.list_(
+        pa.struct([("row", pa.int64()), ("col", pa.int64()), ("value", pa.float64())])
+    ),
+}
+SCHEMA_METADATA = {b"llm_audit_schema": SCHEMA_VERSION.encode()}
+LAYERS_SCHEMA = pa.schema(
+    [
+        pa.field(name, _ARROW[kind], nullable=name != "matrix")
+        for name, (kind, _) in REPORT_COLUMNS.items()
+    ],
+    metadata=SCHEMA_METADATA,
+)
+SPECTRA_SCHEMA = pa.schema(
+    [
+        pa.field("matrix", pa.string(), nullable=False),
+        pa.field("evals", pa.list_(pa.float64())),
+        pa.field("rand_evals", pa.list_(pa.float64())),
+    ],
+    metadata=SCHEMA_METADATA,
+)
+# Columns that differ between two runs of the same audit (where and how long it ran).
+RUN_DEPENDENT = ("seconds", "node", "backend")
+
+
+def report_row(
+    unit: MatrixUnit,
+    analysis: Mapping[str, Any],
+    *,
+    seconds: float,
+    error_kind: str | None = None,
+    node: str | None = None,
+) -> dict[str, Any]:
+    """A layers row: `unit`'s plan columns, the analysis columns (every one present), the
+    run columns; `evals` / `rand_evals` pass through for spectra.parquet."""
+    row: dict[str, Any] = {name: analysis.get(name) for name in COLUMNS}
+    failed = row["status"] == "error"
+    row.update(
+        matrix=unit.id,
+        tensor=unit.tensor,
+        kind=unit.kind,
+        layer=unit.layer,
+        expert=unit.expert,
+        source_dtype=unit.source_dtype,
+        error=row["reason"] if failed else None,
+        error_kind=(error_kind or "data") if failed else None,
+        seconds=float(seconds),
+        node=node,
+        evals=analysis.get("evals"),
+        rand_evals=analysis.get("rand_evals"),
+    )
+    return row
+
+
+def failure_row(
+    unit: MatrixUnit,
+    message: str,
+    error_kind: str,
+    settings: AnalysisSettings,
+    seconds: float = 0.0,
+) -> dict[str, Any]:
+    """The row of a matrix that produced no analysis: status=error, why, and what failed.
+    Like every row refused before its ESD, it names no backend."""
+    if error_kind not in ERROR_KINDS:
+        raise ValueError(f"error_kind must be one of {ERROR_KINDS}, got {error_kind!r}")
+    failed = dict.fromkeys(COLUMNS)
+    failed.update(
+        status="error",
+        reason=message,
+        seed=settings.seed,
+        rand_route=settings.rand_route,
+        matrix_id=unit.id,
+        trap_evals=[],
+        trap_entries=[],
+        warning="",
+    )
+    return report_row(unit, failed, seconds=seconds, error_kind=error_kind)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns in its order: columns an older version lacked are
+    added as nulls (a version-1 report reads as version 2), others cast to their type."""
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def float_list(values: Any) -> list[float] | None:
+    """An array of eigenvalues as a plain list for Arrow (None stays None)."""
+    return None if values is None else np.asarray(values, dtype=np.float64).tolist()

@@ -1,0 +1,82 @@
+"""The Ray cluster an audit runs on: joined, or started locally; every node checked.
+
+Why a check per node: workers read their own bytes from the checkpoint path, so a node
+that sees another file there (a stale copy, a half-synced shard) would silently audit
+another model. Each alive node reads the headers itself and must see the same files
+with the same header hashes before any task is submitted.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import AuditError
+from ..source.checkpoint import Checkpoint
+from ..source.header import read_header
+
+OBJECT_STORE_BYTES = 256 * 2**20
+
+
+def connect(address: str | None) -> bool:
+    """Join the given (or $RAY_ADDRESS) cluster, or start a local one; True if started.
+
+    Where Ray is already initialized (a caller auditing many checkpoints in one session,
+    as `llm-audit grok` does), it is used as it is, and left running.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    # "local": a new cluster of our own. Without it ray.init() attaches to whatever local
+    # cluster was started last (another audit, a grok run), and our sizing is refused.
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=OBJECT_STORE_BYTES,
+    )
+    return True
+
+
+def check_files(files: list[tuple[str, int, str]]) -> tuple[str, list[str]]:
+    """Body of the per-node check: which checkpoint files this node lacks or sees differently."""
+    import ray
+
+    problems = []
+    for path, size, digest in files:
+        try:
+            header = read_header(path)
+        except AuditError as err:
+            problems.append(str(err))
+            continue
+        if header.file_size != size or header.header_sha256 != digest:
+            problems.append(f"{path}: differs from the driver's copy")
+    return ray.get_runtime_context().get_node_id(), problems
+
+
+def check_nodes(checkpoint: Checkpoint) -> None:
+    """Every alive node must read the same checkpoint files at the same paths."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    files = [(str(p), h.file_size, h.header_sha256) for p, h in checkpoint.headers.items()]
+    remote = ray.remote(num_cpus=0)(check_files)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [
+        remote.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(files)
+        for n in nodes
+    ]
+    for node, (node_id, problems) in zip(nodes, ray.get(refs, timeout=300), strict=True):
+        if problems:
+            name = node.get("NodeManagerAddress", node_id)
+            raise AuditError(
+                f"node {name} ({node_id[:12]}) cannot read the checkpoint at the "
+                f"same path: {problems[0]}"
+            )

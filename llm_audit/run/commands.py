@@ -1,0 +1,322 @@
+"""The commands that analyze: `analyze` (.npy matrices, in process), `demo`, `audit`, and
+the two that prepare one: `plan` (what an audit would compute) and `synth`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UsageError
+from ..report.format import human_bytes, print_json, print_table
+from ..spectral.backends import BACKEND_NAMES
+from ..spectral.settings import RAND_ROUTES, AnalysisSettings
+
+DEMO_COLUMNS = (
+    "matrix",
+    "kind",
+    "N",
+    "M",
+    "alpha",
+    "num_spikes",
+    "rand_num_spikes",
+    "max_abs_entry",
+    "status",
+)
+ANALYZE_COLUMNS = (
+    "name",
+    "N",
+    "M",
+    "alpha",
+    "num_spikes",
+    "rand_num_spikes",
+    "max_abs_entry",
+    "entry_kurtosis",
+    "status",
+)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)  # never unpickle user files
+    except (ValueError, OSError, EOFError) as err:
+        raise UsageError(f"{path}: not a readable .npy array ({err})") from None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from ..spectral.analyze import analyze_batch
+
+    matrices = [_load_npy(Path(p)) for p in args.files]
+    for path, matrix in zip(args.files, matrices, strict=True):
+        if matrix.ndim != 2 or not np.issubdtype(matrix.dtype, np.floating):
+            raise UsageError(f"{path}: need a 2-D float array, got {matrix.dtype} {matrix.shape}")
+    settings = AnalysisSettings(
+        seed=args.seed,
+        randomize=not args.no_randomize,
+        backend=args.backend or AnalysisSettings.backend,
+        rand_route=args.rand_route,
+    )
+    rows = analyze_batch(matrices, matrix_ids=[Path(p).name for p in args.files], settings=settings)
+    for path, row in zip(args.files, rows, strict=True):
+        row["name"] = str(path)
+    if args.format == "json":
+        print_json(rows)
+    else:
+        print_table(rows, ANALYZE_COLUMNS)
+    return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from ..source.synth import PLANTED, write_bundled_model
+    from .audit import run_audit
+    from .config import AuditConfig
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "gpt-oss-mini").is_dir():
+            raise UsageError(f"{out} is not empty and not a demo folder; choose another --out")
+        shutil.rmtree(out)  # an earlier demo's model and report
+    model = write_bundled_model(out / "gpt-oss-mini")
+    print(f"llm-audit {__version__}: bundled miniature gpt-oss written to {model}", file=sys.stderr)
+    result = run_audit(str(model), out / "report", AuditConfig(seed=args.seed), quiet=args.quiet)
+    rows = pq.read_table(out / "report" / "layers.parquet").to_pylist()
+    if args.format == "json":
+        print_json(rows)
+        return 1 if result.failed else 0
+    summary = result.summary
+    print(f"report: {result.out}")
+    print(
+        f"matrices: {summary['matrices_in_report']} (audited {summary['audited']}, "
+        f"failed {summary['failed']}); traps: {summary['total_traps']} in "
+        f"{summary['matrices_with_traps']} matrices"
+    )
+    print_table([r for r in rows if r["rand_num_spikes"]], DEMO_COLUMNS)
+    found = {r["matrix"]: r["rand_num_spikes"] for r in rows}
+    print("\nplanted traps (matrix: planted -> found):")
+    for unit_id, planted in PLANTED.items():
+        print(f"  {unit_id}: {planted} -> {found[unit_id]}")
+    others = sum(v for k, v in found.items() if k not in PLANTED)
+    print(f"traps in the other {len(found) - len(PLANTED)} matrices: {others}")
+    return 1 if result.failed else 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import run_audit
+    from .config import load_config
+
+    config = load_config(args.config).with_overrides(
+        seed=args.seed,
+        include=args.include,
+        exclude=args.exclude,
+        randomize=False if args.no_randomize else None,
+        backend=args.backend,
+    )
+    try:
+        result = run_audit(
+            args.model,
+            args.out,
+            config,
+            revision=args.revision,
+            address=args.address,
+            resume=args.resume,
+            quiet=args.quiet,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"llm-audit: partial report in {args.out}; complete it with --resume", file=sys.stderr
+        )
+        return 130
+    summary = result.summary
+    print(f"report: {result.out}")
+    print(
+        f"matrices: {summary['matrices_in_report']} of {summary['matrices_planned']} "
+        f"(audited {summary['audited']}, skipped {summary['skipped']}, "
+        f"failed {summary['failed']})"
+    )
+    if summary["bugs"]:
+        print(f"bugs: {summary['bugs']} matrices failed on an unexpected error (see errors.log)")
+    print(
+        f"correlation traps: {summary['total_traps']} in {summary['matrices_with_traps']} matrices"
+    )
+    for kind, alpha in summary["mean_alpha_by_kind"].items():
+        print(f"  mean alpha {kind:15s} {alpha:.3f}")
+    return 1 if result.failed else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..source.checkpoint import open_checkpoint
+    from ..source.reference import resolve_model
+
+    checkpoint = open_checkpoint(resolve_model(args.model, args.revision))
+    plan = checkpoint.plan(args.min_evals)
+    largest = plan.largest()
+    if args.format == "json":
+        payload = {
+            "model": args.model,
+            "files": [str(p) for p in checkpoint.model.files],
+            "matrices": len(plan.units),
+            "by_kind": plan.counts_by_kind(),
+            "bytes_to_read": plan.bytes_to_read(),
+            "bytes_on_disk": checkpoint.bytes_on_disk(),
+            "largest": largest.id if largest else None,
+            "skipped": plan.skipped_reasons(),
+            "units": [
+                {
+                    "id": u.id,
+                    "kind": u.kind,
+                    "layer": u.layer,
+                    "expert": u.expert,
+                    "shape": list(u.shape),
+                    "source_dtype": u.source_dtype,
+                    "bytes": u.nbytes,
+                }
+                for u in plan.units
+            ],
+        }
+        json.dump(payload, sys.stdout, indent=1)
+        print()
+        return 0
+    files = checkpoint.model.files
+    print(f"model {args.model}: {len(files)} file(s), {human_bytes(checkpoint.bytes_on_disk())}")
+    print(f"matrices to audit: {len(plan.units)}")
+    for kind, count in plan.counts_by_kind().items():
+        print(f"  {kind:15s} {count}")
+    print(f"bytes to read: {human_bytes(plan.bytes_to_read())}")
+    if largest:
+        print(f"largest matrix: {largest.id} {largest.shape[0]}x{largest.shape[1]}")
+    print(f"skipped tensors: {len(plan.skipped)}")
+    for reason, count in plan.skipped_reasons().items():
+        print(f"  {count:5d}  {reason}")
+    return 0
+
+
+def _parse_trap(text: str) -> tuple[str, int]:
+    name, _, count = text.partition("=")
+    try:
+        return name, int(count or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--trap {text!r}: want NAME[EXPERT]=COUNT") from None
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ..source.synth import SynthConfig, synth_gpt_oss
+
+    cfg = SynthConfig(
+        layers=args.layers,
+        experts=args.experts,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        vocab=args.vocab,
+        shards=args.shards,
+        dtype=args.dtype,
+        mxfp4=not args.no_mxfp4,
+        seed=args.seed,
+        traps=dict(args.trap or []),
+        trap_scale=args.trap_scale,
+    )
+    out = synth_gpt_oss(args.out, cfg)
+    print(f"wrote a miniature gpt-oss checkpoint to {out}", file=sys.stderr)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="analyze 2-D matrices saved as .npy files")
+    p.add_argument("files", nargs="+", help=".npy files (loaded without pickle)")
+    p.add_argument("--no-randomize", action="store_true", help="skip the shuffled ESD")
+    p.add_argument("--seed", type=int, default=AnalysisSettings.seed, help="seed for the shuffles")
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_NAMES,
+        help="array backend (default: auto, or $LLM_AUDIT_BACKEND)",
+    )
+    p.add_argument(
+        "--rand-route",
+        choices=RAND_ROUTES,
+        default=AnalysisSettings.rand_route,
+        help="shuffled spectrum: full ESD (default) or top-k Lanczos",
+    )
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("demo", help="audit the bundled miniature gpt-oss with planted traps")
+    p.add_argument(
+        "--out",
+        default="demo-out",
+        help="folder for the model and its report (replaced; default ./demo-out)",
+    )
+    p.add_argument("--seed", type=int, default=AnalysisSettings.seed, help="seed for the shuffles")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("audit", help="audit a whole checkpoint with Ray into a report folder")
+    p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--config", help="YAML config (see configs/default.yaml)")
+    p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
+    p.add_argument("--seed", type=int, help="run seed (overrides the config)")
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="REGEX",
+        help="audit only matrices whose id matches (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="REGEX",
+        help="leave out matrices whose id matches (repeatable)",
+    )
+    p.add_argument("--no-randomize", action="store_true", help="skip shuffles and traps")
+    p.add_argument("--backend", choices=BACKEND_NAMES, help="array backend in the workers")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--resume", action="store_true", help="complete a partial report in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("plan", help="list what an audit of MODEL would compute, reading no weights")
+    p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
+    p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
+    p.add_argument(
+        "--min-evals", type=int, default=AnalysisSettings.min_evals, help="skip smaller matrices"
+    )
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("synth", help="write a synthetic checkpoint (real names, planted traps)")
+    p.add_argument("family", choices=("gpt-oss",))
+    p.add_argument("out", help="output folder")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
+    p.add_argument("--no-mxfp4", action="store_true", help="dense experts (transformers layout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--trap",
+        type=_parse_trap,
+        action="append",
+        metavar="NAME[EXPERT]=COUNT",
+        help="plant COUNT large entries in that matrix (repeatable)",
+    )
+    p.add_argument("--trap-scale", type=float, default=1.0, help="size of a planted entry")
+    p.set_defaults(func=cmd_synth)
