@@ -10,7 +10,7 @@ names must be in the shard it names, and decoding errors name the file and tenso
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from .header import Header, TensorInfo, read_header, read_tensor_bytes
 from .mxfp4 import decode_mxfp4
 from .plan import MatrixUnit, Plan, build_plan
 from .reference import ResolvedModel, load_json_file
+from .roles import KindRule
 
 MAX_CONFIG_BYTES = 4 * 2**20
 
@@ -36,15 +37,17 @@ class Checkpoint:
     where: dict[str, Path]
     config: dict[str, Any]
     bytes_read: int = field(default=0)
+    # The last conv kernel decoded: its (kh, kw) slices are read one after the other.
+    _kernel: tuple[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
         """Every tensor's header entry (name, dtype, shape, absolute offsets)."""
         return {name: self.headers[path].tensors[name] for name, path in self.where.items()}
 
-    def plan(self, min_evals: int) -> Plan:
-        """The audit plan of this checkpoint (see `llm_audit.plan`)."""
-        return build_plan(self.tensors, self.config, min_evals=min_evals)
+    def plan(self, min_evals: int, kind_rules: Sequence[KindRule] = ()) -> Plan:
+        """The audit plan of this checkpoint (see `llm_audit.source.plan`)."""
+        return build_plan(self.tensors, self.config, min_evals=min_evals, kind_rules=kind_rules)
 
     def bytes_on_disk(self) -> int:
         return sum(h.file_size for h in self.headers.values())
@@ -69,20 +72,40 @@ class Checkpoint:
 
     def iter_rows(self, unit: MatrixUnit, rows_per_chunk: int) -> Iterator[np.ndarray]:
         """The unit's matrix in row chunks, each read on its own: for matrices too large to
-        hold (the embedding); dense and row-range layouts only."""
+        hold (the embedding); dense and row-range layouts only, dequantized like
+        `read_matrix`."""
         path, info = self._info(unit.tensor)
         if unit.layout not in ("dense", "rows"):
             raise ValueError(f"row streaming is for dense matrices, not {unit.layout!r}")
         first = unit.row_start or 0
-        rows, cols = unit.shape
-        row_bytes = cols * DTYPE_SIZES[info.dtype]
+        rows = unit.shape[0]
         for start in range(0, rows, rows_per_chunk):
             count = min(rows_per_chunk, rows - start)
-            raw = self._read(unit.tensor, (first + start) * row_bytes, count * row_bytes)
             try:
-                yield decode(raw, info.dtype, (count, cols))
-            except ValueError as err:
+                yield self._rows(unit, info, first + start, count)
+            except (ValueError, DecodeError) as err:
                 raise CheckpointError(path, str(err), unit.tensor) from None
+
+    def _rows(self, unit: MatrixUnit, info: TensorInfo, first: int, count: int) -> np.ndarray:
+        """Rows `first:first + count` of the stored 2-D tensor, decoded, times their FP8
+        scales when the unit has them (W = q * s, each scale over its block)."""
+        cols = info.shape[1]
+        row_bytes = cols * DTYPE_SIZES[info.dtype]
+        raw = self._read(unit.tensor, first * row_bytes, count * row_bytes)
+        rows = decode(raw, info.dtype, (count, cols))
+        if unit.scales_tensor is None or unit.scale_block is None:
+            return rows
+        block_rows, block_cols = unit.scale_block
+        _, scale_info = self._info(unit.scales_tensor)
+        grid_cols = -(-cols // block_cols)
+        top, bottom = first // block_rows, (first + count - 1) // block_rows + 1
+        item = DTYPE_SIZES[scale_info.dtype]
+        scale_raw = self._read(
+            unit.scales_tensor, top * grid_cols * item, (bottom - top) * grid_cols * item
+        )
+        scales = decode(scale_raw, scale_info.dtype, (bottom - top, grid_cols))
+        per_row = scales[np.arange(first, first + count) // block_rows - top]
+        return rows * np.repeat(per_row, block_cols, axis=1)[:, :cols].astype(rows.dtype)
 
     def _decode(self, unit: MatrixUnit, info: TensorInfo) -> np.ndarray:
         name, shape = unit.tensor, info.shape
@@ -95,22 +118,25 @@ class Checkpoint:
                 np.frombuffer(blocks, np.uint8).reshape(rows, groups, width),
                 np.frombuffer(scales, np.uint8).reshape(rows, groups),
             )
-        item = DTYPE_SIZES[info.dtype]
         if unit.layout == "dense":
-            return decode(self._read(name, 0, info.nbytes), info.dtype, shape)
+            return self._rows(unit, info, 0, shape[0])
+        if unit.layout == "transposed":
+            return np.ascontiguousarray(self._rows(unit, info, 0, shape[0]).T)
+        if unit.layout == "rows":
+            return self._rows(unit, info, unit.row_start, unit.row_stop - unit.row_start)
+        if unit.layout == "split":
+            whole = self._rows(unit, info, 0, shape[0])
+            whole = whole.T if unit.transpose else whole
+            keep = np.arange(whole.shape[0]) % unit.row_period
+            return np.ascontiguousarray(whole[(keep >= unit.row_start) & (keep < unit.row_stop)])
         if unit.layout == "expert":
-            per = math.prod(shape[1:]) * item
+            per = math.prod(shape[1:]) * DTYPE_SIZES[info.dtype]
             matrix = decode(self._read(name, unit.expert * per, per), info.dtype, shape[1:])
             return matrix.T if unit.transpose else matrix
-        if unit.layout == "rows":
-            row_bytes = shape[1] * item
-            raw = self._read(
-                name, unit.row_start * row_bytes, (unit.row_stop - unit.row_start) * row_bytes
-            )
-            return decode(raw, info.dtype, (unit.row_stop - unit.row_start, shape[1]))
         if unit.layout == "conv":
-            kernel = decode(self._read(name, 0, info.nbytes), info.dtype, shape)
-            return np.ascontiguousarray(kernel[:, :, unit.row_start, unit.row_stop])
+            if self._kernel is None or self._kernel[0] != name:
+                self._kernel = (name, decode(self._read(name, 0, info.nbytes), info.dtype, shape))
+            return np.ascontiguousarray(self._kernel[1][:, :, unit.row_start, unit.row_stop])
         raise ValueError(f"unknown unit layout {unit.layout!r}")
 
 

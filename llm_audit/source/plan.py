@@ -1,19 +1,27 @@
 """Which matrices of a checkpoint to audit: every tensor maps to zero or more work units.
 
 Why a separate step: the plan is computed from tensor names, dtypes and shapes alone
-(safetensors headers), before a single weight byte is read, so users see what will be
-audited and what it costs (`llm-audit plan`), workers get units that say exactly which
-bytes to read, and everything not audited is listed with its reason instead of vanishing.
+(safetensors headers, config.json), before a single weight byte is read, so users see
+what will be audited and what it costs (`llm-audit plan`), workers get units that say
+exactly which bytes to read, and everything not audited is listed with its reason instead
+of vanishing.
 
-What becomes a unit:
-- 2-D float tensors: attention projections, the MoE router, embedding and lm_head, and any
-  other linear layer (kind `linear`);
-- gpt-oss experts, one unit per expert: MXFP4 `*_blocks` (+ `*_scales`) [E, out, G, 16],
+What becomes a unit (its kind, layer and expert from `roles`, user `kinds:` rules first):
+- 2-D float tensors, one unit each; GPT-2's Conv1D weights, stored [in, out], are
+  audited as their transpose (out, in), and the unit says so (`transpose`);
+- FP8 weights with their scales (`quantized`): the unit names the scale tensor and block,
+  the reader dequantizes;
+- fused qkv weights whose layout the architecture fixes (openai's `attn.qkv`, Phi-3
+  `qkv_proj`, GPT-2 `c_attn`, Falcon `query_key_value`): one unit per q, k and v; other
+  fused qkv weights keep the kind `qkv_proj`;
+- stacked experts, one unit per expert: MXFP4 `*_blocks` (+ `*_scales`) [E, out, G, 16],
   or transformers' dense `mlp.experts.gate_up_proj` / `down_proj` stored [E, in, out];
-- openai's `original/` layout: `attn.qkv.weight` is split into q, k and v row ranges;
 - conv kernels (out, in, kh, kw): one unit per (kh, kw) slice, as WeightWatcher does.
-Skipped, with the reason: vectors (norms, biases, sinks), MXFP4 scales (read with their
-blocks), non-float tensors, and matrices with fewer than `min_evals` eigenvalues.
+Skipped, with the reason: vectors (norms, biases, sinks), empty tensors, scales and other
+quantization state (read with their weight or not at all), integer-packed weights (named
+by format), non-float tensors, and matrices with fewer than `min_evals` eigenvalues.
+Absurd headers are refused, not looped over: a dimension above `MAX_DIM` or a tensor that
+would give more than `MAX_UNITS_PER_TENSOR` units is an `AuditError`.
 """
 
 from __future__ import annotations
@@ -21,38 +29,18 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from ..errors import AuditError
 from . import mxfp4
-from .dtypes import FLOAT_DTYPES
+from .dtypes import DTYPE_SIZES, FLOAT_DTYPES, TensorMeta, not_float_reason
+from .quantized import auxiliary_reason, fp8_scales, packed_reason
+from .roles import CONV1D_MODEL_TYPES, KINDS, KindRule, fused_qkv_split, layer_of, role_of
 
-KINDS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "router",
-    "expert_gate_up",
-    "expert_down",
-    "embedding",
-    "lm_head",
-    "linear",
-    "conv",
-)
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
-_BY_SUFFIX = (  # (name pattern, kind) for dense 2-D weights, first match wins
-    (re.compile(r"\.(?:self_attn|attn)\.q_proj\.weight$"), "q_proj"),
-    (re.compile(r"\.(?:self_attn|attn)\.k_proj\.weight$"), "k_proj"),
-    (re.compile(r"\.(?:self_attn|attn)\.v_proj\.weight$"), "v_proj"),
-    (re.compile(r"\.(?:self_attn\.o_proj|attn\.out)\.weight$"), "o_proj"),
-    (re.compile(r"\.mlp\.(?:router|gate)\.weight$"), "router"),
-    (re.compile(r"(?:^|\.)(?:embed_tokens|embedding|wte)\.weight$"), "embedding"),
-    (re.compile(r"^(?:lm_head|unembedding)\.weight$"), "lm_head"),
-)
+MAX_DIM = 2**40  # larger than any real weight dimension (2^40 elements of one row)
+MAX_UNITS_PER_TENSOR = 2**20  # experts x conv positions of one tensor
 _MXFP4_BLOCKS = re.compile(
     r"^(.*\.(?:gate_up_proj|down_proj|mlp1_weight|mlp2_weight))(_blocks|\.blocks)$"
 )
@@ -60,14 +48,6 @@ _MXFP4_SCALES = re.compile(
     r"^(.*\.(?:gate_up_proj|down_proj|mlp1_weight|mlp2_weight))(_scales|\.scales)$"
 )
 _DENSE_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_QKV = re.compile(r"\.attn\.qkv\.weight$")
-
-
-class TensorMeta(Protocol):
-    """What the plan needs to know of a tensor (a safetensors header entry)."""
-
-    dtype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -76,11 +56,17 @@ class MatrixUnit:
 
     `layout` says how the bytes of `tensor` become the matrix:
     - "dense": the 2-D tensor itself;
+    - "transposed": a 2-D tensor stored [in, out] (GPT-2's Conv1D), audited as its transpose;
+    - "rows": rows `row_start:row_stop` of a 2-D tensor (a fused qkv);
+    - "split": in each group of `row_period` rows of the (out, in) matrix (the transpose
+      of the stored tensor if `transpose`), rows `row_start:row_stop` (Falcon, GPT-2 qkv);
     - "expert": slice `expert` of a stacked [E, a, b] tensor (`transpose` if stored in x out);
     - "mxfp4": slice `expert` of `tensor` (blocks) and `scales_tensor`, decoded;
-    - "rows": rows `row_start:row_stop` of a 2-D tensor (a fused qkv);
     - "conv": the [:, :, kh, kw] slice `(row_start, row_stop)` = (kh, kw) of a 4-D kernel.
-    `shape` is the matrix as audited, (out, in); `nbytes` is what reading it costs.
+    FP8 weights name their `scales_tensor` and `scale_block` (rows, cols per scale); the
+    reader multiplies them in. `shape` is the matrix as audited, (out, in); `transpose`
+    says the stored tensor is its transpose, so trap coordinates (row, col) are (col, row)
+    there; `nbytes` is what reading it costs.
     """
 
     id: str
@@ -96,6 +82,8 @@ class MatrixUnit:
     transpose: bool = False
     row_start: int | None = None
     row_stop: int | None = None
+    row_period: int | None = None
+    scale_block: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +103,8 @@ class Plan:
 
     def counts_by_kind(self) -> dict[str, int]:
         counts = Counter(u.kind for u in self.units)
-        return {kind: counts[kind] for kind in KINDS if counts[kind]}
+        known = {kind: counts[kind] for kind in KINDS if counts[kind]}
+        return known | {kind: n for kind, n in sorted(counts.items()) if kind not in known}
 
     def bytes_to_read(self) -> int:
         return sum(u.nbytes for u in self.units)
@@ -126,25 +115,13 @@ class Plan:
     def skipped_reasons(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped).most_common())
 
-
-def _layer_of(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
-
-
-def _kind_of_dense(name: str) -> str:
-    for pattern, kind in _BY_SUFFIX:
-        if pattern.search(name):
-            return kind
-    return "linear"
+    def skipped_list(self) -> list[dict[str, str]]:
+        """Every skipped tensor (or unit) with its reason, in checkpoint order."""
+        return [{"name": s.name, "reason": s.reason} for s in self.skipped]
 
 
 def _expert_kind(base: str) -> str:
     return "expert_gate_up" if base.endswith(("gate_up_proj", "mlp1_weight")) else "expert_down"
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F8_E4M3": 1, "F8_E5M2": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8}[dtype]
 
 
 def _vector_reason(name: str) -> str:
@@ -158,29 +135,19 @@ def _vector_reason(name: str) -> str:
     return "vector"
 
 
-def _qkv_split(config: Mapping[str, Any], rows: int) -> list[tuple[str, int, int]]:
-    """Row ranges of q, k, v in a fused qkv weight, from the model config."""
-    head_dim = int(config.get("head_dim", 0))
-    q_rows = int(config.get("num_attention_heads", 0)) * head_dim
-    kv_rows = int(config.get("num_key_value_heads", 0)) * head_dim
-    if q_rows <= 0 or kv_rows <= 0 or q_rows + 2 * kv_rows != rows:
-        raise AuditError(
-            f"cannot split fused qkv of {rows} rows: config gives q {q_rows} + 2 x kv {kv_rows}"
-        )
-    return [
-        ("q_proj", 0, q_rows),
-        ("k_proj", q_rows, q_rows + kv_rows),
-        ("v_proj", q_rows + kv_rows, rows),
-    ]
-
-
 class _Planner:
     def __init__(
-        self, tensors: Mapping[str, TensorMeta], config: Mapping[str, Any], min_evals: int
+        self,
+        tensors: Mapping[str, TensorMeta],
+        config: Mapping[str, Any],
+        min_evals: int,
+        rules: Sequence[KindRule],
     ) -> None:
         self.tensors = tensors
         self.config = config
         self.min_evals = min_evals
+        self.rules = rules
+        self.conv1d = config.get("model_type") in CONV1D_MODEL_TYPES
         self.plan = Plan()
 
     def skip(self, name: str, reason: str) -> None:
@@ -195,38 +162,82 @@ class _Planner:
         else:
             self.plan.units.append(unit)
 
+    def too_small(self, shape: tuple[int, int]) -> bool:
+        return min(shape) < self.min_evals
+
+    def units_cap(self, name: str, count: int) -> None:
+        if count > MAX_UNITS_PER_TENSOR:
+            raise AuditError(
+                f"tensor {name[:200]!r} would give {count} matrices "
+                f"(more than {MAX_UNITS_PER_TENSOR}): refusing an absurd header"
+            )
+
     def visit(self, name: str, meta: TensorMeta) -> None:
         shape = tuple(int(d) for d in meta.shape)
+        if any(d > MAX_DIM for d in shape):
+            raise AuditError(
+                f"tensor {name[:200]!r}: shape {list(shape)} has a dimension above {MAX_DIM}"
+            )
         blocks = _MXFP4_BLOCKS.match(name)
+        aux = auxiliary_reason(name, self.tensors, self.config)
+        packed = packed_reason(name, meta, self.tensors, self.config)
         if blocks:
             self.visit_mxfp4(name, blocks.group(1), blocks.group(2), meta.dtype, shape)
         elif _MXFP4_SCALES.match(name):
             self.check_scales_have_blocks(name)
+        elif aux is not None or packed is not None:
+            self.skip(name, aux or packed or "")
         elif meta.dtype not in FLOAT_DTYPES:
-            self.skip(name, f"not a float tensor ({meta.dtype})")
+            self.skip(name, not_float_reason(meta.dtype))
         elif len(shape) <= 1 or name.endswith("bias"):  # stacked expert biases are 2-D
             self.skip(name, _vector_reason(name))
+        elif 0 in shape:
+            self.skip(name, f"empty tensor of shape {list(shape)}")
         elif _DENSE_EXPERTS.search(name) and len(shape) == 3:
             self.visit_dense_experts(name, meta.dtype, shape)
-        elif len(shape) == 2 and _QKV.search(name):
-            self.visit_qkv(name, meta.dtype, shape)
         elif len(shape) == 2:
-            self.add(
-                MatrixUnit(
-                    name,
-                    name,
-                    _kind_of_dense(name),
-                    _layer_of(name),
-                    None,
-                    shape,
-                    meta.dtype,
-                    math.prod(shape) * _itemsize(meta.dtype),
-                )
-            )
+            self.visit_matrix(name, meta, shape)
         elif len(shape) == 4:
             self.visit_conv(name, meta.dtype, shape)
         else:
             self.skip(name, f"{len(shape)}-D tensor of shape {list(shape)} is not a known layout")
+
+    def visit_matrix(self, name: str, meta: TensorMeta, shape: tuple[int, ...]) -> None:
+        scales = fp8_scales(name, meta, self.tensors, self.config)
+        if isinstance(scales, str):
+            self.skip(name, scales)
+            return
+        role = role_of(name, self.rules)
+        transpose = self.conv1d and role.kind != "embedding" and role.kind != "lm_head"
+        out, fan_in = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
+        split = fused_qkv_split(name, self.config, out) if role.kind == "qkv_proj" else None
+        dtype = scales.label if scales else meta.dtype
+        nbytes = math.prod(shape) * DTYPE_SIZES[meta.dtype]
+        common = {
+            "scales_tensor": scales.tensor if scales else None,
+            "scale_block": scales.block if scales else None,
+            "transpose": transpose,
+        }
+        if split is None:
+            layout = "transposed" if transpose else "dense"
+            unit = MatrixUnit(
+                name, name, role.kind, role.layer, role.expert, (out, fan_in), dtype, nbytes,
+                layout, **common,
+            )  # fmt: skip
+            self.add(unit)
+            return
+        groups = out // split.period
+        contiguous = groups == 1 and not transpose
+        for kind, start, stop in split.parts:
+            rows = (stop - start) * groups
+            cost = rows * fan_in * DTYPE_SIZES[meta.dtype] if contiguous else nbytes
+            self.add(
+                MatrixUnit(
+                    f"{name}:{kind[0]}", name, kind, role.layer, None, (rows, fan_in), dtype,
+                    cost, "rows" if contiguous else "split", row_start=start, row_stop=stop,
+                    row_period=None if contiguous else split.period, **common,
+                )
+            )  # fmt: skip
 
     def visit_mxfp4(
         self, name: str, base: str, sep: str, dtype: str, shape: tuple[int, ...]
@@ -246,21 +257,32 @@ class _Planner:
                 f"got {meta.dtype} {list(meta.shape)}"
             )
         experts, rows, groups, _ = shape
+        matrix = (rows, groups * mxfp4.BLOCK)
+        if 0 in shape or self.too_small(matrix):
+            self.skip_stack(name, experts, matrix)
+            return
+        self.units_cap(name, experts)
         per_expert = rows * groups * (mxfp4.BYTES_PER_BLOCK + 1)
+        kind, layer = _expert_kind(base), layer_of(name)
         for e in range(experts):
             self.add(
                 MatrixUnit(
-                    f"{base}[{e}]",
-                    name,
-                    _expert_kind(base),
-                    _layer_of(name),
-                    e,
-                    (rows, groups * mxfp4.BLOCK),
-                    "MXFP4",
-                    per_expert,
-                    "mxfp4",
+                    f"{base}[{e}]", name, kind, layer, e, matrix, "MXFP4", per_expert, "mxfp4",
                     scales_tensor=scales,
                 )
+            )  # fmt: skip
+
+    def skip_stack(self, name: str, experts: int, matrix: tuple[int, int]) -> None:
+        """One skip for a whole stack whose every expert would be skipped: a zero-size or
+        tiny [E, a, b] header costs the same to plan whatever E says."""
+        rows, cols = matrix
+        if experts == 0 or rows == 0 or cols == 0:
+            self.skip(name, f"empty expert stack of {experts} x {rows}x{cols}")
+        else:
+            self.skip(
+                name,
+                f"too small: {experts} experts of {rows}x{cols}, fewer than "
+                f"{self.min_evals} eigenvalues",
             )
 
     def check_scales_have_blocks(self, name: str) -> None:
@@ -272,62 +294,37 @@ class _Planner:
 
     def visit_dense_experts(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         experts, fan_in, fan_out = shape
-        per_expert = fan_in * fan_out * _itemsize(dtype)
+        if self.too_small((fan_out, fan_in)):
+            self.skip_stack(name, experts, (fan_out, fan_in))
+            return
+        self.units_cap(name, experts)
+        per_expert = fan_in * fan_out * DTYPE_SIZES[dtype]
+        kind, layer = _expert_kind(name), layer_of(name)
         for e in range(experts):
             self.add(
                 MatrixUnit(
-                    f"{name}[{e}]",
-                    name,
-                    _expert_kind(name),
-                    _layer_of(name),
-                    e,
-                    (fan_out, fan_in),
-                    dtype,
-                    per_expert,
-                    "expert",
-                    transpose=True,
+                    f"{name}[{e}]", name, kind, layer, e, (fan_out, fan_in), dtype, per_expert,
+                    "expert", transpose=True,
                 )
-            )
-
-    def visit_qkv(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
-        rows, cols = shape
-        for kind, start, stop in _qkv_split(self.config, rows):
-            self.add(
-                MatrixUnit(
-                    f"{name}:{kind[0]}",
-                    name,
-                    kind,
-                    _layer_of(name),
-                    None,
-                    (stop - start, cols),
-                    dtype,
-                    (stop - start) * cols * _itemsize(dtype),
-                    "rows",
-                    row_start=start,
-                    row_stop=stop,
-                )
-            )
+            )  # fmt: skip
 
     def visit_conv(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         out, fan_in, kh, kw = shape
-        kernel_bytes = math.prod(shape) * _itemsize(dtype)  # a strided slice reads it all
+        if self.too_small((out, fan_in)):
+            self.skip(name, f"too small: conv kernel {list(shape)} slices are {out}x{fan_in}")
+            return
+        self.units_cap(name, kh * kw)
+        # The reader decodes the kernel once for all its positions: each slice costs its share.
+        per_slice = out * fan_in * DTYPE_SIZES[dtype]
+        layer = layer_of(name)
         for i in range(kh):
             for j in range(kw):
                 self.add(
                     MatrixUnit(
-                        f"{name}[{i},{j}]",
-                        name,
-                        "conv",
-                        _layer_of(name),
-                        None,
-                        (out, fan_in),
-                        dtype,
-                        kernel_bytes,
-                        "conv",
-                        row_start=i,
-                        row_stop=j,
+                        f"{name}[{i},{j}]", name, "conv", layer, None, (out, fan_in), dtype,
+                        per_slice, "conv", row_start=i, row_stop=j,
                     )
-                )
+                )  # fmt: skip
 
 
 def build_plan(
@@ -335,13 +332,17 @@ def build_plan(
     config: Mapping[str, Any] | None = None,
     *,
     min_evals: int,
+    kind_rules: Sequence[KindRule] = (),
 ) -> Plan:
     """Map every tensor (name -> dtype and shape) to audit units or a skip reason.
 
-    `config` (the model's config.json) is needed only to split openai's fused qkv.
-    Raises `AuditError` for inconsistent MXFP4 pairs: those are broken checkpoints.
+    `config` (the model's config.json) gives the architecture (fused qkv layouts, GPT-2's
+    Conv1D) and the quantization (FP8 block size, packed formats); `kind_rules` are the
+    user's `kinds:` rules (`roles.parse_kind_rules`), tried before the naming table.
+    Raises `AuditError` for inconsistent MXFP4 pairs, fused qkv weights that the config
+    does not describe, and absurd shapes: those are broken checkpoints.
     """
-    planner = _Planner(tensors, config or {}, min_evals)
+    planner = _Planner(tensors, config or {}, min_evals, kind_rules)
     for name, meta in tensors.items():
         planner.visit(name, meta)
     return planner.plan

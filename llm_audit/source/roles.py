@@ -1,0 +1,258 @@
+"""The role (kind), layer and expert index of a weight matrix, from its tensor name.
+
+Why names: the plan is made from safetensors headers alone, before any weight is read
+and without running a line of a model's code, and the open-weight families spell their
+roles in a handful of ways (`q_proj` / `query` / `wq`, `gate_proj` / `w1` / `c_fc` /
+`dense_h_to_4h`, `experts.7.w2`, `layers.N` / `h.N` / `blocks.N`). One table maps them to
+the kinds reports group by; everything it does not know is `linear`, and users can add
+their own rules (`kinds:` in the audit config: a regex, a kind, and the regex group that
+holds the expert index) without a code change. User rules are tried first.
+
+Why not transformers' meta-device skeleton: on the ten families the table gets every
+role right (tests/test_families.py checks it against each model's own modules), and the
+one fact only the architecture knows — that GPT-2's Conv1D stores [in, out] — is a
+property of the `model_type`, kept in `CONV1D_MODEL_TYPES`. Building a skeleton would
+import transformers and allocate every module for each plan, for no better answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import AuditError
+
+ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLA_KINDS = ("q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")
+MLP_KINDS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+EXPERT_KINDS = ("expert_gate", "expert_up", "expert_down", "expert_gate_up")
+SHARED_KINDS = ("shared_gate", "shared_up", "shared_down")
+KINDS = (
+    *ATTENTION_KINDS,
+    *MLA_KINDS,
+    *MLP_KINDS,
+    "router",
+    *EXPERT_KINDS,
+    *SHARED_KINDS,
+    "embedding",
+    "position_embedding",
+    "lm_head",
+    "linear",
+    "conv",
+)
+# model_types whose checkpoints store linear layers as transformers' Conv1D: [in, out].
+CONV1D_MODEL_TYPES = frozenset({"gpt2"})
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_W = r"\.weight$"
+_ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), kind)
+    for pattern, kind in (
+        # routed experts (an `experts.N.` component), before the dense MLP names
+        (r"\.experts\.\d+\.(?:gate_proj|w1)" + _W, "expert_gate"),
+        (r"\.experts\.\d+\.(?:up_proj|w3)" + _W, "expert_up"),
+        (r"\.experts\.\d+\.(?:down_proj|w2)" + _W, "expert_down"),
+        (r"\.shared_experts?\.(?:gate_proj|w1)" + _W, "shared_gate"),
+        (r"\.shared_experts?\.(?:up_proj|w3)" + _W, "shared_up"),
+        (r"\.shared_experts?\.(?:down_proj|w2)" + _W, "shared_down"),
+        (r"\.(?:mlp|block_sparse_moe|moe|feed_forward)\.(?:gate|router)" + _W, "router"),
+        # multi-head latent attention (DeepSeek-V2/V3)
+        (r"\.q_a_proj" + _W, "q_a_proj"),
+        (r"\.q_b_proj" + _W, "q_b_proj"),
+        (r"\.kv_a_proj(?:_with_mqa)?" + _W, "kv_a_proj"),
+        (r"\.kv_b_proj" + _W, "kv_b_proj"),
+        # attention
+        (r"\.(?:qkv_proj|query_key_value|c_attn|qkv|Wqkv|W_pack)" + _W, "qkv_proj"),
+        (r"\.(?:q_proj|query|wq)" + _W, "q_proj"),
+        (r"\.(?:k_proj|key|wk)" + _W, "k_proj"),
+        (r"\.(?:v_proj|value|wv)" + _W, "v_proj"),
+        (
+            r"\.(?:self_attn|attn|attention|self_attention)\.(?:o_proj|out_proj|dense|wo|c_proj|out)"
+            + _W,
+            "o_proj",
+        ),
+        # dense MLP
+        (r"\.gate_up_proj" + _W, "gate_up_proj"),
+        (r"\.(?:gate_proj|w1)" + _W, "gate_proj"),
+        (r"\.(?:up_proj|w3|c_fc|dense_h_to_4h|fc1)" + _W, "up_proj"),
+        (r"\.(?:down_proj|w2|dense_4h_to_h|fc2)" + _W, "down_proj"),
+        (r"\.mlp\.c_proj" + _W, "down_proj"),
+        # embeddings and output head
+        (
+            r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embedding)" + _W,
+            "embedding",
+        ),
+        (r"(?:^|\.)(?:wpe|embed_positions|position_embeddings)" + _W, "position_embedding"),
+        (r"(?:^|\.)(?:lm_head|unembedding|embed_out)" + _W, "lm_head"),
+        (r"^output" + _W, "lm_head"),
+    )
+)
+_KIND_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a tensor is: its kind, and the layer and expert its name gives (or None)."""
+
+    kind: str
+    layer: int | None
+    expert: int | None
+
+
+@dataclass(frozen=True)
+class KindRule:
+    """A user rule: names matching `pattern` have `kind`; `expert` names the regex group
+    holding the expert index (a group number or name), if any."""
+
+    pattern: re.Pattern[str]
+    kind: str
+    expert: int | str | None = None
+
+
+def layer_of(name: str) -> int | None:
+    """The block index of a tensor name (`layers.N`, `layer.N`, `h.N`, `block(s).N`)."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _rule_expert(rule: KindRule, match: re.Match[str], name: str) -> int | None:
+    if rule.expert is None or match.group(rule.expert) is None:
+        return None
+    text = match.group(rule.expert)
+    if not text.isdecimal() or len(text) > 9:
+        raise AuditError(
+            f"kinds rule {rule.pattern.pattern[:80]!r}: expert group matched {text[:20]!r} "
+            f"in {name[:200]!r}, not an expert index"
+        )
+    return int(text)
+
+
+def role_of(name: str, rules: Sequence[KindRule] = ()) -> Role:
+    """The role of the 2-D weight `name`: user rules first, then the naming table."""
+    layer = layer_of(name)
+    for rule in rules:
+        match = rule.pattern.search(name)
+        if match:
+            return Role(rule.kind, layer, _rule_expert(rule, match, name))
+    for pattern, kind in _ROLE_TABLE:
+        if pattern.search(name):
+            expert = _EXPERT.search(name) if kind.startswith("expert_") else None
+            return Role(kind, layer, int(expert.group(1)) if expert else None)
+    return Role("linear", layer, None)
+
+
+def parse_kind_rules(value: Any, where: str) -> tuple[KindRule, ...]:
+    """Validate the `kinds:` config value: a list of {pattern, kind[, expert]} mappings.
+
+    `expert` is the number or name of the regex group holding the expert index; it must
+    exist in the pattern (and match digits, checked when a name matches). Errors name
+    `where` and the rule.
+    """
+    if not isinstance(value, list):
+        raise AuditError(f"{where}: kinds must be a list of {{pattern, kind, expert}} rules")
+    rules = []
+    for i, item in enumerate(value):
+        at = f"{where}: kinds[{i}]"
+        if not isinstance(item, Mapping) or not {"pattern", "kind"} <= set(item):
+            raise AuditError(f"{at} must be a mapping with 'pattern' and 'kind'")
+        unknown = sorted(set(item) - {"pattern", "kind", "expert"})
+        if unknown:
+            raise AuditError(f"{at}: unknown key(s) {', '.join(map(str, unknown))}")
+        pattern, kind, expert = item["pattern"], item["kind"], item.get("expert")
+        if not isinstance(pattern, str):
+            raise AuditError(f"{at}: pattern must be a string")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as err:
+            raise AuditError(f"{at}: bad regex {pattern[:80]!r} ({err})") from None
+        if not isinstance(kind, str) or not _KIND_NAME.fullmatch(kind):
+            raise AuditError(f"{at}: kind must be lower_snake_case, at most 40 characters")
+        if expert is not None:
+            if isinstance(expert, bool) or not isinstance(expert, int | str):
+                raise AuditError(f"{at}: expert must be a regex group number or name")
+            known = isinstance(expert, int) and 0 < expert <= compiled.groups
+            if not known and expert not in compiled.groupindex:
+                raise AuditError(f"{at}: pattern has no group {expert!r} for the expert index")
+        rules.append(KindRule(compiled, kind, expert))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
+class FusedSplit:
+    """How a fused qkv weight splits: in each group of `period` rows of the (out, in)
+    matrix, rows `start:stop` belong to each part's kind; `transposed` when stored [in, out]."""
+
+    parts: tuple[tuple[str, int, int], ...]
+    period: int
+    transposed: bool = False
+    periodic: bool = False  # the groups repeat down the rows (else one group: all rows)
+
+
+def _config_int(config: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AuditError(f"config.json: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _head_dim(config: Mapping[str, Any]) -> int:
+    heads = _config_int(config, "num_attention_heads")
+    default = _config_int(config, "hidden_size") // heads if "hidden_size" in config else None
+    return _config_int(config, "head_dim", default)
+
+
+def _qkv_parts(q_rows: int, kv_rows: int) -> tuple[tuple[str, int, int], ...]:
+    return (
+        ("q_proj", 0, q_rows),
+        ("k_proj", q_rows, q_rows + kv_rows),
+        ("v_proj", q_rows + kv_rows, q_rows + 2 * kv_rows),
+    )
+
+
+def _layout_of_fused_qkv(name: str, config: Mapping[str, Any]) -> FusedSplit | None:
+    model_type = config.get("model_type")
+    if name.endswith(".attn.qkv.weight") or (
+        model_type == "phi3" and name.endswith(".qkv_proj.weight")
+    ):  # openai's original/ layout and Phi-3: [q; k; v] row blocks
+        head_dim = _head_dim(config)
+        q_rows = _config_int(config, "num_attention_heads") * head_dim
+        kv_rows = _config_int(config, "num_key_value_heads") * head_dim
+        return FusedSplit(_qkv_parts(q_rows, kv_rows), q_rows + 2 * kv_rows)
+    if model_type == "gpt2" and name.endswith(".c_attn.weight"):  # Conv1D [in, q|k|v]
+        width = _config_int(config, "n_embd")
+        return FusedSplit(_qkv_parts(width, width), 3 * width, transposed=True)
+    if model_type == "falcon" and name.endswith(".query_key_value.weight"):
+        heads = _config_int(config, "num_attention_heads")
+        head_dim = _config_int(config, "hidden_size") // heads
+        if config.get("new_decoder_architecture"):  # per kv group: its q heads, k, v
+            per_group = heads // _config_int(config, "num_kv_heads", heads)
+            q_rows = per_group * head_dim
+            return FusedSplit(_qkv_parts(q_rows, head_dim), q_rows + 2 * head_dim, periodic=True)
+        if config.get("multi_query", True):  # all q heads, then one k and one v head
+            # (else, below: q, k, v per head)
+            return FusedSplit(_qkv_parts(heads * head_dim, head_dim), (heads + 2) * head_dim)
+        return FusedSplit(_qkv_parts(head_dim, head_dim), 3 * head_dim, periodic=True)
+    return None
+
+
+def fused_qkv_split(name: str, config: Mapping[str, Any], rows: int) -> FusedSplit | None:
+    """The q/k/v layout of the fused qkv weight `name` with `rows` output rows, where the
+    architecture (config.json's `model_type`) fixes it; None where it is not known.
+
+    Raises `AuditError` when the layout is known but the config does not add up to `rows`.
+    """
+    try:
+        split = _layout_of_fused_qkv(name, config)
+    except AuditError as err:
+        raise AuditError(f"cannot split fused qkv {name[:200]!r}: {err}") from None
+    if split is not None and (rows % split.period if split.periodic else rows != split.period):
+        raise AuditError(
+            f"cannot split fused qkv {name[:200]!r} of {rows} rows: config.json gives "
+            f"groups of {split.period} rows"
+        )
+    return split
