@@ -208,7 +208,7 @@ class _Planner:
             self.skip(name, scales)
             return
         role = role_of(name, self.rules)
-        transpose = self.conv1d and role.kind != "embedding" and role.kind != "lm_head"
+        transpose = self.conv1d and role.kind not in ("embedding", "position_embedding", "lm_head")
         out, fan_in = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
         split = fused_qkv_split(name, self.config, out) if role.kind == "qkv_proj" else None
         dtype = scales.label if scales else meta.dtype

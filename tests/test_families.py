@@ -1,0 +1,235 @@
+"""Real checkpoints of the major open-weight families, written by transformers' own
+`save_pretrained` (tiny random configs, bf16, sharded): every matrix planned once with its
+role, layer and expert, and a trap planted in one matrix found there and only there."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from llm_audit.run.units import analyze_units
+from llm_audit.source.checkpoint import open_checkpoint
+from llm_audit.source.reference import resolve_model
+from llm_audit.spectral.settings import AnalysisSettings
+
+SMALL = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 16}
+ATTN = {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2}
+MLP = {"gate_proj": 2, "up_proj": 2, "down_proj": 2}
+EXPERTS = {"expert_gate": 8, "expert_up": 8, "expert_down": 8}
+HEADS = {"embedding": 1, "lm_head": 1}
+
+# family -> (config class, config, expected units per kind, planted: (tensor, stored
+# coordinates), the unit holding them and where they land in it (audited (out, in) rows)).
+FAMILIES = {
+    "llama": (
+        "LlamaConfig",
+        SMALL,
+        ATTN | MLP | HEADS,
+        ("model.layers.1.mlp.down_proj.weight", [(3, 5), (20, 40)]),
+        ("model.layers.1.mlp.down_proj.weight", [(3, 5), (20, 40)]),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        SMALL | {"num_local_experts": 4, "num_experts_per_tok": 2},
+        ATTN | {"expert_gate": 8, "expert_up": 8, "expert_down": 8} | HEADS,
+        ("model.layers.1.block_sparse_moe.experts.2.w2.weight", [(3, 5), (20, 40)]),
+        ("model.layers.1.block_sparse_moe.experts.2.w2.weight", [(3, 5), (20, 40)]),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        SMALL | MOE | {"num_experts": 4, "shared_expert_intermediate_size": 24},
+        ATTN | EXPERTS | {"shared_gate": 2, "shared_up": 2, "shared_down": 2} | HEADS,
+        ("model.layers.1.mlp.experts.3.down_proj.weight", [(3, 5), (20, 11)]),
+        ("model.layers.1.mlp.experts.3.down_proj.weight", [(3, 5), (20, 11)]),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        SMALL | MOE | {"num_experts": 4, "head_dim": 8},
+        ATTN | EXPERTS | HEADS,
+        ("model.layers.0.mlp.experts.1.gate_proj.weight", [(3, 5), (12, 30)]),
+        ("model.layers.0.mlp.experts.1.gate_proj.weight", [(3, 5), (12, 30)]),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        SMALL
+        | MOE
+        | {
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+        {"q_a_proj": 2, "q_b_proj": 2, "kv_a_proj": 2, "kv_b_proj": 2, "o_proj": 2}
+        | {"gate_proj": 1, "up_proj": 1, "down_proj": 1}
+        | {"expert_gate": 4, "expert_up": 4, "expert_down": 4}
+        | {"shared_gate": 1, "shared_up": 1, "shared_down": 1}
+        | HEADS,
+        ("model.layers.1.mlp.experts.2.up_proj.weight", [(3, 5), (12, 30)]),
+        ("model.layers.1.mlp.experts.2.up_proj.weight", [(3, 5), (12, 30)]),
+    ),
+    "gpt2": (  # Conv1D [in, out]: c_attn's column 40 is k's row 8
+        "GPT2Config",
+        {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 32},
+        {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2, "up_proj": 2, "down_proj": 2}
+        | {"embedding": 1, "position_embedding": 1},
+        ("transformer.h.1.attn.c_attn.weight", [(4, 40), (25, 60)]),
+        ("transformer.h.1.attn.c_attn.weight:k", [(8, 4), (28, 25)]),
+    ),
+    "phi3": (  # qkv_proj rows: q 0-31, k 32-47, v 48-63
+        "Phi3Config",
+        SMALL | {"pad_token_id": 0},
+        ATTN | {"gate_up_proj": 2, "down_proj": 2} | HEADS,
+        ("model.layers.0.self_attn.qkv_proj.weight", [(40, 7), (33, 20)]),
+        ("model.layers.0.self_attn.qkv_proj.weight:k", [(8, 7), (1, 20)]),
+    ),
+    "falcon": (  # per kv group of 32 rows: q 16, k 8, v 8; row 50 is group 1's k row 2
+        "FalconConfig",
+        {
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "new_decoder_architecture": True,
+            "num_kv_heads": 2,
+        },
+        {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2, "up_proj": 2, "down_proj": 2}
+        | {"embedding": 1},
+        ("transformer.h.0.self_attention.query_key_value.weight", [(50, 3), (18, 30)]),
+        ("transformer.h.0.self_attention.query_key_value.weight:k", [(10, 3), (2, 30)]),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        SMALL | {"head_dim": 8},
+        ATTN | MLP | {"embedding": 1},
+        ("model.layers.0.self_attn.o_proj.weight", [(3, 5), (20, 30)]),
+        ("model.layers.0.self_attn.o_proj.weight", [(3, 5), (20, 30)]),
+    ),
+    "gpt_oss": (  # experts stored [E, in, out]: expert 2's (in 10, out 20) is row 20, col 10
+        "GptOssConfig",
+        SMALL | {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8},
+        ATTN | {"expert_gate_up": 8, "expert_down": 8} | HEADS,
+        ("model.layers.1.mlp.experts.down_proj", [(2, 10, 20), (2, 40, 3)]),
+        ("model.layers.1.mlp.experts.down_proj[2]", [(20, 10), (3, 40)]),
+    ),
+}
+PLANTED = (1.0, -0.75)
+
+
+def _save(family: str, folder: Path) -> transformers.PretrainedConfig:
+    config_class, values, _, (tensor, coords), _ = FAMILIES[family]
+    config = getattr(transformers, config_class)(**values)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="20KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"][tensor]
+    tensors = load_file(shard)
+    for value, where in zip(PLANTED, coords, strict=True):
+        tensors[tensor][where] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return config
+
+
+def _expected_index(pattern: str, name: str) -> int | None:
+    match = re.search(pattern, name)
+    return int(match.group(1)) if match else None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_roles_experts_and_planted_trap(family, tmp_path):
+    _, _, kinds, _, (trap_unit, trap_coords) = FAMILIES[family]
+    config = _save(family, tmp_path / family)
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / family)))
+    assert len(checkpoint.model.files) > 1  # sharded
+    plan = checkpoint.plan(8)
+
+    # every 2-D weight (and every expert of a stack) with >= 8 eigenvalues: planned exactly
+    # once, its parts covering it
+    assert len({u.id for u in plan.units}) == len(plan.units)
+    covered = Counter()
+    for unit in plan.units:
+        covered[unit.tensor] += unit.shape[0] * unit.shape[1]
+    for name, info in checkpoint.tensors.items():
+        matrix = info.shape[-2:]
+        if len(info.shape) in (2, 3) and min(matrix) >= 8 and not name.endswith("bias"):
+            assert covered.pop(name) == int(np.prod(info.shape)), name
+    assert not covered  # nothing else planned
+
+    # roles: the expected kinds and counts, nothing left as `linear`
+    assert plan.counts_by_kind() == kinds
+
+    # layer and expert indices from the names
+    for unit in plan.units:
+        assert unit.layer == _expected_index(r"\.(?:layers|h)\.(\d+)\.", unit.tensor), unit.id
+        expert = _expected_index(r"\.experts\.(\d+)\.", unit.tensor)
+        expert = expert if expert is not None else _expected_index(r"\[(\d+)\]$", unit.id)
+        assert unit.expert == expert, unit.id
+        assert (unit.expert is not None) == unit.kind.startswith("expert_"), unit.id
+
+    # transformers' own modules agree: embeddings are embeddings, Conv1D is transposed
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    by_tensor = {u.tensor: u for u in plan.units}
+    for module_name, module in skeleton.named_modules():
+        unit = by_tensor.get(f"{module_name}.weight")
+        if unit is None:
+            continue
+        if isinstance(module, torch.nn.Embedding):
+            assert unit.kind in ("embedding", "position_embedding"), unit.id
+        assert unit.transpose == isinstance(module, transformers.pytorch_utils.Conv1D), unit.id
+
+    # the planted trap: found in exactly its matrix, its largest entries the planted ones.
+    # A random matrix this small (8-32 eigenvalues) shows a genuine correlation trap in
+    # about one shuffle of 200 (seeds 0-15 here: 0 to 3 false traps among these ~300
+    # matrices, each well past its edge); with run seed 6 there is none.
+    rows = analyze_units(checkpoint, plan.units, AnalysisSettings(seed=6))
+    assert all(r["status"] == "ok" for r in rows)
+    trapped = {r["matrix"]: r for r in rows if r["rand_num_spikes"]}
+    assert list(trapped) == [trap_unit]
+    planted = trapped[trap_unit]
+    assert planted["rand_num_spikes"] >= len(trap_coords)
+    entries = planted["trap_entries"][: len(trap_coords)]
+    assert [(e["row"], e["col"]) for e in entries] == trap_coords
+    assert [e["value"] for e in entries] == list(PLANTED)
+    assert planted["source_dtype"] == "BF16"
+
+
+def test_user_kind_rules_come_first(tmp_path):
+    from llm_audit.source.roles import parse_kind_rules
+
+    _save("mixtral", tmp_path / "m")
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "m")))
+    rules = parse_kind_rules(
+        [
+            {"pattern": r"experts\.(?P<e>\d+)\.w2\.weight$", "kind": "my_down", "expert": "e"},
+            {"pattern": r"self_attn\.o_proj", "kind": "my_out"},
+        ],
+        "rules.yaml",
+    )
+    plan = checkpoint.plan(8, rules)
+    counts = plan.counts_by_kind()
+    assert counts["my_down"] == 8 and counts["my_out"] == 2 and "expert_down" not in counts
+    mine = [u for u in plan.units if u.kind == "my_down"]
+    assert sorted({u.expert for u in mine}) == [0, 1, 2, 3]
