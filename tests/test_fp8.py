@@ -1,0 +1,164 @@
+"""FP8 checkpoints are audited on their dequantized weights: DeepSeek-style block scales
+(`weight_scale_inv`, partial edge blocks) and compressed-tensors per-channel / per-tensor
+`weight_scale`, E4M3 and E5M2, in memory and streamed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+from llm_audit import analyze_matrix
+from llm_audit.run.units import analyze_units
+from llm_audit.source.checkpoint import open_checkpoint
+from llm_audit.source.reference import resolve_model
+from llm_audit.spectral.settings import AnalysisSettings
+
+BLOCK = (128, 128)
+SHAPE = (300, 200)  # 3 x 2 blocks, the last row and column of blocks partial (44, 72)
+PLANTED = [(10, 150), (290, 7), (140, 199)]
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+NAME = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _weight(seed: int = 0) -> torch.Tensor:
+    """A Gaussian weight with large entries planted before quantization."""
+    w = torch.from_numpy(np.random.default_rng(seed).standard_normal(SHAPE) * 0.02).float()
+    for k, (r, c) in enumerate(PLANTED):
+        w[r, c] = 1.0 - 0.1 * k
+    return w
+
+
+def _block_quantize(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = w.shape
+    grid = (-(-rows // BLOCK[0]), -(-cols // BLOCK[1]))
+    scales = torch.empty(grid)
+    q = torch.empty_like(w)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            block = (
+                slice(i * BLOCK[0], (i + 1) * BLOCK[0]),
+                slice(j * BLOCK[1], (j + 1) * BLOCK[1]),
+            )
+            scales[i, j] = w[block].abs().max() / FP8_MAX[dtype]
+            q[block] = w[block] / scales[i, j]
+    return q.to(dtype), scales
+
+
+def _write(folder: Path, tensors: dict[str, torch.Tensor], quantization: dict) -> Path:
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = {"model_type": "deepseek_v3", "quantization_config": quantization}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _audit_one(folder: Path, settings: AnalysisSettings):
+    checkpoint = open_checkpoint(resolve_model(str(folder)))
+    plan = checkpoint.plan(8)
+    [unit] = [u for u in plan.units if u.tensor == NAME]
+    [row] = analyze_units(checkpoint, [unit], settings)
+    return checkpoint, plan, unit, row
+
+
+def _same_numbers(row: dict, reference: dict) -> None:
+    assert row["lambda_max"] == pytest.approx(reference["lambda_max"], rel=1e-5)
+    assert row["log_norm"] == pytest.approx(reference["log_norm"], rel=1e-5)
+    assert row["alpha"] == reference["alpha"]
+    assert row["rand_num_spikes"] == reference["rand_num_spikes"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_block_scaled_fp8_is_dequantized_exactly(dtype, tmp_path):
+    q, scales = _block_quantize(_weight(), dtype)
+    tensors = {NAME: q, NAME + "_scale_inv": scales, "model.norm.weight": torch.ones(200)}
+    quantization = {"quant_method": "fp8", "weight_block_size": list(BLOCK)}
+    folder = _write(tmp_path / "m", tensors, quantization)
+    checkpoint, plan, unit, row = _audit_one(folder, AnalysisSettings(seed=0))
+
+    # transformers' own FP8 dequantization (the one its backward pass uses) is the reference
+    reference = _dequantize_fp8_weight(q, scales, list(BLOCK), torch.float32).numpy()
+    ours = checkpoint.read_matrix(unit)
+    assert ours.dtype == np.float32 and np.array_equal(ours, reference)
+    # and the documented formula: W = q * s of its block
+    by_formula = q.float().numpy() * np.kron(scales.numpy(), np.ones(BLOCK))[: SHAPE[0], : SHAPE[1]]
+    assert np.array_equal(ours, by_formula.astype(np.float32))
+
+    _same_numbers(row, analyze_matrix(reference, seed=0, matrix_id=unit.id))
+    fmt = "F8_E4M3" if dtype == torch.float8_e4m3fn else "F8_E5M2"
+    assert row["source_dtype"] == f"{fmt} block 128x128 scaled"
+    assert unit.scales_tensor == NAME + "_scale_inv" and unit.scale_block == BLOCK
+    # the trap planted before quantization is found, at its coordinates
+    assert row["rand_num_spikes"] >= len(PLANTED)
+    top = {(e["row"], e["col"]) for e in row["trap_entries"][: len(PLANTED)]}
+    assert top == set(PLANTED)
+    # the scales are never audited on their own
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert "never audited alone" in reasons[NAME + "_scale_inv"]
+    assert [u.tensor for u in plan.units] == [NAME]
+
+
+def test_streamed_path_dequantizes_the_same_way(tmp_path):
+    q, scales = _block_quantize(_weight(), torch.float8_e4m3fn)
+    quantization = {"quant_method": "fp8", "weight_block_size": list(BLOCK)}
+    folder = _write(tmp_path / "m", {NAME: q, NAME + "_scale_inv": scales}, quantization)
+    checkpoint = open_checkpoint(resolve_model(str(folder)))
+    [unit] = checkpoint.plan(8).units
+    whole = checkpoint.read_matrix(unit)
+    for chunk in (1, 50, 128, 299):  # chunks that cut blocks anywhere
+        assert np.array_equal(np.concatenate(list(checkpoint.iter_rows(unit, chunk))), whole)
+    # an audit that streams it (budget 0) reports the in-memory numbers
+    _, _, _, streamed = _audit_one(folder, AnalysisSettings(seed=0, memory_budget_mb=0))
+    _same_numbers(streamed, analyze_matrix(whole, seed=0, matrix_id=unit.id))
+
+
+@pytest.mark.parametrize(
+    ("scale_shape", "label"),
+    [((SHAPE[0], 1), "per-channel"), ((SHAPE[0],), "per-channel"), ((), "per-tensor")],
+)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_compressed_tensors_weight_scale(scale_shape, label, dtype, tmp_path):
+    w = _weight()
+    channel = w.abs().amax(dim=1, keepdim=True) / FP8_MAX[dtype]
+    scale = channel if scale_shape else w.abs().max() / FP8_MAX[dtype]
+    q = (w / scale).to(dtype)
+    tensors = {
+        NAME: q,
+        NAME + "_scale": scale.reshape(scale_shape).to(torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.input_scale": torch.tensor([0.5]),
+    }
+    quantization = {"quant_method": "compressed-tensors", "format": "float-quantized"}
+    folder = _write(tmp_path / "m", tensors, quantization)
+    checkpoint, plan, unit, row = _audit_one(folder, AnalysisSettings(seed=0))
+    # the documented formula: W = q * weight_scale (per output row, or one for all)
+    s = scale.to(torch.bfloat16).float().numpy().reshape(-1, 1)
+    expected = (q.float().numpy() * s).astype(np.float32)
+    assert np.array_equal(checkpoint.read_matrix(unit), expected)
+    _same_numbers(row, analyze_matrix(expected, seed=0, matrix_id=unit.id))
+    assert row["source_dtype"].endswith(f"{label} scaled")
+    top = {(e["row"], e["col"]) for e in row["trap_entries"][: len(PLANTED)]}
+    assert top == set(PLANTED)
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert "never audited alone" in reasons[NAME + "_scale"]
+    assert reasons["model.layers.0.self_attn.q_proj.input_scale"].startswith("activation scale")
+    # without the scales the spectrum would be off by orders of magnitude
+    raw = analyze_matrix(q.float().numpy(), seed=0, randomize=False)
+    assert raw["lambda_max"] > 100 * row["lambda_max"]
+
+
+def test_scales_that_do_not_fit_are_skipped_with_a_reason(tmp_path):
+    q, scales = _block_quantize(_weight(), torch.float8_e4m3fn)
+    tensors = {NAME: q, NAME + "_scale_inv": scales}
+    no_block = _write(tmp_path / "a", tensors, {"quant_method": "fp8"})
+    plan = open_checkpoint(resolve_model(str(no_block))).plan(8)
+    assert not plan.units
+    assert "weight_block_size" in dict((s.name, s.reason) for s in plan.skipped)[NAME]
+    wrong = _write(tmp_path / "b", tensors, {"quant_method": "fp8", "weight_block_size": [64, 64]})
+    plan = open_checkpoint(resolve_model(str(wrong))).plan(8)
+    assert not plan.units
+    assert "fit no known layout" in dict((s.name, s.reason) for s in plan.skipped)[NAME]
