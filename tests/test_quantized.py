@@ -1,0 +1,105 @@
+"""Integer-packed checkpoints (GPTQ, AWQ, compressed-tensors pack-quantized, bitsandbytes):
+each packed weight is skipped with a reason naming its format, and its auxiliary tensors
+(scales, zero points, group indices, quantization state) are never audited as matrices."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from llm_audit.source.plan import build_plan
+
+OUT, IN, GROUPS = 64, 256, 16  # group size 16: 16 groups, enough rows to look like a matrix
+P = "model.layers.0.self_attn.q_proj"
+
+
+def _meta(dtype: str, *shape: int) -> SimpleNamespace:
+    return SimpleNamespace(dtype=dtype, shape=tuple(shape))
+
+
+PLAIN = {
+    "model.embed_tokens.weight": _meta("BF16", 128, OUT),
+    "lm_head.weight": _meta("BF16", 128, OUT),
+    f"{P}.bias": _meta("F16", OUT),
+}
+# format -> (quantization_config, the tensors of one quantized linear layer, its reason)
+FORMATS = {
+    "gptq": (  # AutoGPTQ / optimum: qweight [in / 8, out], qzeros [groups, out / 8]
+        {"quant_method": "gptq", "bits": 4, "group_size": 16},
+        {
+            f"{P}.qweight": _meta("I32", IN // 8, OUT),
+            f"{P}.qzeros": _meta("I32", GROUPS, OUT // 8),
+            f"{P}.scales": _meta("F16", GROUPS, OUT),
+            f"{P}.g_idx": _meta("I32", IN),
+        },
+        "GPTQ-packed I32 weight (not decoded)",
+    ),
+    "awq": (  # AutoAWQ gemm: qweight [in, out / 8], scales [groups, out]
+        {"quant_method": "awq", "bits": 4, "group_size": 16},
+        {
+            f"{P}.qweight": _meta("I32", IN, OUT // 8),
+            f"{P}.qzeros": _meta("I32", GROUPS, OUT // 8),
+            f"{P}.scales": _meta("F16", GROUPS, OUT),
+        },
+        "AWQ-packed I32 weight (not decoded)",
+    ),
+    "compressed-tensors": (  # pack-quantized: eight 4-bit values per int32
+        {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+        {
+            f"{P}.weight_packed": _meta("I32", OUT, IN // 8),
+            f"{P}.weight_scale": _meta("BF16", OUT, GROUPS),
+            f"{P}.weight_zero_point": _meta("I32", OUT // 8, GROUPS),
+            f"{P}.weight_shape": _meta("I64", 2),
+            f"{P}.weight_g_idx": _meta("I32", IN),
+        },
+        "compressed-tensors pack-quantized I32 weight (not decoded)",
+    ),
+    "bnb-4bit": (
+        {"quant_method": "bitsandbytes", "load_in_4bit": True},
+        {
+            f"{P}.weight": _meta("U8", OUT * IN // 2, 1),
+            f"{P}.weight.absmax": _meta("F32", OUT * IN // 64),
+            f"{P}.weight.quant_map": _meta("F32", 16),
+            f"{P}.weight.nested_absmax": _meta("F32", 8),
+            f"{P}.weight.nested_quant_map": _meta("F32", 256),
+            f"{P}.weight.quant_state.bitsandbytes__nf4": _meta("U8", 100),
+        },
+        "bitsandbytes 4-bit weight (not decoded)",
+    ),
+    "bnb-8bit": (
+        {"quant_method": "bitsandbytes", "load_in_8bit": True},
+        {
+            f"{P}.weight": _meta("I8", OUT, IN),
+            f"{P}.SCB": _meta("F32", OUT),
+            f"{P}.weight_format": _meta("U8"),
+        },
+        "bitsandbytes int8 weight (not decoded)",
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_packed_weights_skipped_by_format_and_their_state_never_audited(fmt):
+    config, layer, reason = FORMATS[fmt]
+    plan = build_plan(PLAIN | layer, {"quantization_config": config}, min_evals=8)
+    assert [u.id for u in plan.units] == ["model.embed_tokens.weight", "lm_head.weight"]
+    reasons = {s.name: s.reason for s in plan.skipped}
+    packed = next(name for name in layer if name.endswith(("qweight", "weight_packed", "weight")))
+    assert reasons[packed] == reason
+    for name in layer:
+        assert name in reasons, name  # every auxiliary tensor listed, with its reason
+        assert "vector" not in reasons[name] and "too small" not in reasons[name], name
+
+
+def test_formats_recognised_from_names_alone():
+    _, layer, _ = FORMATS["gptq"]
+    plan = build_plan(PLAIN | layer, {}, min_evals=8)
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert reasons[f"{P}.qweight"] == "GPTQ/AWQ-packed I32 weight (not decoded)"
+    assert reasons[f"{P}.scales"] == "GPTQ/AWQ scales of a packed weight"
+
+
+def test_a_weight_called_scales_without_a_packed_owner_is_still_audited():
+    plan = build_plan({"model.layers.0.film.scales": _meta("F32", 16, 64)}, min_evals=8)
+    assert [u.id for u in plan.units] == ["model.layers.0.film.scales"]
