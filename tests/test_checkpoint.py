@@ -223,3 +223,16 @@ def test_openai_original_layout_reads_q_k_v_rows(tmp_path):
     assert np.array_equal(checkpoint.read_matrix(units["k_proj"]), full[128:192])
     assert np.array_equal(checkpoint.read_matrix(units["v_proj"]), full[192:])
     assert checkpoint.bytes_read == qkv.numel() * 2
+
+
+def test_conv_kernel_is_read_once_for_all_its_positions(tmp_path):
+    kernel = torch.from_numpy(np.random.default_rng(0).standard_normal((16, 8, 3, 3))).float()
+    (tmp_path / "conv").mkdir()
+    save_file({"conv1.weight": kernel}, tmp_path / "conv" / "model.safetensors")
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "conv")))
+    units = checkpoint.plan(8).units
+    assert len(units) == 9
+    for unit in units:
+        i, j = unit.row_start, unit.row_stop
+        assert np.array_equal(checkpoint.read_matrix(unit), kernel[:, :, i, j].numpy())
+    assert checkpoint.bytes_read == kernel.numel() * 4

@@ -1,8 +1,11 @@
-"""The audit plan: real gpt-oss tensor lists give 1,658 and 9,398 matrices; other layouts."""
+"""The audit plan: real gpt-oss tensor lists give 1,658 and 9,398 matrices; other layouts;
+absurd headers refused or skipped at once; user kind rules."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +13,7 @@ import pytest
 
 from llm_audit.errors import AuditError
 from llm_audit.source.plan import build_plan
+from llm_audit.source.roles import parse_kind_rules
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")
@@ -122,3 +126,67 @@ def test_broken_mxfp4_pairs_are_errors():
     mismatched = blocks | {"model.layers.0.mlp.experts.down_proj_scales": _meta("U8", 2, 64, 3)}
     with pytest.raises(AuditError, match="scales must be U8"):
         build_plan(mismatched, min_evals=8)
+
+
+def test_zero_size_expert_stack_plans_at_once():
+    tensors = {
+        "model.layers.0.mlp.experts.down_proj": _meta("BF16", 10**12, 0, 64),
+        "model.layers.0.mlp.experts.gate_up_proj_blocks": _meta("U8", 10**12, 0, 2, 16),
+        "model.layers.0.mlp.experts.gate_up_proj_scales": _meta("U8", 10**12, 0, 2),
+        "model.layers.0.mlp.experts.up_proj": _meta("BF16", 10**12, 4, 4),
+    }
+    start = time.perf_counter()
+    plan = build_plan(tensors, min_evals=8)
+    assert time.perf_counter() - start < 1.0
+    assert not plan.units
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert reasons["model.layers.0.mlp.experts.down_proj"].startswith("empty")
+    assert reasons["model.layers.0.mlp.experts.gate_up_proj_blocks"].startswith("empty")
+
+
+def test_absurd_dimensions_and_unit_counts_are_refused():
+    with pytest.raises(AuditError, match="dimension above"):
+        build_plan({"lm_head.weight": _meta("BF16", 2**41, 0)}, min_evals=8)
+    with pytest.raises(AuditError, match="would give 2097152 matrices"):
+        build_plan(
+            {"model.layers.0.mlp.experts.down_proj": _meta("BF16", 2**21, 8, 8)}, min_evals=8
+        )
+    with pytest.raises(AuditError, match="would give"):
+        build_plan({"conv.weight": _meta("F32", 8, 8, 2**11, 2**10)}, min_evals=8)
+
+
+def test_conv_slices_cost_their_share_of_the_kernel():
+    plan = build_plan({"conv1.weight": _meta("F32", 16, 8, 3, 3)}, min_evals=8)
+    assert len(plan.units) == 9
+    assert plan.bytes_to_read() == 16 * 8 * 3 * 3 * 4  # the kernel, read once
+
+
+def test_skipped_list_names_every_tensor_and_reason():
+    plan = build_plan({"a.norm.weight": _meta("BF16", 8), "ids": _meta("I64", 10, 10)}, min_evals=8)
+    assert plan.skipped_list() == [
+        {"name": "a.norm.weight", "reason": "norm (vector)"},
+        {"name": "ids", "reason": "not a float tensor (I64)"},
+    ]
+
+
+def test_kind_rules_from_a_config_are_validated():
+    rules = parse_kind_rules(
+        [{"pattern": r"\.ffn\.(\d+)\.lin\.weight$", "kind": "ffn_expert", "expert": 1}], "c.yaml"
+    )
+    plan = build_plan(
+        {"blocks.3.ffn.5.lin.weight": _meta("BF16", 16, 16)}, min_evals=8, kind_rules=rules
+    )
+    [unit] = plan.units
+    assert (unit.kind, unit.layer, unit.expert) == ("ffn_expert", 3, 5)
+    for bad, message in [
+        ({"kind": "x"}, "with 'pattern' and 'kind'"),
+        ({"pattern": "(", "kind": "x"}, "bad regex"),
+        ({"pattern": "a", "kind": "Not Snake"}, "lower_snake_case"),
+        ({"pattern": "a", "kind": "x", "expert": 2}, "no group 2"),
+        ({"pattern": "a", "kind": "x", "colour": 1}, "unknown key"),
+    ]:
+        with pytest.raises(AuditError, match=re.escape(message)):
+            parse_kind_rules([bad], "c.yaml")
+    letters = parse_kind_rules([{"pattern": r"ffn\.(\w+)\.", "kind": "x", "expert": 1}], "c.yaml")
+    with pytest.raises(AuditError, match="not an expert index"):
+        build_plan({"ffn.ab.w": _meta("BF16", 16, 16)}, min_evals=8, kind_rules=letters)
