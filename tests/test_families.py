@@ -15,6 +15,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from llm_audit.errors import AuditError
+from llm_audit.run.config import load_config
 from llm_audit.run.units import analyze_units
 from llm_audit.source.checkpoint import open_checkpoint
 from llm_audit.source.reference import resolve_model
@@ -216,20 +218,19 @@ def test_family_roles_experts_and_planted_trap(family, tmp_path):
     assert planted["source_dtype"] == "BF16"
 
 
-def test_user_kind_rules_come_first(tmp_path):
-    from llm_audit.source.roles import parse_kind_rules
-
+def test_user_kind_rules_from_the_config_come_first(tmp_path):
     _save("mixtral", tmp_path / "m")
     checkpoint = open_checkpoint(resolve_model(str(tmp_path / "m")))
-    rules = parse_kind_rules(
-        [
-            {"pattern": r"experts\.(?P<e>\d+)\.w2\.weight$", "kind": "my_down", "expert": "e"},
-            {"pattern": r"self_attn\.o_proj", "kind": "my_out"},
-        ],
-        "rules.yaml",
+    (tmp_path / "audit.yaml").write_text(
+        "kinds:\n"
+        "  - {pattern: 'experts\\.(?P<e>\\d+)\\.w2\\.weight$', kind: my_down, expert: e}\n"
+        "  - {pattern: 'self_attn\\.o_proj', kind: my_out}\n"
     )
-    plan = checkpoint.plan(8, rules)
+    plan = checkpoint.plan(8, load_config(tmp_path / "audit.yaml").kind_rules())
     counts = plan.counts_by_kind()
     assert counts["my_down"] == 8 and counts["my_out"] == 2 and "expert_down" not in counts
     mine = [u for u in plan.units if u.kind == "my_down"]
     assert sorted({u.expert for u in mine}) == [0, 1, 2, 3]
+    (tmp_path / "bad.yaml").write_text("kinds:\n  - {pattern: '(', kind: x}\n")
+    with pytest.raises(AuditError, match=r"bad\.yaml: kinds\[0\]: bad regex"):
+        load_config(tmp_path / "bad.yaml")

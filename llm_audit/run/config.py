@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import AuditError
 from ..inputs import build_checked, read_yaml, shown
+from ..source.roles import KindRule, parse_kind_rules
 from ..spectral.settings import AnalysisSettings
 
 _POSITIVE = ("cpus_per_task", "gpu_batch_size", "memory_budget_mb", "task_timeout_s")
@@ -32,6 +33,11 @@ class AuditConfig(AnalysisSettings):
     max_in_flight: int = 0  # tasks submitted ahead; 0: twice the worker slots
     max_retries: int = 3  # re-runs of a task whose worker died
     task_timeout_s: float = 3600.0  # a task running longer is reported as failed
+    kinds: list[dict[str, Any]] = field(default_factory=list)  # user rules: regex -> kind
+
+    def kind_rules(self) -> tuple[KindRule, ...]:
+        """The `kinds:` rules, compiled (validated when the config was built)."""
+        return parse_kind_rules(self.kinds, "kinds")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +63,7 @@ def _validated(values: dict[str, Any], where: str) -> AuditConfig:
         value = getattr(config, name)
         if not value > 0:
             raise AuditError(f"{where}: {name} must be positive, got {shown(value)}")
+    parse_kind_rules(config.kinds, where)
     return config
 
 
