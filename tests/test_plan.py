@@ -190,3 +190,46 @@ def test_kind_rules_from_a_config_are_validated():
     letters = parse_kind_rules([{"pattern": r"ffn\.(\w+)\.", "kind": "x", "expert": 1}], "c.yaml")
     with pytest.raises(AuditError, match="not an expert index"):
         build_plan({"ffn.ab.w": _meta("BF16", 16, 16)}, min_evals=8, kind_rules=letters)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "layer", "expert"),
+    [
+        ("gpt_neox.embed_in.weight", "embedding", None, None),
+        ("embed_out.weight", "lm_head", None, None),
+        ("gpt_neox.layers.3.attention.query_key_value.weight", "qkv_proj", 3, None),
+        ("gpt_neox.layers.3.attention.dense.weight", "o_proj", 3, None),
+        ("transformer.blocks.2.attn.Wqkv.weight", "qkv_proj", 2, None),
+        ("transformer.blocks.2.attn.out_proj.weight", "o_proj", 2, None),
+        ("transformer.blocks.2.ffn.up_proj.weight", "up_proj", 2, None),
+        ("layers.7.attention.wq.weight", "q_proj", 7, None),
+        ("layers.7.feed_forward.w1.weight", "gate_proj", 7, None),
+        ("layers.7.feed_forward.w2.weight", "down_proj", 7, None),
+        ("output.weight", "lm_head", None, None),
+        ("tok_embeddings.weight", "embedding", None, None),
+        ("model.layers.61.shared_head.head.weight", "lm_head", 61, None),
+        ("model.layers.5.block_sparse_moe.experts.11.w3.weight", "expert_up", 5, 11),
+        ("encoder.layer.4.attention.self.query.weight", "q_proj", 4, None),
+        ("model.layers.0.mlp.experts.3.up_proj.weight", "expert_up", 0, 3),
+        ("model.layers.0.mlp.shared_expert.up_proj.weight", "shared_up", 0, None),
+        ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "kv_a_proj", 0, None),
+    ],
+)
+def test_naming_table_beyond_the_tested_families(name, kind, layer, expert):
+    [unit] = build_plan({name: _meta("BF16", 64, 64)}, min_evals=8).units
+    assert (unit.kind, unit.layer, unit.expert) == (kind, layer, expert)
+
+
+def test_llama4_stacked_experts_under_feed_forward():
+    plan = build_plan(
+        {
+            "language_model.model.layers.1.feed_forward.experts.gate_up_proj": _meta(
+                "BF16", 2, 32, 96
+            )
+        },
+        min_evals=8,
+    )
+    assert [(u.kind, u.expert, u.shape) for u in plan.units] == [
+        ("expert_gate_up", 0, (96, 32)),
+        ("expert_gate_up", 1, (96, 32)),
+    ]

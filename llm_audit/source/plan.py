@@ -47,7 +47,7 @@ _MXFP4_BLOCKS = re.compile(
 _MXFP4_SCALES = re.compile(
     r"^(.*\.(?:gate_up_proj|down_proj|mlp1_weight|mlp2_weight))(_scales|\.scales)$"
 )
-_DENSE_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_DENSE_EXPERTS = re.compile(r"\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)

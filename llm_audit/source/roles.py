@@ -82,11 +82,11 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.mlp\.c_proj" + _W, "down_proj"),
         # embeddings and output head
         (
-            r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embedding)" + _W,
+            r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embedding)" + _W,
             "embedding",
         ),
         (r"(?:^|\.)(?:wpe|embed_positions|position_embeddings)" + _W, "position_embedding"),
-        (r"(?:^|\.)(?:lm_head|unembedding|embed_out)" + _W, "lm_head"),
+        (r"(?:^|\.)(?:lm_head|unembedding|embed_out|shared_head\.head)" + _W, "lm_head"),
         (r"^output" + _W, "lm_head"),
     )
 )
