@@ -162,3 +162,18 @@ def test_scales_that_do_not_fit_are_skipped_with_a_reason(tmp_path):
     plan = open_checkpoint(resolve_model(str(wrong))).plan(8)
     assert not plan.units
     assert "fit no known layout" in dict((s.name, s.reason) for s in plan.skipped)[NAME]
+
+
+def test_fp8_expert_stack_with_scales_is_not_audited_raw():
+    from types import SimpleNamespace
+
+    from llm_audit.source.plan import build_plan
+
+    stack = "model.layers.0.mlp.experts.down_proj"
+    tensors = {
+        stack: SimpleNamespace(dtype="F8_E4M3", shape=(4, 256, 128)),
+        stack + "_scale_inv": SimpleNamespace(dtype="F32", shape=(4, 2, 1)),
+    }
+    plan = build_plan(tensors, min_evals=8)
+    assert not plan.units
+    assert "FP8 expert stack with scales" in {s.name: s.reason for s in plan.skipped}[stack]

@@ -36,8 +36,8 @@ from typing import Any
 from ..errors import AuditError
 from . import mxfp4
 from .dtypes import DTYPE_SIZES, FLOAT_DTYPES, TensorMeta, not_float_reason
-from .quantized import auxiliary_reason, fp8_scales, packed_reason
-from .roles import CONV1D_MODEL_TYPES, KINDS, KindRule, fused_qkv_split, layer_of, role_of
+from .quantized import FP8_DTYPES, auxiliary_reason, fp8_scales, packed_reason
+from .roles import KINDS, KindRule, fused_qkv_split, layer_of, role_of, stored_transposed
 
 MAX_DIM = 2**40  # larger than any real weight dimension (2^40 elements of one row)
 MAX_UNITS_PER_TENSOR = 2**20  # experts x conv positions of one tensor
@@ -47,6 +47,7 @@ _MXFP4_BLOCKS = re.compile(
 _MXFP4_SCALES = re.compile(
     r"^(.*\.(?:gate_up_proj|down_proj|mlp1_weight|mlp2_weight))(_scales|\.scales)$"
 )
+_STACK_SCALES = ("_scale", "_scale_inv", "_scales", "_weight_scale", "_weight_scale_inv")
 _DENSE_EXPERTS = re.compile(r"\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)$")
 
 
@@ -147,7 +148,6 @@ class _Planner:
         self.config = config
         self.min_evals = min_evals
         self.rules = rules
-        self.conv1d = config.get("model_type") in CONV1D_MODEL_TYPES
         self.plan = Plan()
 
     def skip(self, name: str, reason: str) -> None:
@@ -155,7 +155,7 @@ class _Planner:
 
     def add(self, unit: MatrixUnit) -> None:
         rows, cols = unit.shape
-        if min(rows, cols) < self.min_evals:
+        if self.too_small(unit.shape):
             self.skip(
                 unit.id, f"too small: {rows}x{cols} has fewer than {self.min_evals} eigenvalues"
             )
@@ -179,14 +179,15 @@ class _Planner:
                 f"tensor {name[:200]!r}: shape {list(shape)} has a dimension above {MAX_DIM}"
             )
         blocks = _MXFP4_BLOCKS.match(name)
-        aux = auxiliary_reason(name, self.tensors, self.config)
-        packed = packed_reason(name, meta, self.tensors, self.config)
+        quantized = auxiliary_reason(name, self.tensors, self.config) or packed_reason(
+            name, meta, self.tensors, self.config
+        )
         if blocks:
             self.visit_mxfp4(name, blocks.group(1), blocks.group(2), meta.dtype, shape)
         elif _MXFP4_SCALES.match(name):
             self.check_scales_have_blocks(name)
-        elif aux is not None or packed is not None:
-            self.skip(name, aux or packed or "")
+        elif quantized:
+            self.skip(name, quantized)
         elif meta.dtype not in FLOAT_DTYPES:
             self.skip(name, not_float_reason(meta.dtype))
         elif len(shape) <= 1 or name.endswith("bias"):  # stacked expert biases are 2-D
@@ -208,7 +209,7 @@ class _Planner:
             self.skip(name, scales)
             return
         role = role_of(name, self.rules)
-        transpose = self.conv1d and role.kind not in ("embedding", "position_embedding", "lm_head")
+        transpose = stored_transposed(name, self.config)
         out, fan_in = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
         split = fused_qkv_split(name, self.config, out) if role.kind == "qkv_proj" else None
         dtype = scales.label if scales else meta.dtype
@@ -294,6 +295,9 @@ class _Planner:
 
     def visit_dense_experts(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         experts, fan_in, fan_out = shape
+        if dtype in FP8_DTYPES and any(name + s in self.tensors for s in _STACK_SCALES):
+            self.skip(name, "FP8 expert stack with scales: only 2-D FP8 weights are dequantized")
+            return
         if self.too_small((fan_out, fan_in)):
             self.skip_stack(name, experts, (fan_out, fan_in))
             return

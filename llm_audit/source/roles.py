@@ -42,8 +42,9 @@ KINDS = (
     "linear",
     "conv",
 )
-# model_types whose checkpoints store linear layers as transformers' Conv1D: [in, out].
+# model_types whose checkpoints store these linear layers as transformers' Conv1D: [in, out].
 CONV1D_MODEL_TYPES = frozenset({"gpt2"})
+_CONV1D = re.compile(r"\.(?:c_attn|q_attn|c_proj|c_fc)\.weight$")
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
@@ -116,6 +117,11 @@ def layer_of(name: str) -> int | None:
     """The block index of a tensor name (`layers.N`, `layer.N`, `h.N`, `block(s).N`)."""
     match = _LAYER.search(name)
     return int(match.group(1)) if match else None
+
+
+def stored_transposed(name: str, config: Mapping[str, Any]) -> bool:
+    """Whether the 2-D weight `name` is stored [in, out] (a Conv1D of GPT-2's family)."""
+    return config.get("model_type") in CONV1D_MODEL_TYPES and bool(_CONV1D.search(name))
 
 
 def _rule_expert(rule: KindRule, match: re.Match[str], name: str) -> int | None:
