@@ -47,6 +47,7 @@ _MXFP4_BLOCKS = re.compile(
 _MXFP4_SCALES = re.compile(
     r"^(.*\.(?:gate_up_proj|down_proj|mlp1_weight|mlp2_weight))(_scales|\.scales)$"
 )
+_LN = re.compile(r"(?:^|\.)ln(?:_\w+)?\.(?:weight|bias)$")  # GPT-2's ln_1, ln_f
 _STACK_SCALES = ("_scale", "_scale_inv", "_scales", "_weight_scale", "_weight_scale_inv")
 _DENSE_EXPERTS = re.compile(r"\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)$")
 
@@ -127,7 +128,7 @@ def _expert_kind(base: str) -> str:
 
 def _vector_reason(name: str) -> str:
     lowered = name.lower()
-    if "norm" in lowered:
+    if "norm" in lowered or _LN.search(lowered):
         return "norm (vector)"
     if lowered.endswith("bias"):
         return "bias (vector)"
