@@ -162,9 +162,17 @@ def test_conv_slices_cost_their_share_of_the_kernel():
 
 
 def test_skipped_list_names_every_tensor_and_reason():
-    plan = build_plan({"a.norm.weight": _meta("BF16", 8), "ids": _meta("I64", 10, 10)}, min_evals=8)
+    plan = build_plan(
+        {
+            "a.norm.weight": _meta("BF16", 8),
+            "transformer.h.0.ln_1.weight": _meta("BF16", 8),
+            "ids": _meta("I64", 10, 10),
+        },
+        min_evals=8,
+    )
     assert plan.skipped_list() == [
         {"name": "a.norm.weight", "reason": "norm (vector)"},
+        {"name": "transformer.h.0.ln_1.weight", "reason": "norm (vector)"},
         {"name": "ids", "reason": "not a float tensor (I64)"},
     ]
 
