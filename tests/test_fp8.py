@@ -83,8 +83,10 @@ def test_block_scaled_fp8_is_dequantized_exactly(dtype, tmp_path):
 
     # transformers' own FP8 dequantization (the one its backward pass uses) is the reference
     reference = _dequantize_fp8_weight(q, scales, list(BLOCK), torch.float32).numpy()
+    checkpoint.bytes_read = 0
     ours = checkpoint.read_matrix(unit)
     assert ours.dtype == np.float32 and np.array_equal(ours, reference)
+    assert checkpoint.bytes_read == unit.nbytes == 300 * 200 + 3 * 2 * 4  # weight + scales
     # and the documented formula: W = q * s of its block
     by_formula = q.float().numpy() * np.kron(scales.numpy(), np.ones(BLOCK))[: SHAPE[0], : SHAPE[1]]
     assert np.array_equal(ours, by_formula.astype(np.float32))
@@ -177,3 +179,50 @@ def test_fp8_expert_stack_with_scales_is_not_audited_raw():
     plan = build_plan(tensors, min_evals=8)
     assert not plan.units
     assert "FP8 expert stack with scales" in {s.name: s.reason for s in plan.skipped}[stack]
+
+
+def test_fused_qkv_rows_read_their_own_scale_rows(tmp_path):
+    """Phi-3's qkv_proj in FP8 with 16x16 blocks: each of q, k, v reads its rows and the
+    scale rows that cover them, nothing more, and equals those rows of the whole."""
+    w = torch.from_numpy(np.random.default_rng(1).standard_normal((96, 40)) * 0.02).float()
+    block = (16, 16)
+    grid = (6, 3)
+    scales = torch.stack(
+        [
+            torch.stack(
+                [
+                    w[i * 16 : i * 16 + 16, j * 16 : j * 16 + 16].abs().max() / 448
+                    for j in range(grid[1])
+                ]
+            )
+            for i in range(grid[0])
+        ]
+    )
+    q = (w / torch.kron(scales, torch.ones(block))[:, :40]).to(torch.float8_e4m3fn)
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    folder = tmp_path / "phi3"
+    folder.mkdir()
+    save_file({name: q, name + "_scale_inv": scales}, folder / "model.safetensors")
+    config = {
+        "model_type": "phi3",
+        "hidden_size": 40,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    checkpoint = open_checkpoint(resolve_model(str(folder)))
+    units = checkpoint.plan(8).units
+    assert [(u.kind, u.row_start, u.row_stop, u.layout) for u in units] == [
+        ("q_proj", 0, 64, "rows"),
+        ("k_proj", 64, 80, "rows"),
+        ("v_proj", 80, 96, "rows"),
+    ]
+    whole = _dequantize_fp8_weight(q, scales, list(block), torch.float32).numpy()
+    for unit in units:
+        checkpoint.bytes_read = 0
+        part = checkpoint.read_matrix(unit)
+        assert np.array_equal(part, whole[unit.row_start : unit.row_stop])
+        scale_rows = (unit.row_stop - 1) // 16 + 1 - unit.row_start // 16
+        assert checkpoint.bytes_read == unit.nbytes == part.size + scale_rows * 3 * 4

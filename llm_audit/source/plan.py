@@ -26,7 +26,6 @@ would give more than `MAX_UNITS_PER_TENSOR` units is an `AuditError`.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -36,7 +35,7 @@ from typing import Any
 from ..errors import AuditError
 from . import mxfp4
 from .dtypes import DTYPE_SIZES, FLOAT_DTYPES, TensorMeta, not_float_reason
-from .quantized import FP8_DTYPES, auxiliary_reason, fp8_scales, packed_reason
+from .quantized import FP8_DTYPES, Fp8Scales, auxiliary_reason, fp8_scales, packed_reason
 from .roles import KINDS, KindRule, fused_qkv_split, layer_of, role_of, stored_transposed
 
 MAX_DIM = 2**40  # larger than any real weight dimension (2^40 elements of one row)
@@ -214,7 +213,7 @@ class _Planner:
         out, fan_in = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
         split = fused_qkv_split(name, self.config, out) if role.kind == "qkv_proj" else None
         dtype = scales.label if scales else meta.dtype
-        nbytes = math.prod(shape) * DTYPE_SIZES[meta.dtype]
+        nbytes = self.read_cost(meta, scales, 0, shape[0])
         common = {
             "scales_tensor": scales.tensor if scales else None,
             "scale_block": scales.block if scales else None,
@@ -232,7 +231,7 @@ class _Planner:
         contiguous = groups == 1 and not transpose
         for kind, start, stop in split.parts:
             rows = (stop - start) * groups
-            cost = rows * fan_in * DTYPE_SIZES[meta.dtype] if contiguous else nbytes
+            cost = self.read_cost(meta, scales, start, stop) if contiguous else nbytes
             self.add(
                 MatrixUnit(
                     f"{name}:{kind[0]}", name, kind, role.layer, None, (rows, fan_in), dtype,
@@ -240,6 +239,17 @@ class _Planner:
                     row_period=None if contiguous else split.period, **common,
                 )
             )  # fmt: skip
+
+    def read_cost(self, meta: TensorMeta, scales: Fp8Scales | None, first: int, stop: int) -> int:
+        """Bytes read for rows `first:stop` of a stored 2-D weight, with their scale rows."""
+        cost = (stop - first) * meta.shape[1] * DTYPE_SIZES[meta.dtype]
+        if scales is not None:
+            scale_meta = self.tensors[scales.tensor]
+            block_rows, block_cols = scales.block
+            scale_rows = (stop - 1) // block_rows + 1 - first // block_rows
+            grid_cols = -(-meta.shape[1] // block_cols)
+            cost += scale_rows * grid_cols * DTYPE_SIZES[scale_meta.dtype]
+        return cost
 
     def visit_mxfp4(
         self, name: str, base: str, sep: str, dtype: str, shape: tuple[int, ...]
