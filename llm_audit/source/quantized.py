@@ -18,6 +18,7 @@ Formats are recognised from config.json's `quantization_config` and from tensor 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,35 +39,37 @@ class Fp8Scales:
     label: str
 
 
-# suffix -> what the tensor is; each belongs to the weight named by the prefix + its owner.
-_FP8_AUX = (
-    (".weight_scale_inv", "FP8 weight scales"),
-    (".weight_scale", "weight scales"),
-    (".weight_global_scale", "weight global scale"),
-    (".weight_zero_point", "weight zero points"),
-    (".weight_g_idx", "weight group index"),
-    (".weight_shape", "packed weight's shape"),
-    (".input_scale", "activation scale (not a weight)"),
-    (".input_global_scale", "activation scale (not a weight)"),
-    (".input_zero_point", "activation zero point (not a weight)"),
-    (".output_scale", "activation scale (not a weight)"),
-    (".k_scale", "KV-cache scale (not a weight)"),
-    (".v_scale", "KV-cache scale (not a weight)"),
+# Last name component -> what the tensor is. Weight state belongs to the `.weight` (or
+# compressed-tensors' `.weight_packed`) beside it, GPTQ/AWQ state to the `.qweight`.
+_WEIGHT_STATE = {
+    "weight_scale_inv": "FP8 weight scales",
+    "weight_scale": "weight scales",
+    "weight_global_scale": "weight global scale",
+    "weight_zero_point": "weight zero points",
+    "weight_g_idx": "weight group index",
+    "weight_shape": "packed weight's shape",
+}
+_ACTIVATION_STATE = {
+    "input_scale": "activation scale (not a weight)",
+    "input_global_scale": "activation scale (not a weight)",
+    "input_zero_point": "activation zero point (not a weight)",
+    "output_scale": "activation scale (not a weight)",
+    "k_scale": "KV-cache scale (not a weight)",
+    "v_scale": "KV-cache scale (not a weight)",
+}
+_GPTQ_STATE = {"qzeros": "zero points", "scales": "scales", "g_idx": "group index"}
+# bitsandbytes: 4-bit state hangs off `X.weight.`, int8 row scales are `X.SCB`.
+_BNB_WEIGHT_STATE = (
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+    ".quant_state.bitsandbytes__fp4",
 )
-_GPTQ_AUX = (
-    (".qzeros", "zero points"),
-    (".scales", "scales"),
-    (".g_idx", "group index"),
-)
-_BNB_AUX = (
-    ".weight.absmax",
-    ".weight.quant_map",
-    ".weight.nested_absmax",
-    ".weight.nested_quant_map",
-    ".weight.quant_state.bitsandbytes__nf4",
-    ".weight.quant_state.bitsandbytes__fp4",
-    ".SCB",
-    ".weight_format",
+_BNB_STATE = re.compile(
+    r"\.(?:weight(?:\.absmax|\.quant_map|\.nested_absmax|\.nested_quant_map"
+    r"|\.quant_state\.bitsandbytes__(?:nf4|fp4)|_format)|SCB)$"
 )
 
 
@@ -82,10 +85,6 @@ def _packed_format(config: Mapping[str, Any]) -> str:
     return {"gptq": "GPTQ", "awq": "AWQ"}.get(method or "", "GPTQ/AWQ")
 
 
-def _owner(name: str, suffix: str, owner_suffix: str, tensors: Mapping[str, Any]) -> bool:
-    return name.endswith(suffix) and name[: -len(suffix)] + owner_suffix in tensors
-
-
 def auxiliary_reason(
     name: str, tensors: Mapping[str, Any], config: Mapping[str, Any]
 ) -> str | None:
@@ -93,19 +92,17 @@ def auxiliary_reason(
 
     A tensor counts as auxiliary only next to the weight it belongs to, so an ordinary
     weight that happens to be called `scales` is still audited."""
-    for suffix, what in _FP8_AUX:
-        if _owner(name, suffix, ".weight", tensors) or _owner(
-            name, suffix, ".weight_packed", tensors
-        ):
-            return f"{what} (read with their weight, never audited alone)"
-        if suffix.startswith((".input", ".output", ".k_", ".v_")) and name.endswith(suffix):
-            return what
-    for suffix, what in _GPTQ_AUX:
-        if _owner(name, suffix, ".qweight", tensors):
-            return f"{_packed_format(config)} {what} of a packed weight"
-    for suffix in _BNB_AUX:
-        if name.endswith(suffix):
-            return "bitsandbytes quantization state"
+    prefix, _, last = name.rpartition(".")
+    if last in _WEIGHT_STATE and (
+        prefix + ".weight" in tensors or prefix + ".weight_packed" in tensors
+    ):
+        return f"{_WEIGHT_STATE[last]} (read with their weight, never audited alone)"
+    if last in _ACTIVATION_STATE:
+        return _ACTIVATION_STATE[last]
+    if last in _GPTQ_STATE and prefix + ".qweight" in tensors:
+        return f"{_packed_format(config)} {_GPTQ_STATE[last]} of a packed weight"
+    if _BNB_STATE.search(name):
+        return "bitsandbytes quantization state"
     return None
 
 
@@ -119,7 +116,7 @@ def packed_reason(
         return f"compressed-tensors pack-quantized {meta.dtype} weight (not decoded)"
     if name.endswith(".weight") and meta.dtype in ("U8", "I8"):
         prefix = name[: -len(".weight")]
-        if any(name + s[len(".weight") :] in tensors for s in _BNB_AUX if s.startswith(".weight.")):
+        if any(name + suffix in tensors for suffix in _BNB_WEIGHT_STATE):
             return "bitsandbytes 4-bit weight (not decoded)"
         if prefix + ".SCB" in tensors:
             return "bitsandbytes int8 weight (not decoded)"
