@@ -96,9 +96,13 @@ def test_dtype_list_in_step_with_safetensors(tmp_path):
 
 @pytest.mark.parametrize(
     ("dtype", "torch_dtype"),
-    [("F8_E4M3FNUZ", torch.float8_e4m3fnuz), ("F8_E5M2FNUZ", torch.float8_e5m2fnuz)],
+    [
+        ("F8_E4M3FNUZ", torch.float8_e4m3fnuz),
+        ("F8_E5M2FNUZ", torch.float8_e5m2fnuz),
+        ("F8_E8M0", torch.float8_e8m0fnu),  # decoded for ue8m0 / MX scales only
+    ],
 )
-def test_fnuz_tables_every_byte(dtype, torch_dtype):
+def test_fnuz_and_e8m0_tables_every_byte(dtype, torch_dtype):
     raw = np.arange(256, dtype=np.uint8)
     ref = torch.from_numpy(raw).view(torch_dtype).float().numpy()
     assert _same(decode(raw.tobytes(), dtype, (16, 16)).ravel(), ref)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -167,8 +168,6 @@ def test_scales_that_do_not_fit_are_skipped_with_a_reason(tmp_path):
 
 
 def test_fp8_expert_stack_with_scales_is_not_audited_raw():
-    from types import SimpleNamespace
-
     from llm_audit.source.plan import build_plan
 
     stack = "model.layers.0.mlp.experts.down_proj"
@@ -226,3 +225,63 @@ def test_fused_qkv_rows_read_their_own_scale_rows(tmp_path):
         assert np.array_equal(part, whole[unit.row_start : unit.row_stop])
         scale_rows = (unit.row_stop - 1) // 16 + 1 - unit.row_start // 16
         assert checkpoint.bytes_read == unit.nbytes == part.size + scale_rows * 3 * 4
+
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+def test_llama_quantized_by_transformers_own_fp8_code(scale_fmt, tmp_path):
+    """A Llama checkpoint whose linear layers are quantized by transformers' own FP8
+    quantizer op (`Fp8Quantize`, what `save_pretrained` of an FP8 model runs; its
+    environment check wants a GPU, the op itself is plain torch): every layer is audited
+    on the weight transformers' own load-time dequantization (`Fp8Dequantize`) gives."""
+    from transformers import FineGrainedFP8Config, LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    state = {
+        k: v.detach().to(torch.bfloat16) for k, v in LlamaForCausalLM(config).state_dict().items()
+    }
+    planted = "model.layers.1.mlp.up_proj.weight"
+    state[planted][30, 7] = 1.0  # before quantization
+    fp8 = FineGrainedFP8Config(weight_block_size=(16, 16), scale_fmt=scale_fmt)
+    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=fp8))
+    tensors = {}
+    for name, value in state.items():
+        is_linear = ".layers." in name and name.endswith("proj.weight")
+        tensors.update(quantizer._quantize_one(name, value) if is_linear else {name: value})
+    folder = tmp_path / "llama-fp8"
+    folder.mkdir()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(
+        json.dumps(config.to_dict() | {"quantization_config": json.loads(fp8.to_json_string())})
+    )
+
+    checkpoint = open_checkpoint(resolve_model(str(folder)))
+    plan = checkpoint.plan(8)
+    linear = [u for u in plan.units if u.tensor.endswith("proj.weight")]
+    assert len(linear) == 14 and all(u.scales_tensor for u in linear)
+    dequantize = Fp8Dequantize(None)
+    rows = analyze_units(checkpoint, plan.units, AnalysisSettings(seed=0))
+    for unit, row in zip(plan.units, rows, strict=True):
+        if unit.scales_tensor is None:
+            continue
+        reference = dequantize._dequantize_one(
+            tensors[unit.tensor], tensors[unit.scales_tensor], torch.float32
+        ).numpy()
+        assert np.array_equal(checkpoint.read_matrix(unit), reference), unit.id
+        _same_numbers(row, analyze_matrix(reference, seed=0, matrix_id=unit.id))
+    found = {r["matrix"]: r for r in rows if r["rand_num_spikes"]}
+    assert planted in found
+    assert (found[planted]["trap_entries"][0]["row"], found[planted]["trap_entries"][0]["col"]) == (
+        30,
+        7,
+    )
+    scale_dtype = "F8_E8M0" if scale_fmt == "ue8m0" else "F32"
+    assert checkpoint.tensors[planted + "_scale_inv"].dtype == scale_dtype

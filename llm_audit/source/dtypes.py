@@ -44,6 +44,8 @@ DTYPE_SIZES: dict[str, int] = {d: b // 8 for d, b in DTYPE_BITS.items() if b % 8
 FLOAT_DTYPES = frozenset(
     {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F16", "BF16", "F32", "F64"}
 )
+# Decoded too, but only as scales: E8M0 holds powers of two (MX / ue8m0 block scales).
+SCALE_ONLY_DTYPES = frozenset({"F8_E8M0"})
 _NOT_WEIGHTS = {
     "F4": "packed 4-bit float (F4), not decoded",
     "F6_E2M3": "packed 6-bit float (F6_E2M3), not decoded",
@@ -115,6 +117,8 @@ _FP8 = {
     "F8_E5M2": _fp8_table(5, 2, fn=False),
     "F8_E4M3FNUZ": _fp8_table(4, 3, fn=True, fnuz=True),
     "F8_E5M2FNUZ": _fp8_table(5, 2, fn=True, fnuz=True),
+    # E8M0: the byte is a biased exponent, 2^(byte - 127); 0xFF is NaN.
+    "F8_E8M0": np.array([2.0 ** (b - 127) for b in range(255)] + [np.nan], dtype=np.float32),
 }
 
 
@@ -123,10 +127,10 @@ def decode(
 ) -> np.ndarray:
     """The float array of `shape` that little-endian `raw` bytes of `dtype` hold.
 
-    float32 for FP8, F16, BF16 and F32; float64 for F64. Raises ValueError for a non-float
-    dtype or a byte count that does not match the shape.
+    float32 for FP8 (and E8M0 scales), F16, BF16 and F32; float64 for F64. Raises
+    ValueError for a non-float dtype or a byte count that does not match the shape.
     """
-    if dtype not in FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES and dtype not in SCALE_ONLY_DTYPES:
         raise ValueError(f"dtype {dtype} does not hold float weights")
     data = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw
     expected = math.prod(shape) * DTYPE_SIZES[dtype]

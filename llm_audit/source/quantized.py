@@ -26,7 +26,7 @@ from typing import Any
 from .dtypes import TensorMeta
 
 FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
-SCALE_DTYPES = frozenset({"F32", "BF16", "F16"})
+SCALE_DTYPES = frozenset({"F32", "BF16", "F16", "F8_E8M0"})  # E8M0: ue8m0 powers of two
 
 
 @dataclass(frozen=True)
