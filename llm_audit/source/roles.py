@@ -6,13 +6,18 @@ roles in a handful of ways (`q_proj` / `query` / `wq`, `gate_proj` / `w1` / `c_f
 `dense_h_to_4h`, `experts.7.w2`, `layers.N` / `h.N` / `blocks.N`). One table maps them to
 the kinds reports group by; everything it does not know is `linear`, and users can add
 their own rules (`kinds:` in the audit config: a regex, a kind, and the regex group that
-holds the expert index) without a code change. User rules are tried first.
+holds the expert index) without a code change. User rules are tried first, on 2-D weight
+tensors (stacked experts keep their expert kinds).
 
-Why not transformers' meta-device skeleton: on the ten families the table gets every
-role right (tests/test_families.py checks it against each model's own modules), and the
-one fact only the architecture knows — that GPT-2's Conv1D stores [in, out] — is a
-property of the `model_type`, kept in `CONV1D_MODEL_TYPES`. Building a skeleton would
-import transformers and allocate every module for each plan, for no better answer.
+Why not transformers' meta-device skeleton: a skeleton names modules as the model holds
+them, not as the checkpoint stores them (transformers 5 fuses Mixtral's and Qwen-MoE's
+per-expert tensors into stacks in memory and splits them again on save), so it would
+still need a name table to reach the tensors; it needs `model_type` to be one
+transformers knows, and a transformers import (seconds) on the driver for every plan.
+What the skeleton tells that names cannot — that GPT-2's Conv1D stores [in, out], which
+is a linear and which an embedding — the tests check against the skeleton instead
+(tests/test_families.py, ten families), and GPT-2's Conv1D is a property of its
+`model_type`, kept in `CONV1D_MODEL_TYPES`.
 """
 
 from __future__ import annotations
