@@ -180,3 +180,30 @@ def test_wrong_types_raise():
         analyze_matrix(np.ones((10, 10), dtype=np.int64))
     with pytest.raises(ValueError, match="2-D"):
         analyze_matrix(np.ones((2, 10, 10), dtype=np.float32))
+
+
+def test_trap_ratio_of_a_gaussian_matrix_is_about_one_or_less():
+    rng = np.random.default_rng(11)
+    for shape in ((1200, 600), (800, 800)):
+        row = analyze_matrix(rng.standard_normal(shape), matrix_id=str(shape))
+        assert row["rand_num_spikes"] == 0 and row["trap_ratios"] == []
+        assert row["trap_ratio"] == pytest.approx(1.0, abs=0.05)
+        assert row["trap_ratio"] == row["max_rand_eval"] / row["rand_bulk_max"]
+
+
+@pytest.mark.parametrize("a", [60.0, 100.0])
+def test_one_planted_entry_gives_the_closed_form_trap(a):
+    """One entry a in an N x M matrix of unit-variance entries: its shuffled copy has an
+    outlier at (N + a^2)(M + a^2) / a^2, and trap_ratio is that over the MP edge
+    (sqrt(N) + sqrt(M))^2 of the unit-variance bulk."""
+    n, m = 2000, 1000
+    w = np.random.default_rng(12).standard_normal((n, m))
+    w[123, 456] = a
+    row = analyze_matrix(w, matrix_id="planted")
+    outlier = (n + a * a) * (m + a * a) / (a * a)
+    edge = (np.sqrt(n) + np.sqrt(m)) ** 2
+    assert row["rand_num_spikes"] == 1
+    assert row["trap_evals"][0] == pytest.approx(outlier, rel=0.03)
+    assert row["trap_ratio"] == pytest.approx(outlier / edge, rel=0.03)
+    assert row["trap_ratios"] == [pytest.approx(row["trap_evals"][0] / row["rand_bulk_max"])]
+    assert (row["trap_entries"][0]["row"], row["trap_entries"][0]["col"]) == (123, 456)

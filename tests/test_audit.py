@@ -251,7 +251,7 @@ def test_config_files_validate(tmp_path):
         assert isinstance(load_config(root / name), AuditConfig)
     bad = tmp_path / "bad.yaml"
     bad.write_text("exlude: [x]\n")
-    with pytest.raises(AuditError, match=r"bad.yaml: unknown key\(s\) exlude"):
+    with pytest.raises(AuditError, match=r"bad.yaml: unknown key\(s\) 'exlude'"):
         load_config(bad)
     bad.write_text("seed: -1\n")
     with pytest.raises(AuditError, match="seed must be a non-negative integer"):
@@ -277,7 +277,7 @@ def test_config_files_validate(tmp_path):
 def test_node_check_names_missing_or_different_files(model, tmp_path, monkeypatch):
     import ray
 
-    from llm_audit.run.audit import check_files
+    from llm_audit.run.cluster import check_files
     from llm_audit.source.header import read_header
 
     monkeypatch.setattr(

@@ -2,10 +2,11 @@
 
 One test, about 40 s: `ray start --head` (with the job server), a second node with a
 custom resource, a job submission with `--working-dir .`, the report checked for units
-that ran on both nodes, and the cluster stopped. Caution: `ray stop --force` stops every
-Ray process on the machine, so do not run this test beside a running audit or grok run
-(`ray start --block` + SIGTERM, tried instead, left processes behind). Token auth is
-disabled for this private test cluster (Ray 2.60 enables it by default for `ray start`).
+that ran on both nodes, and the cluster stopped. The cluster runs in a temp folder of its
+own, and only the processes whose command line names that folder are stopped: `ray stop`
+stops every Ray process on the machine, and once killed a grok run going beside the suite.
+Token auth is disabled for this private test cluster (Ray 2.60 enables it by default for
+`ray start`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,14 +43,36 @@ def _ray(*args: str, env: dict, timeout: int = 180) -> subprocess.CompletedProce
     )
 
 
+def _stop_processes_of(folder: str) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line names `folder`."""
+    import psutil
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(folder in arg for arg in proc.info["cmdline"] or []):
+                found.append(proc)
+        return found
+
+    procs = ours()
+    for proc in procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for proc in alive + ours():
+        proc.kill()
+
+
 @pytest.fixture
 def cluster():
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     port, dashboard = _free_port(), _free_port()
+    # short: Ray's unix socket paths under it must stay below 108 bytes
+    temp = tempfile.mkdtemp(prefix="llmaudit-ray-", dir="/tmp")
     head = _ray(
         "start",
         "--head",
+        f"--temp-dir={temp}",
         f"--port={port}",
         f"--dashboard-port={dashboard}",
         "--dashboard-host=127.0.0.1",
@@ -67,7 +91,8 @@ def cluster():
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
-        _ray("stop", "--force", env=env, timeout=120)
+        _stop_processes_of(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_audits_on_both_nodes(cluster, tmp_path):
@@ -75,7 +100,8 @@ def test_ray_job_submit_audits_on_both_nodes(cluster, tmp_path):
     model = write_bundled_model(tmp_path / "model")
     out = tmp_path / "report"
     submit = ["job", "submit", f"--address={address}", "--working-dir", ".", "--"]
-    for _ in range(30):  # the head's job agent comes up a little after `ray start` returns
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # the head's job agent comes up after `ray start`
         job = _ray(
             *submit, "llm-audit", "audit", str(model), "--out", str(out), env=env, timeout=600
         )

@@ -6,8 +6,9 @@ be read or analyzed, a task that died or timed out — and all three must give t
 columns with the same types, or a reader (a release gate) sees `[]` in one place and null
 in another. `report_row` and `failure_row` are the only row builders.
 
-Schema version 2 added `error_kind` (what failed: data, bug, task, timeout); version-1
-reports still read, with the new columns null.
+Schema version 2 added `transposed`, `error_kind` (what failed: data, bug, task,
+timeout), `trap_ratio` and `trap_ratios`; version-1 reports still read, with the new
+columns null.
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ UNIT_COLUMNS: dict[str, tuple[str, str]] = {
     "kind": ("str", "Role of the matrix (q_proj, expert_down, embedding, ...), from its name."),
     "layer": ("int", "Transformer block index, when the name has one."),
     "expert": ("int", "Expert index within an MoE tensor."),
-    "source_dtype": ("str", "Storage dtype in the checkpoint."),
+    "source_dtype": (
+        "str",
+        "Storage dtype in the checkpoint (with its scaling, e.g. 'F8_E4M3 block 128x128 scaled').",
+    ),
+    "transposed": (
+        "bool",
+        "True when the checkpoint stores this matrix as [in, out] (GPT-2's Conv1D, stacked "
+        "experts): trap_entries (row, col) are then (col, row) in the stored tensor.",
+    ),
 }
 RUN_COLUMNS: dict[str, tuple[str, str]] = {
     "error": ("str", "The error message when status is 'error'."),
@@ -53,6 +62,7 @@ REPORT_COLUMNS: dict[str, tuple[str, str]] = {**UNIT_COLUMNS, **COLUMNS, **RUN_C
 ERROR_KINDS = ("data", "bug", "task", "timeout")
 
 _ARROW = {
+    "bool": pa.bool_(),
     "int": pa.int64(),
     "float": pa.float64(),
     "str": pa.string(),
@@ -100,6 +110,7 @@ def report_row(
         layer=unit.layer,
         expert=unit.expert,
         source_dtype=unit.source_dtype,
+        transposed=unit.transpose,
         error=row["reason"] if failed else None,
         error_kind=(error_kind or "data") if failed else None,
         seconds=float(seconds),
@@ -129,6 +140,7 @@ def failure_row(
         rand_route=settings.rand_route,
         matrix_id=unit.id,
         trap_evals=[],
+        trap_ratios=[],
         trap_entries=[],
         warning="",
     )

@@ -170,9 +170,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "bytes_on_disk": checkpoint.bytes_on_disk(),
             "largest": largest.id if largest else None,
             "skipped": plan.skipped_reasons(),
+            "skipped_tensors": plan.skipped_list(),
             "units": [
                 {
                     "id": u.id,
+                    "tensor": u.tensor,
                     "kind": u.kind,
                     "layer": u.layer,
                     "expert": u.expert,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from .dtypes import DTYPE_SIZES
+from .dtypes import DTYPE_BITS, tensor_nbytes
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own MAX_HEADER_SIZE
 MAX_RANK = 16
@@ -92,7 +92,7 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
         missing, extra = sorted(_ENTRY_KEYS - keys), sorted(keys - _ENTRY_KEYS)
         raise CheckpointError(path, f"header entry keys: missing {missing}, unknown {extra}", name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise CheckpointError(path, f"unknown dtype {_short(dtype)}", name)
     if (
         not isinstance(shape, list)
@@ -113,7 +113,11 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
         raise CheckpointError(
             path, f"data_offsets {_short(offsets)} are not [begin, end], 0 <= begin <= end", name
         )
-    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    expected = tensor_nbytes(dtype, shape)
+    if expected is None:
+        raise CheckpointError(
+            path, f"{math.prod(shape)} {dtype} values are not a whole number of bytes", name
+        )
     if offsets[1] - offsets[0] != expected:
         raise CheckpointError(
             path,

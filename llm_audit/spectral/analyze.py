@@ -86,7 +86,7 @@ def _empty_row(seed: int, matrix_id: str, backend: str | None, rand_route: str) 
     matrix refused or skipped before its ESD)."""
     row: dict[str, Any] = dict.fromkeys(COLUMN_NAMES)
     row.update(seed=seed, matrix_id=matrix_id, backend=backend, rand_route=rand_route)
-    row.update(trap_evals=[], trap_entries=[], warning="", status="ok", reason="")
+    row.update(trap_evals=[], trap_ratios=[], trap_entries=[], warning="", status="ok", reason="")
     return row
 
 
@@ -141,6 +141,12 @@ def _mp_columns(fit: MPFit, prefix: str) -> dict[str, Any]:
     return cols
 
 
+def shuffle_replicas(num_evals: int) -> int:
+    """Shuffles pooled for one matrix's trap count: WeightWatcher pools 5 below 100
+    eigenvalues. `rand_num_spikes` counts over all of them; per shuffle, divide by this."""
+    return SMALL_ESD_REPLICAS if num_evals < SMALL_ESD else 1
+
+
 def _stack(matrices: list[np.ndarray]) -> np.ndarray:
     """[B, n, m] stack; a view, not a 30 MB copy, for the usual single matrix."""
     return matrices[0][None] if len(matrices) == 1 else np.stack(matrices)
@@ -179,7 +185,7 @@ class _Analyzer:
         m = prepared[0].oriented.shape[1]
         if self.rand_route == "topk" and m >= SMALL_ESD:
             return [None] * len(prepared)
-        replicas = SMALL_ESD_REPLICAS if m < SMALL_ESD else 1
+        replicas = shuffle_replicas(m)
         per_matrix: list[list[np.ndarray] | None] = []
         for prep, matrix_id in zip(prepared, ids, strict=True):
             rng = shuffle_generator(self.seed, matrix_id)
@@ -250,12 +256,15 @@ class _Analyzer:
         cols["rand_route"] = "topk" if rand is None else "full"
         lambda_max = float(evals[-1])
         per_replica = int(np.ceil(len(traps) / (len(rand) if rand else 1)))
+        edge = fit.bulk_max
         cols.update(
             max_rand_eval=max_rand,
             rand_distance=distance,
             ww_softrank=max_rand / lambda_max,
             ww_maxdist=lambda_max - max_rand,
+            trap_ratio=max_rand / edge if edge > 0 else None,
             trap_evals=[float(v) for v in traps],
+            trap_ratios=[float(v) / edge for v in traps] if edge > 0 else [],
             trap_entries=entries.top(per_replica),
         )
         if keep_spectra:
@@ -390,7 +399,7 @@ def analyze_streamed(
             reason=f"shape {rows}x{cols} gives {cols} eigenvalues, fewer than {cfg.min_evals}",
         )
         return row
-    replicas = (SMALL_ESD_REPLICAS if cols < SMALL_ESD else 1) if cfg.randomize else 0
+    replicas = shuffle_replicas(cols) if cfg.randomize else 0
     rng = shuffle_generator(cfg.seed, matrix_id)
     shuffles = [
         BucketShuffle(shape, rng, bucket_rows=rows_per_bucket, spill_dir=cfg.spill_dir)

@@ -62,11 +62,23 @@ COLUMNS: dict[str, tuple[str, str]] = {
         "Jensen-Shannon distance between the sorted eigenvalues of W and of the shuffled W "
         "(WeightWatcher uses a second shuffle; we use the same one).",
     ),
+    "trap_ratio": (
+        "float",
+        "max_rand_eval / rand_bulk_max: how far the largest shuffled eigenvalue sits beyond "
+        "the shuffled bulk edge. At most 1 means no trap; the anti-grokking paper's traps "
+        "are lambda >> lambda+, while rand_num_spikes counts from the edge plus the "
+        "Tracy-Widom allowance (a trap of ratio 1.08 counts).",
+    ),
     "ww_softrank": ("float", "max_rand_eval / lambda_max."),
     "ww_maxdist": ("float", "lambda_max - max_rand_eval."),
     "trap_evals": (
         "list<float>",
         "The shuffled matrix's eigenvalues beyond its bulk edge (the traps), largest first.",
+    ),
+    "trap_ratios": (
+        "list<float>",
+        "Each trap's own ratio to the shuffled bulk edge (trap_evals / rand_bulk_max), in "
+        "the same order: filter strong traps with it.",
     ),
     "trap_entries": (
         "list<entry>",
