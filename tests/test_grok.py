@@ -195,12 +195,12 @@ def _tiny(idx_folder: Path, **kw):
 
 def test_an_interrupted_run_resumes_exactly(idx_folder, tmp_path):
     config, task = _tiny(idx_folder)
-    straight = train(task, config, tmp_path / "a", lambda s, w: {}, resume=False)
+    straight = train(task, config, tmp_path / "a", lambda s, w, acc: {}, resume=False)
 
     class Killed(Exception):
         pass
 
-    def die_at_10(step, weights):
+    def die_at_10(step, weights, accuracy):
         if step == 10:
             raise Killed
         return {}
@@ -209,7 +209,7 @@ def test_an_interrupted_run_resumes_exactly(idx_folder, tmp_path):
     with pytest.raises(Killed):
         train(task, config, tmp_path / "b", die_at_10, resume=False)
     config, task = _tiny(idx_folder)  # a fresh process: new model, state from disk
-    resumed = train(task, config, tmp_path / "b", lambda s, w: {}, resume=True)
+    resumed = train(task, config, tmp_path / "b", lambda s, w, acc: {}, resume=True)
     drop = {"train_seconds"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
         {k: v for k, v in r.items() if k not in drop} for r in straight
@@ -224,17 +224,17 @@ def test_an_interrupted_run_resumes_exactly(idx_folder, tmp_path):
 
 def test_a_run_started_from_another_goes_on_from_its_weights_and_moments(idx_folder, tmp_path):
     config, task = _tiny(idx_folder)
-    first = train(task, config, tmp_path / "a", lambda s, w: {}, resume=False)
+    first = train(task, config, tmp_path / "a", lambda s, w, acc: {}, resume=False)
     config, task = _tiny(idx_folder, weight_decay=0.5, steps=3)
     state = tmp_path / "a" / "state.safetensors"
-    then = train(task, config, tmp_path / "b", lambda s, w: {}, resume=False, init_from=state)
+    then = train(task, config, tmp_path / "b", lambda s, w, acc: {}, resume=False, init_from=state)
     drop = {"step", "train_seconds"}
     assert {k: v for k, v in then[0].items() if k not in drop} == {
         k: v for k, v in first[-1].items() if k not in drop
     }
     # Adam's moments came along: the first update is a continuation, not a fresh start
     config, task = _tiny(idx_folder, weight_decay=0.5, steps=3)
-    fresh = train(task, config, tmp_path / "c", lambda s, w: {}, resume=False)
+    fresh = train(task, config, tmp_path / "c", lambda s, w, acc: {}, resume=False)
     assert then[1]["train_loss"] != fresh[1]["train_loss"]
     opt = torch.optim.AdamW(task.model.parameters())
     assert load_state(state, task, opt) == 40
@@ -260,7 +260,7 @@ def test_phases_are_read_off_the_timeline():
     assert found["fall_start"] == 5000  # 2000 is within 2 points of the peak
     assert found["first_trap"] == 10 and found["persistent_trap"] == 5000
     assert found["phases"]["anti"]["steps"] == [5000, 10000]
-    assert found["phases"]["anti"]["traps.fc1"] == [2.5, 0.5]
+    assert found["phases"]["anti"]["traps.fc1"] == [2.5, 0.5, 2.5, 3.0]  # mean, std, median, last
     assert found["phases"]["pre"]["checkpoints"] == 2
 
 
@@ -287,6 +287,7 @@ def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path
     table = pq.read_table(out / "timeline.parquet").to_pylist()
     assert [r["step"] for r in table] == [0, 1, 10, 30]
     assert {"alpha.fc1", "traps.fc2", "spikes.fc3", "mean_alpha", "test_acc"} <= set(table[0])
+    assert {"xmin.fc1", "traps_per_shuffle.fc3", "trap_ratio.fc2", "ablated"} <= set(table[0])
     audit = pq.read_table(out / "audits" / "step-000000030" / "layers.parquet").to_pylist()
     assert [r["alpha"] for r in audit] == [table[-1][f"alpha.fc{i}"] for i in (1, 2, 3)]
     assert (out / "timeline.png").stat().st_size > 10_000
@@ -332,8 +333,54 @@ def test_training_on_cuda_follows_the_cpu_run(idx_folder, tmp_path):
     for device in ("cpu", "cuda"):
         config, task = _tiny(idx_folder, dtype="float64")
         task.to(torch.device(device))
-        rows[device] = train(task, config, tmp_path / device, lambda s, w: {}, resume=False)
+        rows[device] = train(task, config, tmp_path / device, lambda s, w, acc: {}, resume=False)
     for a, b in zip(rows["cpu"], rows["cuda"], strict=True):
         assert a["step"] == b["step"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=0.02)
+
+
+def test_each_trapped_layer_is_ablated_against_a_random_control(tmp_path):
+    """The timeline's ablation: the trapped layer's trap entries zeroed, and as many random
+    entries of it zeroed, each evaluated by the accuracy function; other layers untouched."""
+    from safetensors.numpy import save_file
+
+    from llm_audit.grok.timeline import ablation_columns, audit_columns
+    from llm_audit.run.audit import run_audit
+    from llm_audit.run.config import AuditConfig
+
+    rng = np.random.default_rng(3)
+    fc1 = rng.standard_normal((200, 300)).astype(np.float32)
+    fc1[5, 7], fc1[150, 299] = 40.0, -40.0
+    fc2 = rng.standard_normal((100, 200)).astype(np.float32)
+    weights = tmp_path / "step-000000010.safetensors"
+    save_file({"fc1.weight": fc1, "fc2.weight": fc2}, str(weights))
+    report = tmp_path / "audits" / weights.stem
+    run_audit(str(weights), report, AuditConfig(seed=0), quiet=True)
+    seen = []
+
+    def accuracy(replaced):
+        seen.append(replaced)
+        return 0.5 + 0.1 * len(seen)
+
+    cols = audit_columns(report) | ablation_columns(weights, report, accuracy, 0, 10)
+    assert cols["traps.fc1"] == 2 and cols["traps.fc2"] == 0
+    assert cols["trap_ratio.fc1"] > 1.5 and cols["trap_ratio.fc2"] < 1.1
+    assert (cols["ablated_acc.fc1"], cols["control_acc.fc1"]) == (0.6, 0.7)
+    assert "ablated_acc.fc2" not in cols
+    ablated, control = (seen[0]["fc1.weight"], seen[1]["fc1.weight"])
+    assert [list(r) for r in seen] == [["fc1.weight"], ["fc1.weight"]]
+    assert ablated[5, 7] == 0 and ablated[150, 299] == 0 and np.count_nonzero(ablated != fc1) == 2
+    assert np.count_nonzero(control != fc1) == 2 and control[5, 7] == 40.0
+
+
+def accuracy_with_replaced_matrices_puts_the_model_back(idx_folder, tmp_path):
+    from llm_audit.grok.train import accuracy_with
+
+    _, task = _tiny(idx_folder)
+    before = {k: v.detach().clone() for k, v in task.model.named_matrices().items()}
+    base = accuracy_with(task, {})
+    zero = np.zeros(tuple(before["fc3.weight"].shape))
+    assert accuracy_with(task, {"fc3.weight": zero}) != base or base <= 0.2
+    for name, value in task.model.named_matrices().items():
+        assert torch.equal(value, before[name])

@@ -4,6 +4,7 @@ committed timeline.parquet, and the timeline holds exactly the rows of metrics.j
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_audit.grok.timeline import layers_of, phases, phases_markdown
+from llm_audit.grok.timeline import layers_of, phases_markdown, run_phases
 from llm_audit.grok.train import read_metrics
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -31,7 +32,8 @@ def test_the_validation_runs_are_committed():
 def test_phase_tables_come_from_the_committed_timeline(run: Path):
     rows = pq.read_table(run / "timeline.parquet").to_pylist()
     assert [r["step"] for r in rows] == [r["step"] for r in read_metrics(run / "metrics.jsonl")]
-    expected = phases_markdown(phases(rows), layers_of(rows))
+    config = json.loads((run / "run.json").read_text())["config"]
+    expected = phases_markdown(run_phases(rows, config), layers_of(rows))
     assert (run / "phases.md").read_text() == expected
     readme = (REPORTS / "README.md").read_text()
     assert f"(`{run.name}`)" in readme

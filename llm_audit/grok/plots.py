@@ -1,7 +1,8 @@
-"""The timeline against step on a log axis: accuracy, alpha, traps, the other measures.
+"""The timeline against step on a log axis: accuracy, alpha, traps, trap strength, the
+ablations and the other measures.
 
-Why one figure of four panels sharing the step axis: the question is what moves when,
-so the phase boundaries (dashed lines) must line up across all signals.
+Why one figure of panels sharing the step axis: the question is what moves when, so the
+phase boundaries (dashed lines) must line up across all signals.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ MEASURES = ("l2_norm", "abs_weight_entropy", "activation_sparsity", "circuit_com
 def plot_timeline(
     rows: list[dict[str, Any]], phase_info: dict[str, Any], path: Path, title: str
 ) -> None:
-    """Write the four-panel PNG to `path` (matplotlib, no display needed)."""
+    """Write the six-panel PNG to `path` (matplotlib, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,23 +28,40 @@ def plot_timeline(
 
     rows = [r for r in rows if r["step"] >= 1]
     step = np.array([r["step"] for r in rows])
-    fig, axes = plt.subplots(4, 1, figsize=(9, 12), sharex=True)
+    fig, axes = plt.subplots(6, 1, figsize=(9, 17), sharex=True)
+    layers = layers_of(rows)
+
+    def series(key: str) -> list[Any]:
+        return [r.get(key) for r in rows]
+
     ax = axes[0]
     ax.plot(step, [r["train_acc"] for r in rows], label="train accuracy")
     ax.plot(step, [r["test_acc"] for r in rows], label="test accuracy")
     ax.set_ylabel("accuracy")
     ax = axes[1]
-    for layer in layers_of(rows):
-        ax.plot(step, [r.get(f"alpha.{layer}") for r in rows], label=f"alpha {layer}")
+    for layer in layers:
+        ax.plot(step, series(f"alpha.{layer}"), label=f"alpha {layer}")
     ax.plot(step, [r.get("mean_alpha") for r in rows], "k--", label="mean alpha")
     ax.axhline(2.0, color="grey", lw=0.8)
     ax.set_ylim(0, 12)  # WeightWatcher-style fits of a near-Gaussian ESD can give alpha > 20
     ax.set_ylabel("alpha (clipped at 12)")
     ax = axes[2]
-    for layer in layers_of(rows):
-        ax.plot(step, [r.get(f"traps.{layer}") for r in rows], label=f"traps {layer}")
-    ax.set_ylabel("correlation traps")
+    for layer in layers:
+        ax.plot(step, series(f"traps_per_shuffle.{layer}"), label=f"traps {layer}")
+    ax.set_ylabel("correlation traps\n(per shuffle)")
     ax = axes[3]
+    for layer in layers:
+        ax.plot(step, series(f"trap_ratio.{layer}"), label=f"trap ratio {layer}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_ylabel("largest shuffled eigenvalue\n/ shuffled bulk edge")
+    ax = axes[4]
+    ax.plot(step, series("test_acc"), "k", lw=1.5, label="test accuracy")
+    for layer in layers:
+        (line,) = ax.plot(step, series(f"ablated_acc.{layer}"), "o", ms=3, label=f"{layer} traps 0")
+        control = series(f"control_acc.{layer}")
+        ax.plot(step, control, "x", ms=3, color=line.get_color(), label=f"{layer} random 0")
+    ax.set_ylabel("test accuracy,\nentries zeroed")
+    ax = axes[5]
     for key in MEASURES:
         v = np.array([r[key] for r in rows], float)
         span = np.ptp(v) or 1.0

@@ -25,7 +25,14 @@ from ..run.cluster import connect
 from .plots import plot_timeline
 from .settings import GrokConfig
 from .tasks import build_task
-from .timeline import audit_checkpoint, layers_of, phases, phases_markdown, write_timeline
+from .timeline import (
+    audit_checkpoint,
+    layers_of,
+    phases_markdown,
+    run_phases,
+    refresh_audit_columns,
+    write_timeline,
+)
 from .train import read_metrics, train
 
 
@@ -142,7 +149,9 @@ def run_grok(
             task,
             config,
             out,
-            lambda step, weights: audit_checkpoint(weights, out / "audits", config.seed),
+            lambda step, weights, accuracy: audit_checkpoint(
+                weights, out / "audits", config.seed, step, accuracy
+            ),
             resume,
             out / INIT_STATE if origin and not resume else None,
         )
@@ -153,9 +162,11 @@ def run_grok(
 
 
 def summarize(out: Path, rows: list[dict[str, Any]], run: dict[str, Any]) -> dict[str, Any]:
-    """timeline.parquet, phases.json, phases.md and timeline.png from the metrics rows."""
+    """timeline.parquet, phases.json, phases.md and timeline.png from the metrics rows
+    (their audit columns read again from the run's audit reports)."""
+    rows = refresh_audit_columns(rows, out / "audits")
     write_timeline(rows, out / "timeline.parquet", run)
-    found = phases(rows)
+    found = run_phases(rows, run["config"])
     write_json(out / "phases.json", found)
     (out / "phases.md").write_text(phases_markdown(found, layers_of(rows)))
     c = run["config"]

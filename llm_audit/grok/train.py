@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -28,6 +30,10 @@ from ..grok import measures
 from ..run.progress import stderr_progress
 from .settings import GrokConfig
 from .tasks import Task
+
+# audits the checkpoint (step, weights file) and evaluates its ablations with the
+# accuracy function given; returns columns for its row
+OnCheckpoint = Callable[[int, Path, Callable[[Mapping[str, np.ndarray]], float]], dict[str, Any]]
 
 
 def checkpoint_steps(steps: int, per_decade: int) -> list[int]:
@@ -95,6 +101,50 @@ def evaluate(task: Task, circuit_layer: str, mask: torch.Tensor) -> dict[str, fl
     }
 
 
+@torch.no_grad()
+def accuracy_with(task: Task, replaced: Mapping[str, np.ndarray]) -> float:
+    """Test accuracy of `task.model` with the named matrices replaced; the model is put
+    back as it was."""
+    params = task.model.named_matrices()
+    saved = {name: params[name].detach().clone() for name in replaced}
+    try:
+        for name, value in replaced.items():
+            params[name].copy_(torch.as_tensor(value))
+        logits = task.model(task.test_x)
+        return float((logits.argmax(-1) == task.test_y).double().mean())
+    finally:
+        for name, value in saved.items():
+            params[name].copy_(value)
+
+
+ABLATED = "ablated"  # a row whose trap ablations were evaluated
+
+
+def backfill_ablations(
+    task: Task, rows: list[dict[str, Any]], out: Path, on_checkpoint: OnCheckpoint
+) -> None:
+    """Evaluate the ablations of `rows` written before they existed, where the
+    checkpoint's weights are still in out/checkpoints; the model is put back as it was."""
+    todo = [r for r in rows if not r.get(ABLATED)]
+    current = {k: v.detach().clone() for k, v in task.model.named_matrices().items()}
+    try:
+        for row in todo:
+            weights = out / "checkpoints" / f"step-{row['step']:09d}.safetensors"
+            if not weights.exists():
+                continue
+            with safe_open(weights, "pt", device=str(task.train_x.device)) as fh:
+                saved = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+            with torch.no_grad():
+                for name, param in task.model.named_matrices().items():
+                    param.copy_(saved[name])
+            row.update(on_checkpoint(row["step"], weights, partial(accuracy_with, task)))
+            row[ABLATED] = True
+    finally:
+        with torch.no_grad():
+            for name, param in task.model.named_matrices().items():
+                param.copy_(current[name])
+
+
 def read_metrics(path: Path, upto: float = float("inf")) -> list[dict[str, Any]]:
     """The metrics rows of checkpoints up to step `upto` (none if the file is absent)."""
     if not path.exists():
@@ -107,13 +157,15 @@ def train(
     task: Task,
     config: GrokConfig,
     out: Path,
-    on_checkpoint: Callable[[int, Path], dict[str, Any]],
+    on_checkpoint: OnCheckpoint,
     resume: bool,
     init_from: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train `task.model` for `config.steps` steps; the metrics rows, one per checkpoint.
 
-    `on_checkpoint(step, weights_file)` audits a checkpoint and returns columns for its row.
+    `on_checkpoint(step, weights_file, accuracy)` audits a checkpoint and returns columns
+    for its row; rows of an earlier session without ablations get them first, where their
+    checkpoint's weights are still on disk.
     `init_from`: another run's state.safetensors to start from (weights and Adam moments,
     so the other run goes on under this run's settings); this run's steps count from 0.
     """
@@ -137,6 +189,7 @@ def train(
     elif init_from is not None:
         load_state(init_from, task, opt)
     rows = read_metrics(metrics_path, step)
+    backfill_ablations(task, rows, out, on_checkpoint)
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     mask = measures.circuit_mask(model, config.circuit_layer, config.seed).to(task.train_x.device)
     todo = [s for s in checkpoint_steps(config.steps, config.checkpoints_per_decade) if s > step]
@@ -164,7 +217,8 @@ def train(
         row: dict[str, Any] = {"step": step, **evaluate(task, config.circuit_layer, mask)}
         weights = ckpt_dir / f"step-{step:09d}.safetensors"
         _atomic_save(model.named_matrices(), weights, {"step": str(step)})
-        row |= on_checkpoint(step, weights)
+        row |= on_checkpoint(step, weights, partial(accuracy_with, task))
+        row[ABLATED] = True
         row["train_seconds"] = round(time.perf_counter() - t0, 3)
         rows.append(row)
         with metrics_path.open("a") as fh:
