@@ -35,14 +35,32 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
 
 
+MAX_YAML_BYTES = 2**20  # settings files are a few hundred bytes
+
+
+class _NoAliases(yaml.SafeLoader):
+    """The safe loader, refusing aliases: a 1 KB file of nested aliases expands to
+    millions of values (and an error message echoing them to megabytes)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not accepted (line {mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's content (safe loader only), or a one-line AuditError naming the file."""
+    """A YAML file's content (safe loader, no aliases, at most 1 MB), or a one-line
+    AuditError naming the file."""
     try:
-        return yaml.safe_load(path.read_text())
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise AuditError(f"{path}: a {what} file of more than {MAX_YAML_BYTES >> 10} KB")
+        return yaml.load(path.read_text(), Loader=_NoAliases)  # a SafeLoader subclass
     except OSError as err:
         raise AuditError(f"{path}: cannot read {what} ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise AuditError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise AuditError(f"{path}: not valid YAML ({shown(first, 160)[1:-1]})") from None
 
 
 def _check(name: str, kind: Any, value: Any, where: str) -> None:

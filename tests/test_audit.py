@@ -238,6 +238,126 @@ def test_existing_report_needs_resume(report, model):
         run_audit(str(model), report, AuditConfig(), quiet=True)
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _partial_copy(report: Path, dest: Path) -> Path:
+    """`report` as a killed run leaves it: manifest 'running', rows only in a part."""
+    import shutil
+
+    shutil.copytree(report, dest)
+    (dest / "parts").mkdir()
+    (dest / "layers.parquet").rename(dest / "parts" / f"layers-{'a' * 32}.parquet")
+    (dest / "spectra.parquet").rename(dest / "parts" / f"spectra-{'a' * 32}.parquet")
+    (dest / "summary.json").unlink()
+    manifest = json.loads((dest / "manifest.json").read_text())
+    (dest / "manifest.json").write_text(json.dumps(manifest | {"status": "running"}))
+    return dest
+
+
+def test_resume_with_another_model_of_the_same_names_is_refused(report, tmp_path):
+    from dataclasses import replace
+
+    from llm_audit.source.synth import BUNDLED, synth_gpt_oss
+
+    other = synth_gpt_oss(tmp_path / "other", replace(BUNDLED, seed=7))  # same names, shapes
+    out = _partial_copy(report, tmp_path / "r")
+    before = _snapshot(out)
+    with pytest.raises(AuditError, match=r"another model: .*safetensors.* differs"):
+        run_audit(str(other), out, AuditConfig(seed=3), resume=True, quiet=True)
+    assert _snapshot(out) == before  # nothing touched, the manifest still names model A
+
+
+def test_resume_with_another_seed_or_selection_is_refused(report, model, tmp_path):
+    out = _partial_copy(report, tmp_path / "r")
+    before = _snapshot(out)
+    with pytest.raises(AuditError, match="computed with seed=3, this run has seed=7"):
+        run_audit(str(model), out, AuditConfig(seed=7), resume=True, quiet=True)
+    with pytest.raises(AuditError, match=r"with exclude=\[\], this run has exclude=\['x'\]"):
+        run_audit(str(model), out, AuditConfig(seed=3, exclude=["x"]), resume=True, quiet=True)
+    assert _snapshot(out) == before
+    proc = subprocess.run(
+        _audit_command(model, out, "--resume", "--seed", "7"), capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_out_refuses_a_users_folder_and_deletes_nothing(model, tmp_path):
+    out = tmp_path / "thesis"
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "thesis.tex").write_text("\\chapter{One}")
+    (out / "summary.json").write_text('{"mine": true}')
+    before = _snapshot(out)
+    for options in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(AuditError, match="not an llm-audit report; refusing"):
+            run_audit(str(model), out, AuditConfig(), quiet=True, **options)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AuditError, match="not a folder"):
+        run_audit(str(model), tmp_path / "file", AuditConfig(), quiet=True)
+    assert _snapshot(out) == before
+
+
+def test_a_symlinked_parts_folder_is_refused_and_its_target_kept(report, model, tmp_path):
+    out = _partial_copy(report, tmp_path / "r")
+    elsewhere = tmp_path / "elsewhere"
+    (out / "parts").rename(elsewhere)
+    (elsewhere / "notes.txt").write_text("keep me")
+    (out / "parts").symlink_to(elsewhere)
+    before = _snapshot(elsewhere)
+    for options in ({"resume": True}, {"overwrite": True}):
+        with pytest.raises(AuditError, match="parts: a symlink inside a report folder"):
+            run_audit(str(model), out, AuditConfig(seed=3), quiet=True, **options)
+    assert _snapshot(elsewhere) == before
+
+
+def test_overwrite_removes_only_what_the_report_owns(report, tmp_path):
+    import shutil
+
+    from llm_audit.report.writer import remove_report
+
+    out = _partial_copy(report, tmp_path / "r")
+    shutil.copy(out / "manifest.json", out / "parts" / "mine.json")
+    (out / "README.md").write_text("my notes")
+    (out / ".manifest.json.0123456789abcdef0123456789abcdef.tmp").write_text("killed write")
+    remove_report(out)
+    assert sorted(_snapshot(out)) == ["README.md", "parts/mine.json"]
+
+
+def test_an_empty_or_foreign_part_is_redone_not_fatal(report, tmp_path):
+    from llm_audit.report.writer import ReportWriter
+
+    out = _partial_copy(report, tmp_path / "r")
+    (out / "parts" / f"layers-{'b' * 32}.parquet").write_bytes(b"")
+    (out / "parts" / f"spectra-{'b' * 32}.parquet").write_bytes(b"")
+    (out / "parts" / f"layers-{'c' * 32}.parquet").write_bytes(b"PAR1 not really")
+    writer = ReportWriter(out)
+    assert len(writer.done()) == 44
+    table = writer.finalize(
+        [r["matrix"] for r in pq.read_table(report / "layers.parquet").to_pylist()]
+    )
+    assert table.num_rows == 44 and not (out / "parts").exists()
+
+
+def test_resume_retry_failed_recomputes_error_rows(report, model, tmp_path):
+    import pyarrow as pa
+
+    out = _partial_copy(report, tmp_path / "r")
+    part = out / "parts" / f"layers-{'a' * 32}.parquet"
+    table = pq.read_table(part)
+    status = table["status"].to_pylist()
+    status[0] = status[5] = "error"
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+    pq.write_table(table, part)
+    result = run_audit(
+        str(model), out, AuditConfig(seed=3), resume=True, retry_failed=True, quiet=True
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed_from"] == 42 and manifest["computed_this_run"] == 2
+    assert result.failed == 0 and manifest["status"] == "complete"
+    assert _comparable(out) == _comparable(report)
+
+
 def test_include_exclude(model, tmp_path):
     config = AuditConfig(include=[r"layers\.1\."], exclude=[r"experts"])
     result = run_audit(str(model), tmp_path / "r", config, quiet=True)
@@ -298,7 +418,7 @@ def test_finalize_ignores_and_removes_a_killed_write(tmp_path):
 
     writer = ReportWriter(tmp_path)
     writer.add([{"matrix": "a", "status": "ok", "evals": [1.0, 2.0], "rand_evals": None}])
-    (writer.parts / ".layers-dead.parquet.1234.tmp").write_bytes(b"half a file")
+    (writer.parts / f".layers-{'d' * 32}.parquet.{'e' * 32}.tmp").write_bytes(b"half a file")
     assert writer.done() == {"a"}
     table = writer.finalize(["a"])
     assert table["matrix"].to_pylist() == ["a"] and not writer.parts.exists()

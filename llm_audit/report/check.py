@@ -3,6 +3,16 @@
 Why rules in a file: what counts as a regression differs by model family and by team, and
 a CI job should state its own limits beside the model it gates. Every violation names the
 matrix (or kind) and the numbers, so a failed gate says what to look at.
+
+Why some checks are not rules: a gate that passes an audit which never finished — status
+`interrupted`, or fewer matrices than were planned — passes a model nobody audited. So
+`report_complete` is always checked, as its own JUnit case. With a baseline report
+(`--baseline`, the last released model) the gate also fails on regressions, computed by
+`diff`: new traps in matrices that had none, newly failed matrices, and mean alpha per
+kind drifting further than `max_alpha_drift_per_kind`.
+
+JUnit: one test case per rule and violating subject (a matrix, a kind, or the model), or
+one passing case per rule without violations; `tests` and `failures` count those cases.
 """
 
 from __future__ import annotations
@@ -13,7 +23,9 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from ..errors import AuditError
-from ..inputs import read_yaml
+from ..inputs import read_yaml, shown
+from .diff import diff_reports
+from .format import format_value, printable
 from .reader import Report
 
 RULE_KEYS = {
@@ -23,7 +35,13 @@ RULE_KEYS = {
     "alpha_range": "range",
     "max_share_alpha_outside": "share",
     "max_failed": "int",
+    "min_trap_ratio": "number",
+    "max_alpha_drift_per_kind": "number",
 }
+COMPLETE = "report_complete"  # always checked
+BASELINE_RULES = ("baseline_new_traps", "baseline_newly_failed")  # with --baseline
+BASELINE_ONLY = ("max_alpha_drift_per_kind",)
+MODIFIERS = ("min_trap_ratio",)  # change how other rules count; not checks themselves
 
 
 # The documented default, configs/release-check.yaml (a test keeps the two equal).
@@ -34,6 +52,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "alpha_range": [2.0, 6.0],
     "max_share_alpha_outside": 0.5,
     "max_failed": 0,
+    "max_alpha_drift_per_kind": 0.5,
 }
 
 
@@ -42,6 +61,17 @@ class Rules:
     """Limits; a missing key is not checked."""
 
     values: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    def checks(self, baseline: bool) -> list[str]:
+        """The names of the JUnit test cases' rules, in order."""
+        names = [COMPLETE]
+        for key in self.values:
+            if key in MODIFIERS or (key in BASELINE_ONLY and not baseline):
+                continue
+            if key == "alpha_range" and "max_share_alpha_outside" in self.values:
+                continue  # checked as max_share_alpha_outside
+            names.append(key)
+        return names + list(BASELINE_RULES if baseline else ())
 
 
 @dataclass(frozen=True)
@@ -52,7 +82,11 @@ class Violation:
 
 
 def _bad(path: Path, key: str, expected: str, value: Any) -> AuditError:
-    return AuditError(f"{path}: rule {key} must be {expected}, got {value!r}")
+    return AuditError(f"{path}: rule {key} must be {expected}, got {shown(value)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def load_rules(path: str | Path) -> Rules:
@@ -64,23 +98,24 @@ def load_rules(path: str | Path) -> Rules:
     for key, value in data.items():
         kind = RULE_KEYS.get(key)
         if kind is None:
-            raise AuditError(f"{path}: unknown rule {key!r}; known: {', '.join(RULE_KEYS)}")
+            raise AuditError(f"{path}: unknown rule {shown(key)}; known: {', '.join(RULE_KEYS)}")
         is_int = isinstance(value, int) and not isinstance(value, bool)
         if kind == "int" and not (is_int and value >= 0):
             raise _bad(path, key, "a non-negative integer", value)
-        if kind == "share" and not (
-            isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
-        ):
+        if kind == "number" and not (_is_number(value) and 0 <= value < float("inf")):
+            raise _bad(path, key, "a non-negative number", value)
+        if kind == "share" and not (_is_number(value) and 0 <= value <= 1):
             raise _bad(path, key, "a share between 0 and 1", value)
         if kind == "range" and not (
             isinstance(value, list)
             and len(value) == 2
-            and all(isinstance(v, int | float) for v in value)
+            and all(_is_number(v) for v in value)
             and value[0] < value[1]
         ):
             raise _bad(path, key, "[low, high] with low < high", value)
         if kind == "dict" and not (
             isinstance(value, dict)
+            and all(isinstance(k, str) for k in value)
             and all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value.values()
             )
@@ -89,12 +124,81 @@ def load_rules(path: str | Path) -> Rules:
     return Rules(data)
 
 
-def evaluate(report: Report, rules: Rules) -> list[Violation]:
-    """Every violation of `rules` in `report`, rule by rule."""
+def trap_count(row: dict[str, Any], min_ratio: float | None) -> int:
+    """Traps of a matrix; with `min_ratio`, only those whose own ratio to the shuffled
+    bulk edge is at least that (a version-1 report has no ratios: every trap counts)."""
+    ratios = row.get("trap_ratios")
+    if min_ratio is None or ratios is None:
+        return row["rand_num_spikes"] or 0
+    return sum(r is not None and r >= min_ratio for r in ratios)
+
+
+def _completeness(report: Report) -> list[Violation]:
+    status = report.manifest.get("status")
+    planned = report.summary.get("matrices_planned")
+    matrices = [row["matrix"] for row in report.rows]
+    if status != "complete":
+        message = f"status is {shown(status)}, not 'complete' (finish it with audit --resume)"
+    elif planned != len(matrices):
+        message = f"{len(matrices)} matrices in the report, {shown(planned)} planned"
+    else:
+        return []
+    return [Violation(COMPLETE, "model", message)]
+
+
+def _baseline(
+    report: Report, baseline: Report, r: dict[str, Any], min_ratio: float | None
+) -> list[Violation]:
+    out: list[Violation] = []
+    before = {row["matrix"]: row for row in baseline.rows}
+    after = {row["matrix"]: row for row in report.rows}
+    diffs = diff_reports(baseline, report)  # refuses two architectures in one line
+    for d in diffs:
+        old, new = (
+            trap_count(before[d["matrix"]], min_ratio),
+            trap_count(after[d["matrix"]], min_ratio),
+        )
+        if old == 0 and new > 0:
+            out.append(
+                Violation("baseline_new_traps", d["matrix"], f"0 traps in the baseline, {new} now")
+            )
+    for d in diffs:
+        if d["status_b"] == "error" and d["status_a"] != "error":
+            out.append(
+                Violation(
+                    "baseline_newly_failed",
+                    d["matrix"],
+                    f"{d['status_a']} in the baseline, error now: {after[d['matrix']]['error']}",
+                )
+            )
+    if "max_alpha_drift_per_kind" in r:
+        by_kind: dict[str, tuple[list[float], list[float]]] = {}
+        for d in diffs:
+            if d["alpha_a"] is not None and d["alpha_b"] is not None:
+                pair = by_kind.setdefault(d["kind"] or "-", ([], []))
+                pair[0].append(d["alpha_a"])
+                pair[1].append(d["alpha_b"])
+        for kind, (a, b) in sorted(by_kind.items()):
+            drift = sum(b) / len(b) - sum(a) / len(a)
+            if abs(drift) > r["max_alpha_drift_per_kind"]:
+                out.append(
+                    Violation(
+                        "max_alpha_drift_per_kind",
+                        kind,
+                        f"mean alpha {sum(a) / len(a):.3f} -> {sum(b) / len(b):.3f} "
+                        f"(|{drift:+.3f}| > {r['max_alpha_drift_per_kind']})",
+                    )
+                )
+    return out
+
+
+def evaluate(report: Report, rules: Rules, baseline: Report | None = None) -> list[Violation]:
+    """Every violation of `rules` in `report` (and against `baseline`), rule by rule."""
     r = rules.values
     rows = report.rows
-    out: list[Violation] = []
-    traps = {row["matrix"]: row["rand_num_spikes"] or 0 for row in rows}
+    min_ratio = r.get("min_trap_ratio")
+    out = _completeness(report)
+    traps = {row["matrix"]: trap_count(row, min_ratio) for row in rows}
     if "max_traps_per_matrix" in r:
         limit = r["max_traps_per_matrix"]
         for row in rows:
@@ -104,8 +208,9 @@ def evaluate(report: Report, rules: Rules) -> list[Violation]:
                         "max_traps_per_matrix",
                         row["matrix"],
                         f"{traps[row['matrix']]} traps > {limit} (kind {row['kind']}, "
-                        f"max |w| {row['max_abs_entry']:.4g}, entry kurtosis "
-                        f"{row['entry_kurtosis']:.3g})",
+                        f"max |w| {format_value(row['max_abs_entry'])}, entry kurtosis "
+                        f"{format_value(row['entry_kurtosis'])}, trap ratio "
+                        f"{format_value(row.get('trap_ratio'))})",
                     )
                 )
     if "max_traps_per_kind" in r:
@@ -147,20 +252,31 @@ def evaluate(report: Report, rules: Rules) -> list[Violation]:
                     f"{first['matrix']}: {first['error']}",
                 )
             )
+    if baseline is not None:
+        out += _baseline(report, baseline, r, min_ratio)
     return out
 
 
-def junit_xml(report: Report, rules: Rules, violations: list[Violation]) -> bytes:
-    """One test case per rule; a failure element per violation of it."""
+def junit_xml(
+    report: Report, rules: Rules, violations: list[Violation], baseline: bool = False
+) -> bytes:
+    """One test case per rule and violating subject, or per rule without violations;
+    the suite's `tests` and `failures` count those cases. Every string is `printable`:
+    no character XML 1.0 cannot hold, so the file always parses."""
+    cases: list[tuple[str, Violation | None]] = []
+    for rule in rules.checks(baseline):
+        broken = [v for v in violations if v.rule == rule]
+        cases += [(f"{rule}: {v.subject}", v) for v in broken] or [(rule, None)]
     suite = ET.Element(
         "testsuite",
-        name=f"llm-audit check {report.folder}",
-        tests=str(len(rules.values)),
-        failures=str(len(violations)),
+        name=printable(f"llm-audit check {report.folder}"),
+        tests=str(len(cases)),
+        failures=str(sum(v is not None for _, v in cases)),
+        errors="0",
     )
-    for rule in rules.values:
-        case = ET.SubElement(suite, "testcase", classname="llm-audit.check", name=rule)
-        for v in (v for v in violations if v.rule == rule):
-            failure = ET.SubElement(case, "failure", message=f"{v.subject}: {v.message}")
-            failure.text = f"{v.subject}: {v.message}"
-    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="utf-8", xml_declaration=True)
+    for name, violation in cases:
+        case = ET.SubElement(suite, "testcase", classname="llm-audit.check", name=printable(name))
+        if violation is not None:
+            text = printable(f"{violation.subject}: {violation.message}")
+            ET.SubElement(case, "failure", message=text).text = text
+    return ET.tostring(suite, encoding="utf-8", xml_declaration=True)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 from pathlib import Path
 
-from .format import human_bytes, print_json, print_table
+from .format import human_bytes, print_json, print_table, printable, write_csv
 from .reader import load_report
 
 SHOW_COLUMNS = (
@@ -36,24 +34,28 @@ DIFF_COLUMNS = (
     "d_alpha",
     "d_log_norm",
     "d_log_spectral_norm",
+    "d_trap_ratio",
 )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from ..files import write_atomic
     from .check import Rules, evaluate, junit_xml, load_rules
 
     rules = load_rules(args.rules) if args.rules else Rules()
     report = load_report(args.report)
-    violations = evaluate(report, rules)
+    baseline = load_report(args.baseline) if args.baseline else None
+    violations = evaluate(report, rules, baseline)
     if args.junit:
-        Path(args.junit).write_bytes(junit_xml(report, rules, violations))
-    model = report.manifest.get("model", {}).get("reference", "?")
+        xml = junit_xml(report, rules, violations, baseline is not None)
+        write_atomic(Path(args.junit), lambda tmp: tmp.write_bytes(xml))
+    model = printable(report.manifest["model"]["reference"])
     for v in violations:
-        print(f"FAIL {v.rule}: {v.subject}: {v.message}")
+        print(printable(f"FAIL {v.rule}: {v.subject}: {v.message}"))
     verdict = "FAILED" if violations else "PASSED"
     print(
-        f"{verdict}: {model}: {len(rules.values)} rules, {len(violations)} violations, "
-        f"{len(report.rows)} matrices"
+        f"{verdict}: {model}: {len(rules.checks(baseline is not None))} checks, "
+        f"{len(violations)} violations, {len(report.rows)} matrices"
     )
     return 1 if violations else 0
 
@@ -83,14 +85,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.format == "json":
         print_json(rows)
     elif args.format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(SHOW_COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+        write_csv(rows, SHOW_COLUMNS)
     else:
         s, m = report.summary, report.manifest
         print(
-            f"model {m['model']['reference']}  llm-audit {m.get('tool_version')}  seed "
-            f"{m.get('seed')}  status {m.get('status')}"
+            printable(
+                f"model {m['model']['reference']}  llm-audit {m.get('tool_version')}  seed "
+                f"{m.get('seed')}  status {m['status']}"
+            )
         )
         print(
             f"matrices {s['matrices_in_report']} (audited {s['audited']}, skipped "
@@ -118,9 +120,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.format == "json":
         print_json(rows)
     elif args.format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
+        write_csv(rows, list(rows[0]) if rows else list(DIFF_COLUMNS))
     else:
         gained = sum(r["new_traps"] for r in rows)
         print(
@@ -136,6 +136,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("report", help="report folder")
     p.add_argument("--rules", help="YAML rules (default: configs/release-check.yaml's values)")
     p.add_argument("--junit", help="also write JUnit XML here")
+    p.add_argument(
+        "--baseline",
+        metavar="OLD_REPORT",
+        help="report of the previous release (same architecture): also fail on new traps "
+        "where it had none, newly failed matrices, alpha drift per kind",
+    )
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("report", help="browse a report")

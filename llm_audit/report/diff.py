@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import AuditError
+from ..inputs import shown
 from .reader import Report
 
 COMPARED = (
@@ -20,6 +21,7 @@ COMPARED = (
     "log_norm",
     "log_spectral_norm",
     "stable_rank",
+    "trap_ratio",
 )
 
 
@@ -40,12 +42,12 @@ def diff_reports(a: Report, b: Report) -> list[dict[str, Any]]:
         first = (only_a or only_b)[0]
         raise AuditError(
             f"different architectures: {len(only_a)} matrices only in {a.folder}, "
-            f"{len(only_b)} only in {b.folder} (e.g. {first})"
+            f"{len(only_b)} only in {b.folder} (e.g. {shown(first)})"
         )
     for matrix, shape in shapes_a.items():
         if shapes_b[matrix] != shape and None not in shape and None not in shapes_b[matrix]:
             raise AuditError(
-                f"different architectures: {matrix} is {shape[0]}x{shape[1]} in "
+                f"different architectures: {shown(matrix)} is {shape[0]}x{shape[1]} in "
                 f"{a.folder}, {shapes_b[matrix][0]}x{shapes_b[matrix][1]} in "
                 f"{b.folder}"
             )
@@ -53,7 +55,12 @@ def diff_reports(a: Report, b: Report) -> list[dict[str, Any]]:
     out = []
     for ra in a.rows:
         rb = by_b[ra["matrix"]]
-        row: dict[str, Any] = {"matrix": ra["matrix"], "kind": ra["kind"]}
+        row: dict[str, Any] = {
+            "matrix": ra["matrix"],
+            "kind": ra["kind"],
+            "status_a": ra["status"],
+            "status_b": rb["status"],
+        }
         for col in COMPARED:
             row[f"{col}_a"], row[f"{col}_b"] = ra[col], rb[col]
             row[f"d_{col}"] = _delta(ra[col], rb[col])

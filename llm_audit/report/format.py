@@ -6,6 +6,7 @@ must print the same value the same way, so a number in a table matches the JSON.
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -14,13 +15,52 @@ from typing import Any
 import numpy as np
 
 
+def _escape(char: str) -> str:
+    code = ord(char)
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
+
+
+def printable(text: str) -> str:
+    """`text` with control, format (bidi), surrogate, separator and unassigned characters
+    written as `\\xNN` / `\\uNNNN` escapes: report strings come from someone else's
+    checkpoint or folder and must not drive a terminal, reorder a line or break XML."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
 def format_value(value: Any) -> str:
-    """One table cell: '-' for missing, 4 significant digits for floats."""
+    """One table cell: '-' for missing, 4 significant digits for floats, text escaped."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return printable(str(value))
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet will not run: text starting like a formula gets a
+    leading quote (OWASP's advice); numbers are kept as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """`columns` of `rows` as CSV on stdout, formula-guarded."""
+    writer = csv.writer(sys.stdout)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([csv_cell(row.get(c)) for c in columns])
 
 
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:

@@ -1,20 +1,46 @@
-"""Reading a report folder back: for `report show`, `check` and `diff`.
+"""Reading a report folder back: for `report show`, `check`, `diff` and `report html`.
 
-Why its own module: every reader must refuse the same things the same way — a folder that
-is not a report, a schema version it does not know, a missing file — with one line.
+Why its own module, and why it checks so much: a report folder may come from someone
+else (a CI artifact, a colleague's share), so it is untrusted input, and every reader must
+refuse the same things the same way — with one line, before anything is used. Checked
+first, from metadata only: the manifest's and summary's fields and types (no NaN, no
+deep nesting, a size cap), the Parquet files' column types against the schema, and their
+row counts against `MAX_ROWS` (from the Parquet footer, before a row is decoded: a 37 KB
+file can hold 2 million rows). Then the rows: matrix names present and unique, statuses
+known. Strings in a report are printed through `format.printable`, never raw.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ReportError
-from .schema import LAYERS_SCHEMA, READABLE_VERSIONS, conform
+from ..inputs import shown
+from .schema import LAYERS_SCHEMA, READABLE_VERSIONS, SPECTRA_SCHEMA, conform
+
+# The largest MoE checkpoints have under 100,000 matrices (Kimi K2: 384 experts x 3 x 61).
+MAX_ROWS = 500_000
+MAX_JSON_BYTES = 16 * 2**20
+MAX_UNCOMPRESSED_BYTES = 4 * 2**30  # layers.parquet decoded (spectra are read in batches)
+STATUSES = ("ok", "skipped", "error")
+# Columns that schema version 2 added: a version-1 report lacks them.
+ADDED_IN_2 = ("transposed", "error_kind", "trap_ratio", "trap_ratios")
+_COUNTS = (
+    "matrices_planned",
+    "matrices_in_report",
+    "audited",
+    "skipped",
+    "failed",
+    "matrices_with_traps",
+    "total_traps",
+)
 
 
 @dataclass(frozen=True)
@@ -27,33 +53,133 @@ class Report:
     summary: dict[str, Any]
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def _json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ReportError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MB")
+        data = json.loads(path.read_bytes(), parse_constant=_no_constant)
     except FileNotFoundError:
         raise ReportError(f"{path.parent}: not a report folder (no {path.name})") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path}: unreadable ({err})") from None
+    except (OSError, ValueError, RecursionError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ReportError(f"{path}: unreadable ({reason})") from None
     if not isinstance(data, dict):
         raise ReportError(f"{path}: not a JSON object")
     return data
+
+
+def _field(path: Path, data: dict[str, Any], key: str, ok: Any, expected: str) -> None:
+    if key not in data:
+        raise ReportError(f"{path}: no {key!r}")
+    if not ok(data[key]):
+        raise ReportError(f"{path}: {key} must be {expected}, got {shown(data[key])}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_manifest(path: Path, m: dict[str, Any]) -> None:
+    _field(
+        path,
+        m,
+        "schema_version",
+        lambda v: v in READABLE_VERSIONS,
+        "one of " + ", ".join(map(repr, READABLE_VERSIONS)),
+    )
+    _field(path, m, "status", lambda v: isinstance(v, str), "a string")
+    _field(path, m, "model", lambda v: isinstance(v, dict), "an object")
+    _field(path, m["model"], "reference", lambda v: isinstance(v, str), "a string")
+    for key, ok, expected in (
+        ("seed", lambda v: v is None or _is_count(v), "a non-negative integer"),
+        ("tool_version", lambda v: isinstance(v, str), "a string"),
+        ("finished", lambda v: isinstance(v, str), "a string"),
+        ("config", lambda v: isinstance(v, dict), "an object"),
+    ):
+        if key in m:
+            _field(path, m, key, ok, expected)
+
+
+def _check_summary(path: Path, s: dict[str, Any]) -> None:
+    for key in _COUNTS:
+        _field(path, s, key, _is_count, "a non-negative integer")
+    _field(
+        path,
+        s,
+        "mean_alpha_by_kind",
+        lambda v: (
+            isinstance(v, dict)
+            and all(
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                for x in v.values()
+            )
+        ),
+        "an object of kinds to numbers",
+    )
+
+
+def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFile:
+    """`path` opened, its footer checked against `schema` and the caps; no row read."""
+    try:
+        handle = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ReportError(f"{path}: not a readable Parquet file ({reason})") from None
+    meta = handle.metadata
+    if meta.num_rows > MAX_ROWS:
+        raise ReportError(f"{path}: {meta.num_rows} rows, more than {MAX_ROWS} (refused)")
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if path.name == "layers.parquet" and size > MAX_UNCOMPRESSED_BYTES:
+        raise ReportError(f"{path}: {size} bytes decoded, more than {MAX_UNCOMPRESSED_BYTES}")
+    try:
+        found = handle.schema_arrow
+    except (OSError, pa.ArrowException) as err:
+        raise ReportError(f"{path}: unreadable schema ({type(err).__name__})") from None
+    for name in required:
+        if name not in found.names:
+            raise ReportError(f"{path}: no column {name!r}")
+    for f in schema:
+        if f.name in found.names and found.field(f.name).type != f.type:
+            raise ReportError(
+                f"{path}: column {f.name!r} is {found.field(f.name).type}, expected {f.type}"
+            )
+    return handle
 
 
 def load_report(folder: str | Path) -> Report:
     """Load `folder`'s layers.parquet, manifest.json and summary.json, checked."""
     folder = Path(folder)
     manifest = _json(folder / "manifest.json")
-    version = manifest.get("schema_version")
-    if version not in READABLE_VERSIONS:
-        raise ReportError(
-            f"{folder}: report schema {version!r}, this llm-audit reads "
-            f"{', '.join(map(repr, READABLE_VERSIONS))}"
-        )
+    _check_manifest(folder / "manifest.json", manifest)
     layers = folder / "layers.parquet"
     if not layers.is_file():
         raise ReportError(
             f"{folder}: no layers.parquet (a run still going, or killed before "
             "its first result? --resume completes it)"
         )
-    rows = conform(pq.read_table(layers), LAYERS_SCHEMA).to_pylist()
-    return Report(folder, rows, manifest, _json(folder / "summary.json"))
+    summary = _json(folder / "summary.json")
+    _check_summary(folder / "summary.json", summary)
+    added = ADDED_IN_2 if manifest["schema_version"] == "1" else ()
+    handle = _parquet(layers, LAYERS_SCHEMA, [f.name for f in LAYERS_SCHEMA if f.name not in added])
+    if (folder / "spectra.parquet").exists():
+        _parquet(folder / "spectra.parquet", SPECTRA_SCHEMA, SPECTRA_SCHEMA.names)
+    try:
+        rows = conform(handle.read(), LAYERS_SCHEMA).to_pylist()
+    except (OSError, pa.ArrowException) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ReportError(f"{layers}: unreadable rows ({reason})") from None
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        if row["matrix"] is None or row["matrix"] in seen:
+            raise ReportError(f"{layers}: row {i}: matrix is missing or repeated")
+        if row["status"] not in STATUSES:
+            raise ReportError(
+                f"{layers}: row {i}: status {shown(row['status'])} is not one of "
+                f"{', '.join(STATUSES)}"
+            )
+        seen.add(row["matrix"])
+    return Report(folder, rows, manifest, summary)

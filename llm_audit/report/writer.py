@@ -6,6 +6,13 @@ name, then renamed: a part is complete or absent), so an interrupted run leaves 
 partial report and `--resume` knows exactly which matrices are done. `finalize` merges
 the parts, in plan order, into `layers.parquet` and `spectra.parquet` (atomically too).
 
+Why the folder is classified before anything is written (`out_folder_state`): `--out`
+names a folder a user typed, and a release job may point it at the wrong place. Only a
+missing folder, an empty one, or an llm-audit report is accepted, and only the files a
+report owns (`OWNED_FILES`, parts named as this writer names them, and their temporary
+files) are ever removed; a symlink where a report keeps its files is refused, since
+following it would write or delete elsewhere.
+
 Schema (`llm_audit.report.schema`, its version in every file's metadata and the manifest):
 - layers.parquet: one row per matrix, every column of `REPORT_COLUMNS`;
 - spectra.parquet: `matrix, evals, rand_evals` (eigenvalues of W and of its shuffle).
@@ -13,6 +20,9 @@ Schema (`llm_audit.report.schema`, its version in every file's metadata and the 
 
 from __future__ import annotations
 
+import json
+import re
+import sys
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,8 +31,96 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import ReportError
 from ..files import write_atomic
 from .schema import LAYERS_SCHEMA, SCHEMA_METADATA, SPECTRA_SCHEMA, conform, float_list
+
+OWNED_FILES = (
+    "manifest.json",
+    "summary.json",
+    "layers.parquet",
+    "spectra.parquet",
+    "errors.log",
+    "report.html",
+)
+PARTS = "parts"
+_PART = re.compile(r"^(layers|spectra)-([0-9a-f]{32})\.parquet$")
+# write_atomic's temporary names: ".NAME.HEX.tmp" (a write killed before its rename)
+_TEMP = re.compile(r"^\.(.+)\.[0-9a-f]{32}\.tmp$")
+
+
+def _owned_part(name: str) -> bool:
+    temp = _TEMP.match(name)
+    return bool(_PART.match(temp.group(1) if temp else name))
+
+
+def _owned_file(name: str) -> bool:
+    temp = _TEMP.match(name)
+    return (temp.group(1) if temp else name) in OWNED_FILES
+
+
+def is_report(folder: Path) -> bool:
+    """Whether `folder` holds an llm-audit report (its manifest says so)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("tool") == "llm-audit"
+
+
+def _refuse_links(folder: Path) -> None:
+    paths = [folder / name for name in (*OWNED_FILES, PARTS)]
+    if (folder / PARTS).is_dir() and not (folder / PARTS).is_symlink():
+        paths += list((folder / PARTS).iterdir())
+    for path in paths:
+        if path.is_symlink():
+            raise ReportError(f"{path}: a symlink inside a report folder; refusing to follow it")
+
+
+def out_folder_state(folder: Path) -> str:
+    """'missing', 'empty' or 'report'; anything else is refused (nothing is touched)."""
+    if folder.is_symlink() and not folder.exists():
+        raise ReportError(f"{folder}: a dangling symlink, not a report folder")
+    if not folder.exists():
+        return "missing"
+    if not folder.is_dir():
+        raise ReportError(f"{folder}: not a folder; --out takes a new, empty or report folder")
+    if not any(folder.iterdir()):
+        return "empty"
+    if not is_report(folder):
+        raise ReportError(
+            f"{folder}: not empty and not an llm-audit report; refusing to write into it "
+            "(choose a new or empty --out)"
+        )
+    _refuse_links(folder)
+    return "report"
+
+
+def remove_report(folder: Path) -> None:
+    """Delete what the report in `folder` owns, and nothing else (other files stay)."""
+    _refuse_links(folder)
+    parts = folder / PARTS
+    if parts.is_dir():
+        for path in parts.iterdir():
+            if _owned_part(path.name) and path.is_file():
+                path.unlink()
+        if not any(parts.iterdir()):
+            parts.rmdir()
+    for path in folder.iterdir():
+        if _owned_file(path.name) and path.is_file():
+            path.unlink()
+
+
+def _read(path: Path, schema: pa.Schema) -> pa.Table | None:
+    """A part or final table, or None when it is not one (empty, truncated, foreign)."""
+    try:
+        return conform(pq.read_table(path), schema)
+    except (OSError, pa.ArrowException, KeyError) as err:
+        print(
+            f"llm-audit: ignoring {path} ({type(err).__name__}); its matrices are redone",
+            file=sys.stderr,
+        )
+        return None
 
 
 class ReportWriter:
@@ -30,7 +128,7 @@ class ReportWriter:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.parts = self.folder / "parts"
+        self.parts = self.folder / PARTS
         self.parts.mkdir(parents=True, exist_ok=True)
 
     def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -59,36 +157,60 @@ class ReportWriter:
         write_atomic(self.parts / f"spectra-{name}.parquet", lambda t: pq.write_table(spectra, t))
         write_atomic(self.parts / f"layers-{name}.parquet", lambda t: pq.write_table(layers, t))
 
-    def _tables(self, prefix: str, final: str, schema: pa.Schema) -> pa.Table:
-        files = sorted(self.parts.glob(f"{prefix}-*.parquet"))
-        if (self.folder / final).exists():
-            files.append(self.folder / final)
-        tables = [conform(pq.read_table(path), schema) for path in files]
-        return pa.concat_tables(tables) if tables else schema.empty_table()
+    def _sources(self) -> tuple[pa.Table, pa.Table]:
+        """Every readable (layers, spectra) pair — parts, then the final files — stacked.
 
-    def done(self) -> set[str]:
-        """Matrix ids already in the report (final tables or parts)."""
-        return set(self._tables("layers", "layers.parquet", LAYERS_SCHEMA)["matrix"].to_pylist())
+        A pair whose tables are unreadable or do not list the same matrices in the same
+        order is left out: its matrices are not done, and are computed again."""
+        pairs = sorted(
+            (
+                self.parts / f"layers-{m.group(2)}.parquet",
+                self.parts / f"spectra-{m.group(2)}.parquet",
+            )
+            for m in map(_PART.match, (p.name for p in self.parts.iterdir()))
+            if m and m.group(1) == "layers"
+        )
+        if (self.folder / "layers.parquet").exists():
+            pairs.append((self.folder / "layers.parquet", self.folder / "spectra.parquet"))
+        layers, spectra = [], []
+        for layers_path, spectra_path in pairs:
+            table = _read(layers_path, LAYERS_SCHEMA)
+            eigen = _read(spectra_path, SPECTRA_SCHEMA) if table is not None else None
+            if eigen is None or not table["matrix"].equals(eigen["matrix"]):
+                continue
+            layers.append(table)
+            spectra.append(eigen)
+        if not layers:
+            return LAYERS_SCHEMA.empty_table(), SPECTRA_SCHEMA.empty_table()
+        return pa.concat_tables(layers), pa.concat_tables(spectra)
+
+    def done(self, retry_failed: bool = False) -> set[str]:
+        """Matrix ids already in the report (final tables or parts); with `retry_failed`,
+        only those with a row that is not an error."""
+        layers, _ = self._sources()
+        statuses = zip(layers["matrix"].to_pylist(), layers["status"].to_pylist(), strict=True)
+        return {m for m, status in statuses if not (retry_failed and status == "error")}
 
     def finalize(self, order: list[str]) -> pa.Table:
-        """Merge everything into layers.parquet and spectra.parquet in plan `order`."""
+        """Merge everything into layers.parquet and spectra.parquet in plan `order`: one
+        row per matrix, a computed row before an error row (a retry that succeeded)."""
         rank = {matrix: i for i, matrix in enumerate(order)}
-        merged = {}
-        for prefix, final, schema in (
-            ("layers", "layers.parquet", LAYERS_SCHEMA),
-            ("spectra", "spectra.parquet", SPECTRA_SCHEMA),
-        ):
-            table = self._tables(prefix, final, schema)
-            matrices = table["matrix"].to_pylist()
-            keep: dict[str, int] = {}
-            for i, matrix in enumerate(matrices):  # a retried task may have written twice
-                keep.setdefault(matrix, i)
-            indices = sorted(keep.values(), key=lambda i: rank.get(matrices[i], len(rank)))
-            table = table.take(pa.array(indices, pa.int64()))
-            table = table.replace_schema_metadata(SCHEMA_METADATA)
-            write_atomic(self.folder / final, lambda t, tb=table: pq.write_table(tb, t))
-            merged[prefix] = table
-        for part in self.parts.iterdir():  # parts, and temp files of a killed write
-            part.unlink()
-        self.parts.rmdir()
-        return merged["layers"]
+        layers, spectra = self._sources()
+        matrices = layers["matrix"].to_pylist()
+        failed = [status == "error" for status in layers["status"].to_pylist()]
+        keep: dict[str, int] = {}
+        for i, matrix in enumerate(matrices):  # a retried task may have written twice
+            if matrix not in keep or (failed[keep[matrix]] and not failed[i]):
+                keep[matrix] = i
+        indices = sorted(keep.values(), key=lambda i: rank.get(matrices[i], len(rank)))
+        taken = pa.array(indices, pa.int64())
+        layers = layers.take(taken).replace_schema_metadata(SCHEMA_METADATA)
+        spectra = spectra.take(taken).replace_schema_metadata(SCHEMA_METADATA)
+        write_atomic(self.folder / "spectra.parquet", lambda t: pq.write_table(spectra, t))
+        write_atomic(self.folder / "layers.parquet", lambda t: pq.write_table(layers, t))
+        for part in self.parts.iterdir():  # our parts, and temp files of a killed write
+            if _owned_part(part.name) and part.is_file():
+                part.unlink()
+        if not any(self.parts.iterdir()):
+            self.parts.rmdir()
+        return layers

@@ -15,24 +15,35 @@ with the same headers; otherwise it starts a local Ray sized to this machine.
 Faults: a task whose worker dies is re-run by Ray (`max_retries`); a matrix that cannot
 be read or analyzed is a row with status=error; a task that still fails, or runs past
 `task_timeout_s`, gives error rows for its matrices. Ctrl-C finalizes a partial report.
+
+Why `--resume` compares before it writes: a report that is half one model (or seed) and
+half another, labelled `complete`, would pass a release gate it should fail. The old
+manifest's model files (bytes and header hash), seed and every config key that decides
+which matrices or which numbers (`RESUME_KEYS`) must equal the new run's, or nothing is
+touched. Keys that only place the work (backend, CPUs per task, retries, timeouts, memory
+budget, spill folder) may differ: they change at most the last bits of an eigenvalue.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import AuditError
+from ..errors import AuditError, UsageError
 from ..files import write_json
+from ..inputs import shown
 from ..report.schema import SCHEMA_VERSION
-from ..report.writer import ReportWriter
+from ..report.writer import ReportWriter, out_folder_state, remove_report
 from ..source.checkpoint import open_checkpoint
 from ..source.plan import MatrixUnit
 from ..source.reference import resolve_model
@@ -93,6 +104,88 @@ def _summary(table: Any, planned: int) -> dict[str, Any]:
     }
 
 
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 2**16
+
+
+def data_sample_sha256(path: Path, data_start: int, file_size: int) -> str:
+    """SHA-256 of 64 blocks of 64 KiB spread evenly over a file's data area (all of it
+    when smaller): two checkpoints of one architecture share their headers, not their
+    weights, and 4 MB of reads tell them apart where hashing 65 GB would take minutes."""
+    digest = hashlib.sha256()
+    span = file_size - data_start
+    with path.open("rb") as fh:
+        if span <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+            fh.seek(data_start)
+            digest.update(fh.read(span))
+        else:
+            step = (span - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1)
+            for i in range(SAMPLE_BLOCKS):
+                fh.seek(data_start + i * step)
+                digest.update(fh.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+RESUME_KEYS = ("seed", "randomize", "rand_route", "min_evals", "include", "exclude", "kinds")
+
+
+def _files(manifest: Mapping[str, Any]) -> Any:
+    model = manifest.get("model")
+    files = model.get("files") if isinstance(model, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        return None
+    keys = ("bytes", "header_sha256", "data_sample_sha256")
+    return sorted((shown(f.get("name")), *(shown(f.get(k)) for k in keys)) for f in files)
+
+
+def check_resumable(out: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Refuse, in one line naming the difference, to resume report `out` (manifest `old`)
+    with a run whose manifest would be `new`: other model files, seed or config."""
+    if old.get("schema_version") != new["schema_version"]:
+        raise AuditError(
+            f"{out}: cannot resume a report of schema {shown(old.get('schema_version'))} "
+            f"with llm-audit's schema {new['schema_version']}"
+        )
+    old_files, new_files = _files(old), _files(new)
+    if old_files != new_files:
+        if old_files is None:
+            raise AuditError(f"{out}: manifest.json lists no model files; cannot resume")
+        changed = sorted(set(old_files) ^ set(new_files))
+        name = changed[0][0] if changed else "the file list"
+        raise AuditError(
+            f"{out}: the report is of another model: {name} differs (size, header or "
+            "data SHA-256); refusing to resume"
+        )
+    old_config = old.get("config")
+    if not isinstance(old_config, dict):
+        raise AuditError(f"{out}: manifest.json has no config; cannot resume")
+    for key in RESUME_KEYS:
+        before = old.get("seed") if key == "seed" else old_config.get(key)
+        after = new["config"][key]
+        if before != after:
+            raise AuditError(
+                f"{out}: the report was computed with {key}={shown(before)}, this run has "
+                f"{key}={shown(after)}; refusing to resume (use another --out)"
+            )
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool, manifest: dict[str, Any]) -> int:
+    """Check `--out` before anything is written; returns how the folder starts: 0 fresh."""
+    state = out_folder_state(out)
+    if state != "report":
+        return 0
+    if overwrite:
+        remove_report(out)
+        return 0
+    if not resume:
+        raise AuditError(
+            f"{out} already holds a report: pass --resume to complete it, --overwrite to "
+            "replace it, or choose another --out"
+        )
+    old = json.loads((out / "manifest.json").read_text())
+    check_resumable(out, old, manifest)
+    return 1
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -105,22 +198,26 @@ def run_audit(
     revision: str | None = None,
     address: str | None = None,
     resume: bool = False,
+    retry_failed: bool = False,
+    overwrite: bool = False,
     quiet: bool = False,
 ) -> AuditResult:
-    """Audit `reference` into report folder `out` (see the module docstring)."""
+    """Audit `reference` into report folder `out` (see the module docstring).
+
+    `out` must be missing, empty, or a report: completed with `resume` (its error rows
+    computed again with `retry_failed`), replaced with `overwrite`; anything else is
+    refused before a file is written."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    if retry_failed and not resume:
+        raise UsageError("--retry-failed goes with --resume")
     started, t0 = _now(), time.perf_counter()
     out = Path(out)
-    if (out / "manifest.json").exists() and not resume:
-        raise AuditError(
-            f"{out} already holds a report: pass --resume to complete it, or choose another --out"
-        )
+    out_folder_state(out)  # refuse a foreign folder before the model is even opened
     model = resolve_model(reference, revision)
     checkpoint = open_checkpoint(model)
     units = _select(checkpoint.plan(config.min_evals, config.kind_rules()).units, config)
     timings = {"plan_s": round(time.perf_counter() - t0, 3)}
-    writer = ReportWriter(out)
-    done = writer.done() if resume else set()
-    todo = [u for u in units if u.id not in done]
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "tool": "llm-audit",
@@ -131,7 +228,12 @@ def run_audit(
             "repo_id": model.repo_id,
             "revision": model.revision,
             "files": [
-                {"name": p.name, "bytes": h.file_size, "header_sha256": h.header_sha256}
+                {
+                    "name": p.name,
+                    "bytes": h.file_size,
+                    "header_sha256": h.header_sha256,
+                    "data_sample_sha256": data_sample_sha256(p, h.data_start, h.file_size),
+                }
                 for p, h in checkpoint.headers.items()
             ],
         },
@@ -140,8 +242,12 @@ def run_audit(
         "status": "running",
         "started": started,
         "driver": socket.gethostname(),
-        "resumed_from": len(done),
     }
+    resuming = _prepare_out(out, resume, overwrite, manifest)
+    writer = ReportWriter(out)
+    done = writer.done(retry_failed) if resuming else set()
+    todo = [u for u in units if u.id not in done]
+    manifest["resumed_from"] = len(done)
     write_json(out / "manifest.json", manifest)
 
     import ray

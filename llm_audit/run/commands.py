@@ -73,8 +73,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import shutil
-
     import pyarrow.parquet as pq
 
     from ..source.synth import PLANTED, write_bundled_model
@@ -82,13 +80,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .config import AuditConfig
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "gpt-oss-mini").is_dir():
-            raise UsageError(f"{out} is not empty and not a demo folder; choose another --out")
-        shutil.rmtree(out)  # an earlier demo's model and report
-    model = write_bundled_model(out / "gpt-oss-mini")
+    if out.exists() and any(out.iterdir()) and not (out / "gpt-oss-mini").is_dir():
+        raise UsageError(f"{out} is not empty and not a demo folder; choose another --out")
+    model = write_bundled_model(out / "gpt-oss-mini")  # rewrites an earlier demo's files
     print(f"llm-audit {__version__}: bundled miniature gpt-oss written to {model}", file=sys.stderr)
-    result = run_audit(str(model), out / "report", AuditConfig(seed=args.seed), quiet=args.quiet)
+    result = run_audit(
+        str(model),
+        out / "report",
+        AuditConfig(seed=args.seed),
+        overwrite=True,  # an earlier demo's report: only its own files are removed
+        quiet=args.quiet,
+    )
     rows = pq.read_table(out / "report" / "layers.parquet").to_pylist()
     if args.format == "json":
         print_json(rows)
@@ -129,6 +131,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             revision=args.revision,
             address=args.address,
             resume=args.resume,
+            retry_failed=args.retry_failed,
+            overwrite=args.overwrite,
             quiet=args.quiet,
         )
     except KeyboardInterrupt:
@@ -257,7 +261,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default="demo-out",
-        help="folder for the model and its report (replaced; default ./demo-out)",
+        help="folder for the model and its report (an earlier demo replaced; default demo-out)",
     )
     p.add_argument("--seed", type=int, default=AnalysisSettings.seed, help="seed for the shuffles")
     p.add_argument("--format", choices=("table", "json"), default="table")
@@ -285,7 +289,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-randomize", action="store_true", help="skip shuffles and traps")
     p.add_argument("--backend", choices=BACKEND_NAMES, help="array backend in the workers")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
-    p.add_argument("--resume", action="store_true", help="complete a partial report in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="complete the report in --out (same model files, seed and config, or refused)",
+    )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: compute the matrices whose rows are errors again",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the report in --out (only its own files are removed)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_audit)
 

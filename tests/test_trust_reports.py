@@ -1,0 +1,326 @@
+"""Report folders from someone else, and a release gate nobody can fool (issue 13).
+
+Every report here is crafted, as an attacker or a broken run would leave it, and written
+with the real `ReportWriter`; no Ray is started.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llm_audit.cli import main
+from llm_audit.errors import AuditError
+from llm_audit.report.check import Rules, evaluate
+from llm_audit.report.reader import MAX_ROWS, load_report
+from llm_audit.report.writer import ReportWriter
+
+ESC_NAME = "model.layers.0.\x1b[2J\x1b]0;pwned\x07mlp\u202e.weight"
+
+
+def _row(matrix: str, kind: str = "linear", **values) -> dict:
+    row = {
+        "matrix": matrix,
+        "tensor": matrix,
+        "kind": kind,
+        "N": 64,
+        "M": 32,
+        "alpha": 3.0,
+        "rand_num_spikes": 0,
+        "trap_evals": [],
+        "trap_ratios": [],
+        "trap_ratio": 0.9,
+        "max_abs_entry": 0.1,
+        "entry_kurtosis": 0.0,
+        "status": "ok",
+        "evals": [1.0, 2.0],
+        "rand_evals": [1.0, 2.0],
+    }
+    return row | values
+
+
+def write_report(
+    folder: Path, rows: list[dict], *, status: str = "complete", planned: int | None = None
+) -> Path:
+    """A report folder: parts merged by the real writer, manifest and summary beside."""
+    writer = ReportWriter(folder)
+    writer.add(rows)
+    writer.finalize([r["matrix"] for r in rows])
+    manifest = {
+        "schema_version": "2",
+        "tool": "llm-audit",
+        "tool_version": "test",
+        "model": {"reference": "crafted", "files": []},
+        "config": {},
+        "seed": 0,
+        "status": status,
+    }
+    summary = {
+        "matrices_planned": len(rows) if planned is None else planned,
+        "matrices_in_report": len(rows),
+        "audited": len(rows),
+        "skipped": 0,
+        "failed": 0,
+        "matrices_with_traps": 0,
+        "total_traps": 0,
+        "mean_alpha_by_kind": {},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def _rules(tmp_path: Path, **rules) -> str:
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return str(path)
+
+
+def _one_line_exit_2(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- check fails on unfinished reports ---------------------------------------------------
+
+
+def test_check_fails_an_interrupted_report(tmp_path, capsys):
+    rows = [_row(f"m{i}") for i in range(3)]
+    folder = write_report(tmp_path / "r", rows, status="interrupted", planned=8)
+    junit = tmp_path / "j.xml"
+    rules = _rules(tmp_path, max_failed=0)
+    assert main(["check", str(folder), "--rules", rules, "--junit", str(junit)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL report_complete: model: status is 'interrupted', not 'complete'" in out
+    cases = ET.parse(junit).getroot().findall("testcase")
+    assert [c.get("name") for c in cases if c.find("failure") is not None] == [
+        "report_complete: model"
+    ]
+
+
+def test_check_fails_a_complete_report_missing_planned_matrices(tmp_path, capsys):
+    folder = write_report(tmp_path / "r", [_row(f"m{i}") for i in range(3)], planned=8)
+    assert main(["check", str(folder), "--rules", _rules(tmp_path, max_failed=0)]) == 1
+    assert "report_complete: model: 3 matrices in the report, 8 planned" in capsys.readouterr().out
+    folder = write_report(tmp_path / "ok", [_row(f"m{i}") for i in range(3)])
+    assert main(["check", str(folder), "--rules", _rules(tmp_path, max_failed=0)]) == 0
+
+
+# --- JUnit -----------------------------------------------------------------------------
+
+
+def test_junit_counts_test_cases_and_agrees_with_itself(tmp_path):
+    rows = [
+        _row("a", rand_num_spikes=2, trap_evals=[9.0, 8.0], trap_ratios=[3.0, 1.05]),
+        _row("b", rand_num_spikes=1, trap_evals=[9.0], trap_ratios=[1.1]),
+        _row("c"),
+    ]
+    folder = write_report(tmp_path / "r", rows)
+    junit = tmp_path / "j.xml"
+    rules = _rules(tmp_path, max_traps_per_matrix=0, max_total_traps=10, max_failed=0)
+    assert main(["check", str(folder), "--rules", rules, "--junit", str(junit)]) == 1
+    suite = ET.parse(junit).getroot()
+    cases = suite.findall("testcase")
+    failing = [c for c in cases if c.find("failure") is not None]
+    assert suite.get("tests") == str(len(cases)) == "5"  # complete, a, b, total, failed
+    assert suite.get("failures") == str(len(failing)) == "2"
+    assert {c.get("name") for c in failing} == {
+        "max_traps_per_matrix: a",
+        "max_traps_per_matrix: b",
+    }
+
+
+def test_min_trap_ratio_counts_only_strong_traps(tmp_path, capsys):
+    rows = [
+        _row("a", rand_num_spikes=2, trap_evals=[9.0, 8.0], trap_ratios=[3.0, 1.05]),
+        _row("b", rand_num_spikes=1, trap_evals=[9.0], trap_ratios=[1.1]),
+    ]
+    folder = write_report(tmp_path / "r", rows)
+    rules = _rules(tmp_path, max_traps_per_matrix=0, min_trap_ratio=2.0)
+    assert main(["check", str(folder), "--rules", rules]) == 1
+    out = capsys.readouterr().out
+    assert "max_traps_per_matrix: a: 1 traps > 0" in out and ": b:" not in out
+    loose = Rules({"max_total_traps": 0, "min_trap_ratio": 1.0})
+    assert evaluate(load_report(folder), loose)[0].message == "3 traps > 0"
+    strict = Rules({"max_total_traps": 0, "min_trap_ratio": 5.0})
+    assert evaluate(load_report(folder), strict) == []
+
+
+# --- check --baseline, diff's d_trap_ratio ----------------------------------------------
+
+
+def test_baseline_regressions(tmp_path, capsys):
+    old = write_report(
+        tmp_path / "old",
+        [
+            _row("a"),
+            _row("b", rand_num_spikes=1, trap_evals=[9.0], trap_ratios=[1.5], trap_ratio=1.5),
+            _row("c", kind="q_proj", alpha=3.0),
+            _row("d"),
+        ],
+    )
+    new = write_report(
+        tmp_path / "new",
+        [
+            _row("a", rand_num_spikes=1, trap_evals=[9.0], trap_ratios=[2.0], trap_ratio=2.0),
+            _row("b", rand_num_spikes=3, trap_evals=[9.0] * 3, trap_ratios=[1.5] * 3),
+            _row("c", kind="q_proj", alpha=4.0),
+            _row("d", status="error", error="tensor 'd': NaN entries", alpha=None),
+        ],
+    )
+    rules = _rules(tmp_path, max_alpha_drift_per_kind=0.5)
+    junit = tmp_path / "j.xml"
+    argv = ["check", str(new), "--rules", rules, "--baseline", str(old), "--junit", str(junit)]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "FAIL baseline_new_traps: a: 0 traps in the baseline, 1 now" in out
+    assert "baseline_new_traps: b" not in out  # b had traps already
+    assert "FAIL baseline_newly_failed: d: ok in the baseline, error now: tensor 'd'" in out
+    assert "FAIL max_alpha_drift_per_kind: q_proj: mean alpha 3.000 -> 4.000" in out
+    assert "linear" not in out.split("max_alpha_drift_per_kind")[-1]
+    suite = ET.parse(junit).getroot()
+    assert suite.get("failures") == "3"
+    assert main(["check", str(old), "--rules", rules, "--baseline", str(old)]) == 0
+    capsys.readouterr()
+    other = write_report(tmp_path / "other", [_row("x")])
+    _one_line_exit_2(capsys, ["check", str(new), "--baseline", str(other)], "different arch")
+    assert main(["diff", str(old), str(new), "--format", "json"]) == 0
+    by = {r["matrix"]: r for r in json.loads(capsys.readouterr().out)}
+    assert by["a"]["d_trap_ratio"] == pytest.approx(1.1)
+
+
+# --- hostile report folders -------------------------------------------------------------
+
+
+def test_escape_sequences_in_names_never_reach_the_terminal_or_break_junit(tmp_path, capsys):
+    rows = [_row(ESC_NAME, kind="k\x1b[31m", rand_num_spikes=1, trap_ratios=[2.0])]
+    folder = write_report(tmp_path / "r", rows)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["model"]["reference"] = "evil\x1b]8;;http://x\x07\n"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["report", "show", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out
+    assert "\\x1b[2J" in out and "\\u202e" in out
+    junit = tmp_path / "j.xml"
+    assert main(["check", str(folder), "--junit", str(junit)]) == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and len([ln for ln in out.splitlines() if "PASSED" in ln]) == 0
+    names = [c.get("name") for c in ET.parse(junit).getroot().iter("testcase")]
+    assert any("\\x1b[2J" in n for n in names)
+
+
+def test_csv_output_is_guarded_against_formulas(tmp_path, capsys):
+    folder = write_report(tmp_path / "r", [_row('=HYPERLINK("http://x")', kind="@SUM(A1)")])
+    assert main(["report", "show", str(folder), "--format", "csv"]) == 0
+    row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert row["matrix"] == "'=HYPERLINK(\"http://x\")" and row["kind"] == "'@SUM(A1)"
+    assert row["N"] == "64"
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "message"),
+    [
+        ("manifest.json", lambda m: m | {"model": "str"}, "model must be an object"),
+        ("manifest.json", lambda m: m | {"status": 3}, "status must be a string"),
+        ("manifest.json", lambda m: m | {"schema_version": "9"}, "schema_version must be"),
+        ("manifest.json", lambda m: [m], "not a JSON object"),
+        ("summary.json", lambda s: s | {"total_traps": float("nan")}, "unreadable (NaN is not"),
+        ("summary.json", lambda s: s | {"audited": "3"}, "audited must be a non-negative"),
+        ("summary.json", lambda s: s | {"mean_alpha_by_kind": []}, "mean_alpha_by_kind must"),
+    ],
+)
+def test_bad_manifest_or_summary_is_one_line_for_every_reader(
+    tmp_path, capsys, file, edit, message
+):
+    folder = write_report(tmp_path / "r", [_row("a")])
+    path = folder / file
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    for argv in (
+        ["report", "show", str(folder)],
+        ["check", str(folder)],
+        ["diff", str(folder), str(folder)],
+        ["report", "html", str(folder), "-o", str(tmp_path / "x.html")],
+    ):
+        _one_line_exit_2(capsys, argv, message)
+
+
+def test_deep_json_and_wrong_column_types_are_one_line(tmp_path, capsys):
+    folder = write_report(tmp_path / "r", [_row("a")])
+    (folder / "summary.json").write_text("[" * 100_000 + "]" * 100_000)
+    _one_line_exit_2(capsys, ["check", str(folder)], "summary.json: ")
+    folder = write_report(tmp_path / "t", [_row("a")])
+    table = pq.read_table(folder / "layers.parquet")
+    index = table.schema.get_field_index("alpha")
+    table = table.set_column(index, "alpha", pa.array(["3.0"]))
+    pq.write_table(table, folder / "layers.parquet")
+    _one_line_exit_2(capsys, ["report", "show", str(folder)], "column 'alpha' is string")
+
+
+def test_two_million_rows_are_refused_from_the_footer(tmp_path, capsys):
+    folder = write_report(tmp_path / "r", [_row("a")])
+    rows = 2_000_000
+    assert rows > MAX_ROWS
+    table = pa.table({"matrix": pa.array(["x"] * rows), "status": pa.array(["ok"] * rows)})
+    pq.write_table(table, folder / "layers.parquet", compression="zstd")
+    assert (folder / "layers.parquet").stat().st_size < 200_000
+    t0 = time.perf_counter()
+    _one_line_exit_2(capsys, ["check", str(folder)], "2000000 rows, more than 500000")
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_an_unreadable_layers_file_is_one_line(tmp_path, capsys):
+    folder = write_report(tmp_path / "r", [_row("a")])
+    (folder / "layers.parquet").write_bytes(b"")
+    _one_line_exit_2(capsys, ["report", "show", str(folder)], "not a readable Parquet file")
+
+
+# --- safe YAML ----------------------------------------------------------------------------
+
+BOMB = "\n".join(
+    ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+)
+
+
+def test_alias_bombs_are_refused_as_rules_and_as_config(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB + "\n")
+    assert len(BOMB) < 1000
+    folder = write_report(tmp_path / "r", [_row("a")])
+    for argv in (
+        ["check", str(folder), "--rules", str(bomb)],
+        ["audit", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--config", str(bomb)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "llm_audit.cli", *argv], capture_output=True, text=True
+        )
+        assert proc.returncode == 2 and len(proc.stderr) < 300, proc.stderr[:300]
+        assert "aliases (*name) are not accepted" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_long_values_in_messages_are_capped(tmp_path):
+    from llm_audit.run.config import load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: '" + "x" * 100_000 + "'\n")
+    with pytest.raises(AuditError) as err:
+        load_config(bad)
+    assert len(str(err.value)) < 300
+    bad.write_text(("x" * 100_000) + ": 1\n")
+    with pytest.raises(AuditError) as err:
+        load_config(bad)
+    assert len(str(err.value)) < 400
