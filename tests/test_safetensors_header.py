@@ -128,10 +128,31 @@ def test_overlap_gap_and_padding(tmp_path):
     _bad(tmp_path, join(header, data + b"\0" * 8), "truncated or padded")
 
 
-def test_control_characters_in_names(tmp_path):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "bad\x00name",
+        "esc\x1b[2Jname",
+        "c1\x85name",  # NEL, a C1 control
+        "rtl\u202ename",  # RIGHT-TO-LEFT OVERRIDE (bidi)
+        "zw\u200bname",  # ZERO WIDTH SPACE (format)
+        "line\u2028name",
+        "lone\ud800surrogate",  # a JSON escape decodes to a lone surrogate
+    ],
+)
+def test_control_format_and_surrogate_characters_in_names(tmp_path, name):
     header, data = split(valid_file())
-    header["bad\x00name"] = header.pop("a.weight")
-    _bad(tmp_path, join(header, data), "control characters", tensor="bad\x00name")
+    header[name] = header.pop("a.weight")
+    raw = join(header, data)  # json.dumps writes the surrogate as the escape \ud800
+    _bad(tmp_path, raw, "control, format or surrogate characters", tensor=name)
+
+
+def test_printable_unicode_names_pass(tmp_path):
+    header, data = split(valid_file())
+    header["model.层.0.poids_é.weight"] = header.pop("a.weight")
+    path = tmp_path / "ok.safetensors"
+    path.write_bytes(join(header, data))
+    assert "model.层.0.poids_é.weight" in read_header(path).tensors
 
 
 def test_not_a_file(tmp_path):

@@ -6,8 +6,8 @@ safetensors 0.8 itself checks when it loads a file (`Metadata::validate` and
 `SafeTensors::deserialize`) — header length capped at 100 MB, UTF-8 JSON object, known
 dtypes, byte ranges that match shape x itemsize, tensors that tile the data area with no
 gap or overlap and end exactly at the end of the file — plus a few things it leaves open:
-duplicate JSON keys, non-integer or boolean numbers, NUL or control characters in names,
-absurd ranks. Reading the header never touches the data area.
+duplicate JSON keys, non-integer or boolean numbers, control, format (bidi) or
+surrogate characters in names, absurd ranks. Reading the header never touches the data area.
 
 Every failure is a `CheckpointError` naming the file (and the tensor, where one is at
 fault) in one line.
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Control (C0, DEL, C1), format (bidi overrides, zero-width joiners), surrogate (a JSON
+# "\\ud800" escape decodes to a lone one, which no UTF-8 writer can encode) and line or
+# paragraph separator characters: none belongs in a tensor name, and each can drive a
+# terminal, reorder a printed line, or abort a Parquet write far from the header.
+_BAD_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
 def _check_name(path: Path, name: str) -> None:
-    if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise CheckpointError(path, "tensor name is empty or has control characters", name)
+    if not name:
+        raise CheckpointError(path, "tensor name is empty", name)
+    if name.isprintable():  # fast path: every printable name passes
+        return
+    bad = [c for c in name if unicodedata.category(c) in _BAD_NAME_CATEGORIES]
+    if bad:
+        raise CheckpointError(
+            path,
+            f"tensor name has control, format or surrogate characters (U+{ord(bad[0]):04X})",
+            name,
+        )
 
 
 def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
