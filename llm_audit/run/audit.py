@@ -47,7 +47,7 @@ from ..report.writer import ReportWriter, out_folder_state, remove_report
 from ..source.checkpoint import open_checkpoint
 from ..source.plan import MatrixUnit
 from ..source.reference import resolve_model
-from .cluster import check_nodes, connect
+from .cluster import check_nodes, connect, shutdown_local
 from .config import AuditConfig
 from .tasks import run_tasks
 
@@ -272,7 +272,7 @@ def run_audit(
         print("llm-audit: interrupted; writing the partial report", file=sys.stderr)
     finally:
         if started_local:
-            ray.shutdown()
+            shutdown_local()
         t3 = time.perf_counter()
         table = writer.finalize([u.id for u in units])
         timings["finalize_s"] = round(time.perf_counter() - t3, 3)

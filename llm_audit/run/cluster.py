@@ -4,17 +4,29 @@ Why a check per node: workers read their own bytes from the checkpoint path, so 
 that sees another file there (a stale copy, a half-synced shard) would silently audit
 another model. Each alive node reads the headers itself and must see the same files
 with the same header hashes before any task is submitted.
+
+Why a closed local Ray: by default Ray's GCS, raylet, agents and workers listen on every
+interface, and its temp folder (/tmp/ray: sockets, logs, spilled objects) is open to
+every user. An audit started on a shared machine would then accept tasks from the
+network. The local cluster we start binds to 127.0.0.1 only and lives in a folder of
+mode 0700, removed by `shutdown_local`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 from ..errors import AuditError
 from ..source.checkpoint import Checkpoint
 from ..source.header import read_header
 
 OBJECT_STORE_BYTES = 256 * 2**20
+LOOPBACK = "127.0.0.1"
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray uses the loopback address
+_LOCAL_FOLDERS: list[Path] = []  # private temp folders of the local Rays we started
 
 
 def connect(address: str | None) -> bool:
@@ -33,14 +45,45 @@ def connect(address: str | None) -> bool:
         return False
     # "local": a new cluster of our own. Without it ray.init() attaches to whatever local
     # cluster was started last (another audit, a grok run), and our sizing is refused.
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=OBJECT_STORE_BYTES,
-    )
+    # Closed: every Ray process binds to the loopback interface only (Ray's own switch for
+    # single-machine clusters, read by the processes it spawns), and its sockets, logs and
+    # spilled objects live in a folder only this user can enter.
+    from ray._private import ray_constants
+
+    previous = os.environ.get(_SINGLE_MACHINE), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_MACHINE] = "0"  # read by the processes Ray spawns
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read by this one (set when ray was imported)
+    folder = Path(tempfile.mkdtemp(prefix="llm-audit-ray-"))  # mode 0700
+    try:
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=OBJECT_STORE_BYTES,
+            _node_ip_address=LOOPBACK,
+            _temp_dir=str(folder / "ray"),  # Ray opens its own folders to all: ours is closed
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous[1]
+        if previous[0] is None:
+            del os.environ[_SINGLE_MACHINE]
+        else:
+            os.environ[_SINGLE_MACHINE] = previous[0]
+    _LOCAL_FOLDERS.append(folder)
     return True
+
+
+def shutdown_local() -> None:
+    """Stop the local Ray that `connect` started, and remove its private folder."""
+    import ray
+
+    ray.shutdown()
+    while _LOCAL_FOLDERS:
+        shutil.rmtree(_LOCAL_FOLDERS.pop(), ignore_errors=True)
 
 
 def check_files(files: list[tuple[str, int, str]]) -> tuple[str, list[str]]:
