@@ -21,12 +21,19 @@ memory at a time:
 
 Pass 1 consumes the same chunks as W's own Gram, so the checkpoint is read once. Spill
 files live in a temporary folder (`spill_dir`, default the system's) and hold one float32
-copy of the matrix; they are removed by `close` (or leaving the `with` block).
+copy of the matrix; they are removed by `close` (or leaving the `with` block), also when
+the analysis fails. A killed worker cannot clean up, and its spill folder can be GBs (an
+embedding), so each folder is named `llm-audit-shuffle-HOST-PID-XXXXXXXX`, and every new
+shuffle first removes the folders of processes of this host that no longer run: only
+folders so named, owned by this user, and in them only bucket files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +54,48 @@ def shuffled(matrix: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(matrix.ravel()).reshape(matrix.shape)
 
 
+_SPILL = "llm-audit-shuffle-"
+_BUCKET = re.compile(r"^bucket-\d{6}\.f32$")
+
+
+def _prefix() -> str:
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    return f"{_SPILL}{host}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        return True
+    return True
+
+
+def remove_stale_spills(spill_dir: str | Path | None = None) -> list[Path]:
+    """Remove the spill folders that shuffles of dead processes on this host left in
+    `spill_dir` (default: the system's temp folder); returns them."""
+    folder = Path(spill_dir if spill_dir is not None else tempfile.gettempdir())
+    stale = re.compile(re.escape(_prefix()) + r"(\d+)-[A-Za-z0-9_]{8}$")
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = stale.match(path.name)
+        if not match or path.is_symlink() or not path.is_dir() or _running(int(match[1])):
+            continue
+        if path.stat().st_uid != os.getuid():
+            continue
+        for bucket in path.iterdir():
+            if _BUCKET.match(bucket.name) and bucket.is_file() and not bucket.is_symlink():
+                bucket.unlink(missing_ok=True)
+        try:
+            path.rmdir()  # only when nothing else was in it
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
 class BucketShuffle:
     """Stream rows in with `add`, then read the uniformly shuffled matrix from `blocks`."""
 
@@ -65,9 +114,15 @@ class BucketShuffle:
         self.capacity = np.array(
             [min(bucket_rows, rows - s) * self.cols for s in starts], dtype=np.int64
         )
-        self._tmp = tempfile.TemporaryDirectory(dir=spill_dir, prefix="llm-audit-shuffle-")
+        remove_stale_spills(spill_dir)
+        self._tmp = tempfile.TemporaryDirectory(dir=spill_dir, prefix=f"{_prefix()}{os.getpid()}-")
         self.paths = [Path(self._tmp.name) / f"bucket-{b:06d}.f32" for b in range(len(starts))]
-        self.handles = [path.open("wb") for path in self.paths]
+        self.handles = []
+        try:
+            self.handles += [path.open("wb") for path in self.paths]
+        except BaseException:
+            self.close()
+            raise
 
     def add(self, chunk: np.ndarray) -> None:
         """Scatter the next rows of the matrix over the buckets."""
