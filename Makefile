@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test lint bench bench-audit bench-memory fuzz bench-html grok-validate clean
+.PHONY: demo test lint bench bench-audit bench-memory bench-plan fuzz fuzz-reports bench-html \
+	grok-validate grok-paper clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -55,6 +56,12 @@ bench-html: $(VENV)/.installed-dev /usr/bin/chromium /usr/bin/chromedriver
 fuzz: $(VENV)/.installed-dev
 	$(PY) benchmarks/fuzz_reader.py --cases 10000
 
+fuzz-reports: $(VENV)/.installed-dev
+	$(PY) benchmarks/fuzz_reports.py --cases 10000
+
+bench-plan: $(VENV)/.installed-dev
+	$(PY) benchmarks/bench_plan.py --json benchmarks/results-plan.json
+
 # The validation runs of reports/README.md (hours on a CPU; each resumes if interrupted).
 GROK := $(VENV)/bin/llm-audit grok
 grok-validate: $(VENV)/.installed
@@ -66,6 +73,15 @@ grok-validate: $(VENV)/.installed
 		$(if $(wildcard reports/grok-modadd-wd1/run.json),--resume)
 	$(GROK) modadd --weight-decay 0 --steps 100000 --out reports/grok-modadd-wd1-then-wd0 \
 		$(if $(wildcard reports/grok-modadd-wd1-then-wd0/run.json),--resume,--init-from reports/grok-modadd-wd1)
+
+# The paper's main setting: init scale 8, float64, 10^7 steps, weight decay 0 and the 0.01
+# control (many CPU hours; run beside each other, each resumes).
+grok-paper: $(VENV)/.installed
+	$(GROK) mlp-mnist --init-scale 8 --weight-decay 0 --dtype float64 --steps 10000000 \
+		--out reports/grok-mlp-mnist-s8-wd0 $(if $(wildcard reports/grok-mlp-mnist-s8-wd0/run.json),--resume) &
+	$(GROK) mlp-mnist --init-scale 8 --weight-decay 0.01 --dtype float64 --steps 10000000 \
+		--out reports/grok-mlp-mnist-s8-wd0.01 $(if $(wildcard reports/grok-mlp-mnist-s8-wd0.01/run.json),--resume) &
+	wait
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -468,6 +468,7 @@
     { key: "alpha", label: "\u03b1", num: true },
     { key: "num_spikes", label: "spikes", num: true },
     { key: "rand_num_spikes", label: "traps", num: true },
+    { key: "trap_ratio", label: "trap ratio", num: true },
     { key: "max_abs_entry", label: "max |w|", num: true },
     { key: "entry_kurtosis", label: "kurtosis", num: true },
     { key: "warning", label: "warning" },
@@ -821,6 +822,7 @@
     fact(facts, "status", fmt(R.status[i]));
     fact(facts, "\u03b1", fmt(R.alpha[i]));
     fact(facts, "traps", fmt(R.rand_num_spikes[i]));
+    fact(facts, "trap ratio", fmt(R.trap_ratio[i]));
     fact(facts, "spikes", fmt(R.num_spikes[i]));
     fact(facts, "tensor", fmt(R.tensor[i]));
     panel.appendChild(facts);
