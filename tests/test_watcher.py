@@ -1,0 +1,146 @@
+"""`llm_audit.run.watcher.WeightWatcher` against WeightWatcher 0.7.7 on the same torch models.
+
+Both walk the same model: the rows (`layer_id`, `name`) must be the same, and alpha,
+log_norm and num_spikes equal (WeightWatcher's fits, on eigenvalues computed twice).
+WeightWatcher's shuffles use numpy's global generator, so its trap count is compared only
+where it is unambiguous: the same for two numpy seeds; there ours must equal it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from llm_audit.errors import UsageError
+from llm_audit.run.watcher import WeightWatcher
+
+from .conftest import quiet
+
+RTOL = 1e-6
+
+
+def _mlp_with_trap() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(48, 120),
+        torch.nn.ReLU(),
+        torch.nn.Linear(120, 96),
+        torch.nn.ReLU(),
+        torch.nn.Linear(96, 10),
+    )
+    with torch.no_grad():
+        weight = model[2].weight
+        weight[7, 11] = 40 * weight.std()  # one large entry: a correlation trap
+    return model
+
+
+def _tiny_gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=120, n_positions=40)
+    model = GPT2LMHeadModel(config).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied embeddings
+    return model
+
+
+def _conv_net() -> torch.nn.Module:
+    torch.manual_seed(2)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 24, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(24 * 4 * 4, 10),
+    )
+
+
+MODELS = {"mlp": _mlp_with_trap, "gpt2": _tiny_gpt2, "conv": _conv_net}
+
+
+def _ww(model, seed, randomize=True, **options):
+    import weightwatcher as ww
+
+    np.random.seed(seed)
+    with quiet():
+        logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+        watcher = ww.WeightWatcher(model=model)
+        details = watcher.analyze(randomize=randomize, mp_fit=randomize, **options)
+        return details, watcher.get_summary()
+
+
+@pytest.mark.parametrize("which", list(MODELS))
+def test_parity_with_weightwatcher(which):
+    model = MODELS[which]()
+    ref, ref_summary = _ww(model, 0)
+    ours_watcher = WeightWatcher(model=model)
+    ours = ours_watcher.analyze(randomize=True, mp_fit=True, seed=0)
+
+    assert list(zip(ours.layer_id, ours.name, strict=True)) == list(
+        zip(ref.layer_id, ref.name, strict=True)
+    )
+    assert list(ours.longname) == list(ref.longname)
+    assert list(ours.layer_type) == [str(t) for t in ref.layer_type]
+    for col in ("N", "M", "rf", "num_evals", "num_spikes"):
+        assert list(ours[col]) == list(ref[col]), col
+    for col in ("alpha", "log_norm", "lambda_max", "stable_rank", "sv_max"):
+        np.testing.assert_allclose(ours[col], ref[col], rtol=RTOL, err_msg=col)
+
+    other = _ww(model, 1)[0].rand_num_spikes
+    clear = [other[i] == ref.rand_num_spikes[i] for i in range(len(ref))]
+    assert sum(clear) >= len(ref) // 2, "too few unambiguous trap counts to compare"
+    for i in np.flatnonzero(clear):
+        assert ours.rand_num_spikes[i] == ref.rand_num_spikes[i], ours.longname[i]
+    assert list(ours.num_traps) == list(ours.rand_num_spikes)
+
+    summary = ours_watcher.get_summary()
+    assert summary.keys() == ref_summary.keys()
+    for key, value in ref_summary.items():
+        assert summary[key] == pytest.approx(value, rel=RTOL), key
+    assert ours_watcher.get_details() is ours
+
+
+def test_planted_trap_found_and_seeded():
+    model = _mlp_with_trap()
+    first = WeightWatcher(model=model).analyze(randomize=True, seed=3)
+    again = WeightWatcher(model=model).analyze(randomize=True, seed=3)
+    trapped = first.set_index("longname").loc["2"]
+    assert trapped.rand_num_spikes >= 1
+    assert trapped.trap_entries[0]["row"] == 7 and trapped.trap_entries[0]["col"] == 11
+    assert list(first.rand_num_spikes) == list(again.rand_num_spikes)
+    assert list(first.max_rand_eval) == list(again.max_rand_eval)
+
+
+def test_state_dict_rows_match_weightwatcher():
+    state = _conv_net().state_dict()
+    ref, _ = _ww(state, 0)
+    ours = WeightWatcher(model=state).analyze(randomize=True, mp_fit=True)
+    assert list(zip(ours.layer_id, ours.name, strict=True)) == list(
+        zip(ref.layer_id, ref.name, strict=True)
+    )
+    np.testing.assert_allclose(ours.alpha, ref.alpha, rtol=RTOL)
+    np.testing.assert_allclose(ours.log_norm, ref.log_norm, rtol=RTOL)
+
+
+def test_layer_filters_and_limits_as_weightwatcher():
+    model = _mlp_with_trap()
+    for options in ({"layers": [3]}, {"layers": [-1]}, {"layers": ["-4"]}, {"min_evals": 20}):
+        ref, _ = _ww(model, 0, randomize=False, **options)
+        ours = WeightWatcher(model=model).analyze(**options)
+        assert list(ours.layer_id) == list(ref.layer_id), options
+    ours = WeightWatcher(model=model).analyze(max_evals=50, max_N=100)
+    assert list(ours.layer_id) == [5]
+
+
+def test_unsupported_options_are_refused():
+    watcher = WeightWatcher(model=_mlp_with_trap())
+    with pytest.raises(UsageError, match="plot=True is not supported"):
+        watcher.analyze(plot=True)
+    with pytest.raises(UsageError, match="unknown option 'colour'"):
+        watcher.analyze(colour="red")
+    with pytest.raises(UsageError, match=r"must be a torch nn\.Module"):
+        WeightWatcher(model=42).analyze()
