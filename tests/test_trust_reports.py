@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -226,7 +227,7 @@ def test_csv_output_is_guarded_against_formulas(tmp_path, capsys):
     folder = write_report(tmp_path / "r", [_row('=HYPERLINK("http://x")', kind="@SUM(A1)")])
     assert main(["report", "show", str(folder), "--format", "csv"]) == 0
     row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert row["matrix"] == "'=HYPERLINK(\"http://x\")" and row["kind"] == "'@SUM(A1)"
+    assert row["matrix"] == '\'=HYPERLINK("http://x")' and row["kind"] == "'@SUM(A1)"
     assert row["N"] == "64"
 
 
@@ -324,3 +325,30 @@ def test_long_values_in_messages_are_capped(tmp_path):
     with pytest.raises(AuditError) as err:
         load_config(bad)
     assert len(str(err.value)) < 400
+
+
+# --- durable writes -----------------------------------------------------------------------
+
+
+def test_writes_are_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    from llm_audit import files
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "summary.json"
+    files.write_json(target, {"a": 1})
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"]
+    assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path)
+    assert json.loads(target.read_text()) == {"a": 1}
