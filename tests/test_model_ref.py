@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -83,35 +87,170 @@ def test_missing_shard_and_bad_index(tmp_path):
         resolve_model(str(folder))
 
 
-def _hub_cache(root, repo="openai/gpt-oss-20b", ref="main"):
-    repo_dir = root / ("models--" + repo.replace("/", "--"))
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / ref).write_text(COMMIT)
-    _two_shards(repo_dir / "snapshots" / COMMIT)
+HF_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
+
+
+@pytest.fixture
+def hf_env(monkeypatch):
+    """Set the cache environment variables and have huggingface_hub read them again: its
+    `constants` are computed when it is imported, as in a fresh process."""
+    constants = importlib.import_module("huggingface_hub.constants")
+
+    def set_env(**values):
+        for name in HF_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HOME", str(values.pop("HOME", "/nonexistent-home")))
+        for name, value in values.items():
+            monkeypatch.setenv(name, str(value))
+        importlib.reload(constants)
+
+    yield set_env
+    monkeypatch.undo()
+    importlib.reload(constants)
+
+
+def _hub_repo(cache, repo="openai/gpt-oss-20b", refs=None, commit=COMMIT):
+    """A repo in huggingface_hub's cache layout: refs/<name> -> commit, snapshots/<commit>."""
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs if refs is not None else ["main"]:
+        (repo_dir / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / ref).write_text(commit)
+    _two_shards(repo_dir / "snapshots" / commit)
     return repo_dir
 
 
-def test_hub_id_found_in_the_cache(tmp_path, monkeypatch):
-    _hub_cache(tmp_path / "hub")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+@pytest.mark.parametrize(
+    ("variable", "cache"),
+    [
+        ("HF_HUB_CACHE", "x"),
+        ("HUGGINGFACE_HUB_CACHE", "x"),
+        ("HF_HOME", "x/hub"),
+        ("XDG_CACHE_HOME", "x/huggingface/hub"),
+        ("HOME", "x/.cache/huggingface/hub"),
+    ],
+)
+def test_each_cache_variable_is_followed(tmp_path, hf_env, variable, cache):
+    _hub_repo(tmp_path / cache)
+    hf_env(**{variable: tmp_path / "x"})
     model = resolve_model("openai/gpt-oss-20b")
+    assert model.root == tmp_path / cache / "models--openai--gpt-oss-20b" / "snapshots" / COMMIT
     assert model.repo_id == "openai/gpt-oss-20b" and model.revision == COMMIT
     assert len(model.files) == 2
-    assert resolve_model("openai/gpt-oss-20b", revision=COMMIT).revision == COMMIT
-    monkeypatch.delenv("HF_HUB_CACHE")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    assert resolve_model("openai/gpt-oss-20b").root.name == COMMIT
 
 
-def test_missing_hub_model_says_where_and_how(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+def test_hub_cache_beats_hf_home(tmp_path, hf_env):
+    _hub_repo(tmp_path / "hub-cache")
+    hf_env(HF_HUB_CACHE=tmp_path / "hub-cache", HF_HOME=tmp_path / "home")
+    assert resolve_model("openai/gpt-oss-20b").revision == COMMIT
+    hf_env(HF_HOME=tmp_path / "home", XDG_CACHE_HOME=tmp_path / "hub-cache")
+    with pytest.raises(AuditError, match=str(tmp_path / "home" / "hub")):
+        resolve_model("openai/gpt-oss-20b")
+
+
+def test_branches_tags_and_commits(tmp_path, hf_env):
+    other = "89abcdef0123456789abcdef0123456789abcdef"
+    _hub_repo(tmp_path, refs=["main", "v1.0"])
+    _hub_repo(tmp_path, refs=["dev", "refs/pr/1"], commit=other)
+    hf_env(HF_HUB_CACHE=tmp_path)
+    for revision, commit in [
+        (None, COMMIT),
+        ("main", COMMIT),
+        ("v1.0", COMMIT),
+        ("dev", other),
+        ("refs/pr/1", other),
+        (other, other),
+        (COMMIT[:7], COMMIT),
+        (other[:12], other),
+    ]:
+        model = resolve_model("openai/gpt-oss-20b", revision=revision)
+        assert model.revision == commit and model.root.name == commit, revision
+    with pytest.raises(AuditError, match=r"\(revision nope\) is not in"):
+        resolve_model("openai/gpt-oss-20b", revision="nope")
+    third = COMMIT[:7] + "f" * 33
+    _hub_repo(tmp_path, refs=[], commit=third)
+    with pytest.raises(AuditError, match=f"'{COMMIT[:7]}' .* is ambiguous: {COMMIT}, {third}"):
+        resolve_model("openai/gpt-oss-20b", revision=COMMIT[:7])
+
+
+def test_a_ref_that_is_not_a_commit_is_refused(tmp_path, hf_env):
+    repo = _hub_repo(tmp_path)
+    (repo / "refs" / "main").write_text("../../../outside")
+    (tmp_path.parent / "outside").mkdir(exist_ok=True)
+    hf_env(HF_HUB_CACHE=tmp_path)
+    with pytest.raises(CheckpointError, match="does not name a commit"):
+        resolve_model("openai/gpt-oss-20b")
+
+
+def _listing(repo_dir, commit, paths):
+    """The file listing huggingface_hub caches beside a download, written by its own writer."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    entries = {path: TreeCacheEntry(size=1, blob_id="0" * 40) for path in paths}
+    write_tree_cache(str(repo_dir), commit, entries)
+
+
+def test_fetch_hint_excludes_what_the_model_has(tmp_path, hf_env):
+    hf_env(HF_HUB_CACHE=tmp_path)
     with pytest.raises(AuditError) as err:
         resolve_model("openai/gpt-oss-120b")
     message = str(err.value)
-    assert str(tmp_path / "hub" / "models--openai--gpt-oss-120b") in message
-    assert "hf download openai/gpt-oss-120b --exclude 'original/*' 'metal/*'" in message
-    assert "\n" not in message
+    assert str(tmp_path / "models--openai--gpt-oss-120b") in message
+    assert "is not in the local Hugging Face cache" in message and "\n" not in message
+    # nothing known about the repo: ask for exactly the files an audit reads
+    assert (
+        "hf download openai/gpt-oss-120b --include '*.safetensors' '*.json' --exclude '*/*'"
+        in message
+    )
+
+    # an interrupted gpt-oss download: its listing has original/ and metal/
+    repo = _hub_repo(tmp_path, repo="openai/gpt-oss-120b")
+    _listing(
+        repo,
+        COMMIT,
+        ["config.json", "model.safetensors", "original/model.safetensors", "metal/model.bin"],
+    )
+    with pytest.raises(AuditError) as err:
+        resolve_model("openai/gpt-oss-120b")
+    message = str(err.value)
+    assert "is incomplete in the local Hugging Face cache" in message
+    assert "hf download openai/gpt-oss-120b --exclude 'metal/*' 'original/*' (or" in message
+
+    # a model with neither folder: nothing excluded but its pickle copy
+    repo = _hub_repo(tmp_path, repo="acme/tiny-lm", refs=["v2"])
+    _listing(repo, COMMIT, ["config.json", "model.safetensors", "pytorch_model.bin"])
+    with pytest.raises(AuditError) as err:
+        resolve_model("acme/tiny-lm", revision="v2")
+    assert "hf download acme/tiny-lm --revision v2 --exclude '*.bin' (or" in str(err.value)
+
+    # a listing the snapshot satisfies: the model resolves, subfolders not required
+    (repo / "snapshots" / COMMIT / "model.safetensors").write_bytes(
+        (repo / "snapshots" / COMMIT / "model-00000-of-00001.safetensors").read_bytes()
+    )
+    _listing(repo, COMMIT, ["model.safetensors", "model.safetensors.index.json", "original/x.pt"])
+    assert resolve_model("acme/tiny-lm", revision="v2").revision == COMMIT
+
+
+def test_bad_revisions_and_paths(tmp_path, hf_env):
+    hf_env(HF_HUB_CACHE=tmp_path)
     with pytest.raises(AuditError, match="not a branch, tag or commit"):
         resolve_model("openai/gpt-oss-120b", revision="../../etc")
     with pytest.raises(AuditError, match="no such file or folder"):
         resolve_model("./does-not-exist")
+
+
+def test_plan_command_finds_the_xdg_cache(tmp_path):
+    """The issue's case, in a fresh process: `llm-audit plan acme/tiny-lm` with only
+    XDG_CACHE_HOME saying where the cache is."""
+    _hub_repo(tmp_path / "xdg" / "huggingface" / "hub", repo="acme/tiny-lm")
+    env = {k: v for k, v in os.environ.items() if k not in HF_VARIABLES}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), HOME=str(tmp_path / "home"))
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_audit", "plan", "acme/tiny-lm", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert COMMIT in done.stdout and "a.weight" in done.stdout

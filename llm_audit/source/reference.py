@@ -9,15 +9,25 @@ Accepted references:
 - a folder with `model.safetensors.index.json` (its `weight_map` names the shards), or
   with `*.safetensors` files (all of them, sorted);
 - one `.safetensors` file;
-- a hub repo id `owner/name` (optional revision: a branch or tag under `refs/`, or a commit
-  id) found in the Hugging Face cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-  `~/.cache/huggingface/hub`.
+- a hub repo id `owner/name` (optional revision: a branch, a tag, a full commit hash, or
+  an unambiguous prefix of one) found in the Hugging Face cache.
+
+Why huggingface_hub's own functions: the cache is huggingface_hub's, and so are its rules —
+where it is (`HF_HUB_CACHE`, the legacy `HUGGINGFACE_HUB_CACHE`, `HF_HOME`,
+`XDG_CACHE_HOME`, read when huggingface_hub is imported), how a branch or tag maps to a
+commit (`refs/`), and when a cached snapshot is incomplete. A hand-written copy of those
+rules looked in `~/.cache` when `XDG_CACHE_HOME` said otherwise. So a hub id goes through
+`snapshot_download(..., local_files_only=True)`, which never touches the network; only
+short commit hashes, which huggingface_hub does not take, are matched here against the
+snapshot folders it made. The fetch hint names what to leave out only from what that
+repo is known to hold: the file listing huggingface_hub caches beside a download
+(`get_cached_repo_tree`); with no listing, it asks for the top-level safetensors and JSON
+files, which are all an audit reads.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +40,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_INDEX_BYTES = 64 * 2**20
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHORT_COMMIT = re.compile(r"^[0-9a-f]{4,39}$")
 
 
 @dataclass(frozen=True)
@@ -54,12 +65,10 @@ class ResolvedModel:
 
 
 def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache folder, as huggingface_hub computes it."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path("~/.cache/huggingface/hub").expanduser()
+    """The Hugging Face hub cache folder, as huggingface_hub computed it at import."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -116,32 +125,94 @@ def _resolve_folder(reference: str, root: Path, **hub: str | None) -> ResolvedMo
     raise CheckpointError(root, f"no {INDEX_NAME} and no *.safetensors file in this folder")
 
 
+# what an audit reads from a snapshot: its top-level safetensors and JSON (index, config)
+_READ_PATTERNS = ["*.safetensors", "*.json"]
+_SUBFOLDERS = ["*/*"]
+
+
+def _unread_paths(repo_id: str, revision: str | None) -> list[str] | None:
+    """--exclude patterns for what the repo holds and an audit never reads (subfolders, such
+    as gpt-oss's `original/` and `metal/`, and pickle files), from the file listing
+    huggingface_hub cached for it; None when it cached none."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        files = get_cached_repo_tree(repo_id, revision=revision, cache_dir=hub_cache_dir())
+    except (CachedRepoTreeNotFoundError, OSError, ValueError):
+        return None
+    patterns = set()
+    for entry in files:
+        top, _, rest = entry.path.partition("/")
+        if rest:
+            patterns.add(f"{top}/*")
+        elif Path(top).suffix.lower() in PICKLE_SUFFIXES:
+            patterns.add(f"*{Path(top).suffix}")
+    return sorted(patterns)
+
+
+def _quoted(patterns: list[str]) -> str:
+    return " ".join(f"'{p}'" for p in patterns)
+
+
 def _fetch_hint(repo_id: str, revision: str | None) -> str:
+    """The download command: with the repo's file listing cached, it excludes exactly the
+    folders and pickles it holds; without, it asks for the top-level files we read."""
     rev = f" --revision {revision}" if revision else ""
-    return (
-        f"hf download {repo_id}{rev} --exclude 'original/*' 'metal/*'"
-        " (or huggingface-cli download with the same arguments)"
-    )
+    unread = _unread_paths(repo_id, revision)
+    if unread is None:
+        only = f" --include {_quoted(_READ_PATTERNS)} --exclude {_quoted(_SUBFOLDERS)}"
+    else:
+        only = f" --exclude {_quoted(unread)}" if unread else ""
+    return f"hf download {repo_id}{rev}{only} (or huggingface-cli download with the same arguments)"
+
+
+def _full_commit(repo_dir: Path, short: str) -> str | None:
+    """The one snapshot commit starting with `short` (a hex prefix of 4-39 digits)."""
+    snapshots = repo_dir / "snapshots"
+    if not _SHORT_COMMIT.match(short) or not snapshots.is_dir():
+        return None
+    found = sorted(p.name for p in snapshots.iterdir() if p.name.startswith(short))
+    if len(found) > 1:
+        raise AuditError(f"revision {short!r} of {repo_dir.name} is ambiguous: {', '.join(found)}")
+    return found[0] if found and _COMMIT.match(found[0]) else None
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
-    cache = hub_cache_dir()
-    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+    )
+    from huggingface_hub.file_download import repo_folder_name
+
     wanted = revision or "main"
     if ".." in wanted.split("/") or not re.fullmatch(r"[\w.\-/]+", wanted):
         raise AuditError(f"revision {wanted!r} is not a branch, tag or commit id")
-    commit = wanted if _COMMIT.match(wanted) else None
-    ref_file = repo_dir / "refs" / wanted
-    if commit is None and ref_file.is_file():
-        commit = ref_file.read_text().strip()
-    snapshot = repo_dir / "snapshots" / commit if commit and _COMMIT.match(commit) else None
-    if snapshot is None or not snapshot.is_dir():
-        raise AuditError(
-            f"model {repo_id!r} (revision {wanted}) is not in the local Hugging Face cache: "
-            f"looked in {repo_dir}; nothing is downloaded at run time — fetch it with: "
-            f"{_fetch_hint(repo_id, revision)}"
+    repo_dir = hub_cache_dir() / repo_folder_name(repo_id=repo_id, repo_type="model")
+    if not (repo_dir / "refs" / wanted).is_file():
+        wanted = _full_commit(repo_dir, wanted) or wanted
+    try:
+        snapshot = snapshot_download(
+            repo_id,
+            revision=wanted,
+            cache_dir=hub_cache_dir(),
+            local_files_only=True,
+            allow_patterns=_READ_PATTERNS,
+            ignore_patterns=_SUBFOLDERS,
         )
-    return _resolve_folder(repo_id, snapshot, repo_id=repo_id, revision=commit)
+    except (LocalEntryNotFoundError, HFValidationError) as err:
+        state = "is incomplete in" if isinstance(err, IncompleteSnapshotError) else "is not in"
+        raise AuditError(
+            f"model {repo_id!r} (revision {revision or 'main'}) {state} the local Hugging Face "
+            f"cache: looked in {repo_dir}; nothing is downloaded at run time — fetch it with: "
+            f"{_fetch_hint(repo_id, revision)}"
+        ) from None
+    root = Path(snapshot)
+    if root.parent != repo_dir / "snapshots" or not _COMMIT.match(root.name):
+        raise CheckpointError(root, f"{repo_dir / 'refs' / wanted} does not name a commit")
+    return _resolve_folder(repo_id, root, repo_id=repo_id, revision=root.name)
 
 
 def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
