@@ -1,7 +1,8 @@
 """GPU backends (torch CUDA, CuPy) against the host: run on a machine with a CUDA device.
 
 Skipped, with the reason shown by `-ra`, where there is none (CI, this project's dev
-machines); `benchmarks/gpu_device.py` runs them on a lent GPU.
+machines); their logic runs on CPU in `tests/test_gpu_logic.py`, and
+`benchmarks/device_check.py` measures the backends on a lent GPU.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from llm_audit import analyze_batch
+from llm_audit.errors import BackendError
 from llm_audit.spectral.backends import NumpyBackend, select_backend
 
 pytestmark = pytest.mark.gpu
@@ -24,7 +26,7 @@ def _gpu_backends() -> list[str]:
         try:
             select_backend("cupy")
             names.append("cupy")
-        except RuntimeError:
+        except BackendError:
             pass
     return names
 
@@ -59,5 +61,7 @@ def test_gpu_batch_gives_the_host_report(name):
         assert b["backend"] == name
         assert a["rand_num_spikes"] == b["rand_num_spikes"]
         assert a["num_spikes"] == b["num_spikes"]
-        for col in ("alpha", "lambda_max", "sigma_mp", "rand_bulk_max"):
+        for col in ("alpha", "lambda_max", "sigma_mp"):
             assert b[col] == pytest.approx(a[col], rel=1e-7), col
+        for col in ("rand_bulk_max", "max_rand_eval"):  # float32 eigensolve of the shuffle
+            assert b[col] == pytest.approx(a[col], rel=1e-5), col
