@@ -41,7 +41,15 @@ def _tiny_gpt2() -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=120, n_positions=40)
+    config = GPT2Config(
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=120,
+        n_positions=40,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config).eval()
     assert model.lm_head.weight is model.transformer.wte.weight  # tied embeddings
     return model
@@ -134,6 +142,14 @@ def test_layer_filters_and_limits_as_weightwatcher():
         assert list(ours.layer_id) == list(ref.layer_id), options
     ours = WeightWatcher(model=model).analyze(max_evals=50, max_N=100)
     assert list(ours.layer_id) == [5]
+    gpt2 = _tiny_gpt2()
+    for options in ({"layers": ["embedding"]}, {"layers": ["c_fc", "lm_head"]}):
+        ref, _ = _ww(gpt2, 0, randomize=False, **options)
+        ours = WeightWatcher(model=gpt2).analyze(**options)
+        assert list(zip(ours.layer_id, ours.longname, strict=True)) == list(
+            zip(ref.layer_id, ref.longname, strict=True)
+        ), options
+        np.testing.assert_allclose(ours.alpha, ref.alpha, rtol=RTOL)
 
 
 def test_unsupported_options_are_refused():

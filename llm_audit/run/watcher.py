@@ -103,6 +103,7 @@ _ACCEPTED_DEFAULTS: dict[str, Any] = {
 }
 # WeightWatcher options whose every value is fine: they change nothing in our numbers
 _IGNORED = ("savefig", "svd_method", "tolerance", "pl_package", "sparsify")
+_FILTER_TYPES = ("conv2d", "conv1d", "dense", "embedding", "norm")  # its LAYER_TYPES_SUPPORTED
 _LEAD = ("layer_id", "name", "longname", "layer_type", "N", "M", "rf", "Q")
 
 
@@ -210,7 +211,7 @@ def _filter(layers: Sequence[int | str]) -> Any:
     """WeightWatcher's `layers=` filter: ids to keep (or, all negative, to drop), names to
     keep (or, all starting with '-', to drop), or layer types."""
     items = list(layers) if isinstance(layers, list | tuple) else [layers]
-    types = {x for x in items if isinstance(x, str) and x in ("dense", "conv1d", "conv2d")}
+    types = {x for x in items if isinstance(x, str) and x in _FILTER_TYPES}
     ids = [int(x) for x in items if isinstance(x, int | np.integer)]
     names = [x for x in items if isinstance(x, str) and x not in types]
     if names and any(n.startswith("-") for n in names) != all(n.startswith("-") for n in names):
