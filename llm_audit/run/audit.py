@@ -147,8 +147,11 @@ def check_resumable(out: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -
         )
     old_files, new_files = _files(old), _files(new)
     if old_files != new_files:
-        if old_files is None:
-            raise AuditError(f"{out}: manifest.json lists no model files; cannot resume")
+        if old_files is None or any(f[3] == "None" for f in old_files):
+            raise AuditError(
+                f"{out}: manifest.json does not fingerprint its model files (a report of an "
+                "older llm-audit?); cannot resume it, start a new one"
+            )
         changed = sorted(set(old_files) ^ set(new_files))
         name = changed[0][0] if changed else "the file list"
         raise AuditError(
