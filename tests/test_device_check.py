@@ -48,6 +48,7 @@ def test_dry_run_starts_without_ray_shared_or_pythonpath(tmp_path):
     assert figures["env"]["llm_audit"] == str(copy / "llm_audit")
     audit = figures["audit"]
     assert audit["backends"] == ["torch"]
+    assert audit["embed_and_lm_head"]["backends"] == ["numpy"]  # streamed on the host
     assert all(layer["failed"] == 0 for layer in audit["layers"].values())
     assert audit["projected_gpt_oss_20b_s"] > 0
     routes = figures["throughput"]["4x192x96"]
