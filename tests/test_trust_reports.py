@@ -25,6 +25,7 @@ from llm_audit.cli import main
 from llm_audit.errors import AuditError
 from llm_audit.report.check import Rules, evaluate
 from llm_audit.report.reader import MAX_ROWS, load_report
+from llm_audit.report.schema import SPECTRA_SCHEMA
 from llm_audit.report.writer import ReportWriter
 
 ESC_NAME = "model.layers.0.\x1b[2J\x1b]0;pwned\x07mlp\u202e.weight"
@@ -352,3 +353,24 @@ def test_writes_are_fsynced_before_the_rename_and_the_folder_after(tmp_path, mon
     assert kinds == ["fsync", "replace", "fsync"]
     assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path)
     assert json.loads(target.read_text()) == {"a": 1}
+
+
+def test_nan_or_infinite_numbers_are_refused(tmp_path, capsys):
+    from llm_audit.report.reader import check_spectra
+
+    folder = write_report(tmp_path / "r", [_row("a", alpha=float("nan"))])
+    _one_line_exit_2(capsys, ["check", str(folder)], "column 'alpha' holds NaN or infinite")
+    folder = write_report(tmp_path / "l", [_row("a", trap_ratios=[1.0, float("inf")])])
+    _one_line_exit_2(capsys, ["report", "show", str(folder)], "column 'trap_ratios' holds NaN")
+    folder = write_report(tmp_path / "s", [_row("a")])
+    (folder / "summary.json").write_text(
+        (folder / "summary.json")
+        .read_text()
+        .replace('"mean_alpha_by_kind": {}', '"x": 1e999, "mean_alpha_by_kind": {}')
+    )
+    _one_line_exit_2(capsys, ["check", str(folder)], "1e999 is out of range")
+    batch = pa.RecordBatch.from_pylist(
+        [{"matrix": "a", "evals": [1.0, float("nan")], "rand_evals": None}], schema=SPECTRA_SCHEMA
+    )
+    with pytest.raises(AuditError, match="evals holds NaN or infinite values"):
+        check_spectra(batch, folder / "spectra.parquet")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import ReportError
@@ -57,11 +58,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
 def _json(path: Path) -> dict[str, Any]:
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise ReportError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MB")
-        data = json.loads(path.read_bytes(), parse_constant=_no_constant)
+        data = json.loads(path.read_bytes(), parse_constant=_no_constant, parse_float=_finite_float)
     except FileNotFoundError:
         raise ReportError(f"{path.parent}: not a report folder (no {path.name})") from None
     except (OSError, ValueError, RecursionError) as err:
@@ -150,6 +158,25 @@ def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFi
     return handle
 
 
+def _finite(column: pa.ChunkedArray | pa.Array) -> bool:
+    """Whether every float in `column` (a float or list<float> column) is finite."""
+    kind = column.type
+    if pa.types.is_list(kind):
+        column = pc.list_flatten(column)
+        kind = kind.value_type
+    if not pa.types.is_floating(kind):
+        return True
+    return bool(pc.all(pc.is_finite(column.fill_null(0.0))).as_py() is not False)
+
+
+def check_spectra(batch: pa.RecordBatch, path: Path) -> None:
+    """Refuse a batch of spectra.parquet holding NaN or infinite eigenvalues (readers
+    that stream the spectra call this on each batch)."""
+    for name in ("evals", "rand_evals"):
+        if not _finite(batch.column(name)):
+            raise ReportError(f"{path}: {name} holds NaN or infinite values")
+
+
 def load_report(folder: str | Path) -> Report:
     """Load `folder`'s layers.parquet, manifest.json and summary.json, checked."""
     folder = Path(folder)
@@ -168,10 +195,14 @@ def load_report(folder: str | Path) -> Report:
     if (folder / "spectra.parquet").exists():
         _parquet(folder / "spectra.parquet", SPECTRA_SCHEMA, SPECTRA_SCHEMA.names)
     try:
-        rows = conform(handle.read(), LAYERS_SCHEMA).to_pylist()
+        table = conform(handle.read(), LAYERS_SCHEMA)
     except (OSError, pa.ArrowException) as err:
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise ReportError(f"{layers}: unreadable rows ({reason})") from None
+    for f in LAYERS_SCHEMA:  # the schema's floats are null where not computed, never NaN
+        if not _finite(table[f.name]):
+            raise ReportError(f"{layers}: column {f.name!r} holds NaN or infinite values")
+    rows = table.to_pylist()
     seen: set[str] = set()
     for i, row in enumerate(rows):
         if row["matrix"] is None or row["matrix"] in seen:
