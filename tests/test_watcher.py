@@ -56,6 +56,7 @@ def _tiny_gpt2() -> torch.nn.Module:
 
 
 def _conv_net() -> torch.nn.Module:
+    """Weights only: WeightWatcher never runs the model, so shapes need not chain."""
     torch.manual_seed(2)
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3),
@@ -64,6 +65,7 @@ def _conv_net() -> torch.nn.Module:
         torch.nn.ReLU(),
         torch.nn.Flatten(),
         torch.nn.Linear(24 * 4 * 4, 10),
+        torch.nn.Conv2d(2, 3, (5, 6)),  # channels < kernel: WeightWatcher's other branch
     )
 
 

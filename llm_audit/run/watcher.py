@@ -133,13 +133,9 @@ def _oriented(matrix: np.ndarray) -> np.ndarray:
 
 
 def _conv2d_slices(kernel: np.ndarray, conv2d_norm: bool) -> tuple[list[np.ndarray], int]:
-    """WeightWatcher's `conv2D_Wmats` for channels-last tensors: one matrix per kernel
-    position, rf = kh·kw; a tensor whose first two axes are smaller than the last two is
-    read the other way round (channels first), as WeightWatcher detects it."""
-    n, m, kh, kw = kernel.shape
-    if n + m < kh + kw:
-        kernel = kernel.transpose(2, 3, 0, 1)
-        n, m, kh, kw = kernel.shape
+    """WeightWatcher's `conv2D_Wmats` for a torch kernel [out, in, kh, kw]: one matrix per
+    kernel position (its "channels first" branch slices the same way), rf = kh·kw."""
+    _, _, kh, kw = kernel.shape
     scale = CONV2D_NORM if conv2d_norm else 1.0
     mats = [_oriented(kernel[:, :, i, j] * scale) for i in range(kh) for j in range(kw)]
     return mats, kh * kw
