@@ -359,9 +359,11 @@ def test_nan_or_infinite_numbers_are_refused(tmp_path, capsys):
     from llm_audit.report.reader import check_spectra
 
     folder = write_report(tmp_path / "r", [_row("a", alpha=float("nan"))])
-    _one_line_exit_2(capsys, ["check", str(folder)], "column 'alpha' holds NaN or infinite")
+    _one_line_exit_2(capsys, ["check", str(folder)], "column 'alpha' holds NaN or out-of-range")
     folder = write_report(tmp_path / "l", [_row("a", trap_ratios=[1.0, float("inf")])])
     _one_line_exit_2(capsys, ["report", "show", str(folder)], "column 'trap_ratios' holds NaN")
+    folder = write_report(tmp_path / "big", [_row("a", alpha=1.7976931348623157e308)])
+    _one_line_exit_2(capsys, ["report", "html", str(folder)], "'alpha' holds NaN or out-of-range")
     folder = write_report(tmp_path / "s", [_row("a")])
     (folder / "summary.json").write_text(
         (folder / "summary.json")
@@ -372,5 +374,5 @@ def test_nan_or_infinite_numbers_are_refused(tmp_path, capsys):
     batch = pa.RecordBatch.from_pylist(
         [{"matrix": "a", "evals": [1.0, float("nan")], "rand_evals": None}], schema=SPECTRA_SCHEMA
     )
-    with pytest.raises(AuditError, match="evals holds NaN or infinite values"):
+    with pytest.raises(AuditError, match="evals holds NaN or out-of-range values"):
         check_spectra(batch, folder / "spectra.parquet")

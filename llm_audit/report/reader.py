@@ -30,6 +30,7 @@ from .schema import LAYERS_SCHEMA, READABLE_VERSIONS, SPECTRA_SCHEMA, conform
 MAX_ROWS = 500_000
 MAX_JSON_BYTES = 16 * 2**20
 MAX_UNCOMPRESSED_BYTES = 4 * 2**30  # layers.parquet decoded (spectra are read in batches)
+MAX_ABS_FLOAT = 1e300
 STATUSES = ("ok", "skipped", "error")
 # Columns that schema version 2 added: a version-1 report lacks them.
 ADDED_IN_2 = ("transposed", "error_kind", "trap_ratio", "trap_ratios")
@@ -159,22 +160,25 @@ def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFi
 
 
 def _finite(column: pa.ChunkedArray | pa.Array) -> bool:
-    """Whether every float in `column` (a float or list<float> column) is finite."""
+    """Whether every float in `column` (a float or list<float> column) is finite and at
+    most `MAX_ABS_FLOAT` in size: no audit gives more, and a reader rounding 1.8e308 for
+    display would get infinity."""
     kind = column.type
     if pa.types.is_list(kind):
         column = pc.list_flatten(column)
         kind = kind.value_type
     if not pa.types.is_floating(kind):
         return True
-    return bool(pc.all(pc.is_finite(column.fill_null(0.0))).as_py() is not False)
+    inside = pc.less_equal(pc.abs(column.fill_null(0.0)), MAX_ABS_FLOAT)  # NaN: false
+    return pc.all(inside).as_py() is not False
 
 
 def check_spectra(batch: pa.RecordBatch, path: Path) -> None:
-    """Refuse a batch of spectra.parquet holding NaN or infinite eigenvalues (readers
+    """Refuse a batch of spectra.parquet holding NaN or out-of-range eigenvalues (readers
     that stream the spectra call this on each batch)."""
     for name in ("evals", "rand_evals"):
         if not _finite(batch.column(name)):
-            raise ReportError(f"{path}: {name} holds NaN or infinite values")
+            raise ReportError(f"{path}: {name} holds NaN or out-of-range values")
 
 
 def load_report(folder: str | Path) -> Report:
@@ -201,7 +205,7 @@ def load_report(folder: str | Path) -> Report:
         raise ReportError(f"{layers}: unreadable rows ({reason})") from None
     for f in LAYERS_SCHEMA:  # the schema's floats are null where not computed, never NaN
         if not _finite(table[f.name]):
-            raise ReportError(f"{layers}: column {f.name!r} holds NaN or infinite values")
+            raise ReportError(f"{layers}: column {f.name!r} holds NaN or out-of-range values")
     rows = table.to_pylist()
     seen: set[str] = set()
     for i, row in enumerate(rows):
