@@ -263,7 +263,7 @@ def main() -> int:
             try:
                 check_case(case, tmp, valid, outcomes)
             except AssertionError:
-                failures.append(traceback.format_exc(limit=-3))
+                failures.append(traceback.format_exc())
                 raise
 
         start = time.perf_counter()
