@@ -146,6 +146,7 @@ def stage_env(record: dict[str, Any], dry_run: bool) -> list[str]:
     import torch
 
     import llm_audit
+    from llm_audit.errors import BackendError
     from llm_audit.spectral.backends import select_backend
 
     record.update(
@@ -165,8 +166,13 @@ def stage_env(record: dict[str, Any], dry_run: bool) -> list[str]:
     record["auto_backend"] = select_backend("auto").name
     if dry_run:
         return ["torch"]
-    names = ["cuda"] if torch.cuda.is_available() else []
-    return names + (["cupy"] if cupy is not None else [])
+    names = []
+    for name in ("cuda", "cupy"):  # each proven by its tiny test solve, or left out
+        try:
+            names.append(select_backend(name).name)
+        except BackendError as err:
+            record[f"{name}_unusable"] = str(err)
+    return names
 
 
 # ----------------------------------------------------------------------------- accuracy
