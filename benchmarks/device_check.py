@@ -219,7 +219,7 @@ def stage_accuracy(record: dict[str, Any], names: list[str], dim: int) -> None:
 # ----------------------------------------------------------------------------- throughput
 
 
-def _routes(dry_run: bool) -> dict[str, Any]:
+def _routes(dry_run: bool, with_cupy: bool) -> dict[str, Any]:
     """Each route: (library, device-put, batched-Gram, solve) as callables."""
     import torch
 
@@ -239,7 +239,7 @@ def _routes(dry_run: bool) -> dict[str, Any]:
         torch_gram,
         lambda g: torch.stack([torch.linalg.eigvalsh(x) for x in g]),
     )
-    cupy = None if dry_run else _cupy()
+    cupy = _cupy() if with_cupy else None
     if cupy is not None:
         import cupyx
 
@@ -284,8 +284,10 @@ def _route(stack: np.ndarray, route: Any, budget_s: float) -> tuple[dict[str, An
     return entry, _host(vals)
 
 
-def stage_throughput(check: Check, record: dict[str, Any], sizes: dict, dry_run: bool) -> None:
-    routes = _routes(dry_run)
+def stage_throughput(
+    check: Check, record: dict[str, Any], sizes: dict, dry_run: bool, names: list[str]
+) -> None:
+    routes = _routes(dry_run, "cupy" in names)
     dim, count = sizes["dim"], sizes["experts"]
     for rows in (dim, sizes["wide"]):
         rng = np.random.default_rng(11)
@@ -538,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         stage_accuracy(record, names, 64 if args.dry_run else 1024)
     with check.stage("throughput", needs_s=60) as record:
         if record is not None:
-            stage_throughput(check, record, sizes, args.dry_run)
+            stage_throughput(check, record, sizes, args.dry_run, names)
     with tempfile.TemporaryDirectory() as work, check.stage("audit", needs_s=90) as record:
         if record is not None:
             stage_audit(check, record, sizes, args.dry_run, Path(work))
