@@ -18,13 +18,31 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
+from .run.watcher import WeightWatcher  # after __version__: the run stage reads it
+
+_API = ("audit", "AuditReport", "read_report")
+
+
+def __getattr__(name: str) -> object:
+    """`audit`, `AuditReport`, `read_report`, imported on first use (they import Ray)."""
+    if name in _API:
+        from .run import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'llm_audit' has no attribute {name!r}")
+
+
 __all__ = [
     "COLUMNS",
     "COLUMN_NAMES",
     "AnalysisSettings",
     "AuditError",
+    "AuditReport",
     "CheckpointError",
+    "WeightWatcher",
     "__version__",
     "analyze_batch",
     "analyze_matrix",
+    "audit",
+    "read_report",
 ]

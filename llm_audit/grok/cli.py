@@ -62,6 +62,12 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "grok",
         help="train a canonical grokking setup far past grokking and audit its checkpoints",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit grok mlp-mnist --init-scale 4 --dtype float32 --steps 5000000 --out runs/s4
+  llm-audit grok mlp-mnist --resume --steps 10000000 --out runs/s4   # extend a run
+  llm-audit grok mlp-mnist --summary-only --out runs/s4   # timeline of a run still going
+  llm-audit grok modadd --init-from runs/modadd --weight-decay 0 --out runs/modadd-wd0""",
     )
     p.add_argument("task", choices=TASKS)
     p.add_argument(

@@ -29,7 +29,7 @@ class AuditConfig(AnalysisSettings):
     include: list[str] = field(default_factory=list)  # regexes on unit ids; empty: all
     exclude: list[str] = field(default_factory=list)
     cpus_per_task: float = 1.0
-    gpus_per_task: float = 1.0  # used only when the cluster has GPUs
+    gpus_per_task: float = 0.25  # share of a GPU per task (GPU clusters only): tasks overlap
     max_in_flight: int = 0  # tasks submitted ahead; 0: twice the worker slots
     max_retries: int = 3  # re-runs of a task whose worker died
     task_timeout_s: float = 3600.0  # a task running longer is reported as failed
@@ -64,6 +64,12 @@ def _validated(values: dict[str, Any], where: str) -> AuditConfig:
         if not value > 0:
             raise AuditError(f"{where}: {name} must be positive, got {shown(value)}")
     parse_kind_rules(config.kinds, where)
+    gpus = config.gpus_per_task
+    if not (0 < gpus < 1 or float(gpus).is_integer()):  # Ray refuses fractions above 1
+        raise AuditError(
+            f"{where}: gpus_per_task must be a fraction below 1 or a whole number, "
+            f"got {shown(gpus)}"
+        )
     return config
 
 

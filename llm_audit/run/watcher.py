@@ -40,11 +40,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UsageError
-from ..spectral.analyze import _Analyzer, analyze_batch, shuffle_replicas
-from ..spectral.backends import select_backend
-from ..spectral.entries import summarize
+from ..spectral.analyze import analyze_batch, analyze_pooled
 from ..spectral.settings import AnalysisSettings
-from ..spectral.shuffle import shuffle_generator, shuffled
 
 if TYPE_CHECKING:  # pandas and torch are needed only by the calls that use them
     import pandas as pd
@@ -226,26 +223,6 @@ def _filter(layers: Sequence[int | str]) -> Any:
     return keep
 
 
-def _analyze_pooled(layer: _Layer, settings: AnalysisSettings) -> dict[str, Any]:
-    """One row from a Conv2D layer's slices: their ESDs pooled, each shuffle replica the
-    slices shuffled one by one and pooled, as WeightWatcher's `combined_eigenvalues` and
-    `random_eigenvalues` do (entries and trap_entries over the slices stacked by rows)."""
-    backend = select_backend(settings.backend)
-    analyzer = _Analyzer(backend, settings)
-    stack = np.stack(layer.mats)
-    evals = np.sort(np.concatenate(list(backend.esd(stack))))
-    rand = None
-    if settings.randomize:
-        rng = shuffle_generator(settings.seed, layer.longname)
-        replicas = []
-        for _ in range(shuffle_replicas(evals.size)):
-            shuffles = np.stack([shuffled(w, rng) for w in layer.mats])
-            replicas.append(np.sort(np.concatenate(list(backend.esd(shuffles)))))
-        rand = replicas
-    entries = summarize(np.concatenate(layer.mats, axis=0))
-    return analyzer.row((layer.n, layer.m), entries, layer.longname, evals, rand, False)
-
-
 class WeightWatcher:
     """Drop-in for `weightwatcher.WeightWatcher` (0.7.7): `analyze`, `get_details`,
     `get_summary`. `model` is a torch `nn.Module`, a state dict, a checkpoint path or a hub
@@ -355,7 +332,9 @@ class WeightWatcher:
         )
         records = []
         for layer in chosen:
-            row = rows.get(id(layer)) or _analyze_pooled(layer, settings)
+            row = rows.get(id(layer)) or analyze_pooled(
+                layer.mats, matrix_id=layer.longname, settings=settings
+            )
             records.append(
                 {
                     "layer_id": layer.layer_id,

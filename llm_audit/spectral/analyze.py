@@ -366,6 +366,28 @@ def analyze_matrix(
     )[0]
 
 
+def analyze_pooled(
+    matrices: Sequence[np.ndarray], *, matrix_id: str, settings: AnalysisSettings
+) -> Mapping[str, Any]:
+    """One row for same-shape matrices analyzed as one: their ESDs pooled, and each shuffle
+    replica every matrix shuffled on its own and pooled — how WeightWatcher treats a Conv2D
+    layer's kernel positions (`combined_eigenvalues`, `random_eigenvalues`). Entry
+    statistics and trap_entries are over the matrices stacked by rows (rows >= columns)."""
+    backend = select_backend(settings.backend)
+    stack = np.stack(matrices)
+    n, m = stack.shape[1:]
+    evals = np.sort(np.concatenate(list(backend.esd(stack))))
+    rand = None
+    if settings.randomize:
+        rng = shuffle_generator(settings.seed, matrix_id)
+        rand = []
+        for _ in range(shuffle_replicas(evals.size)):
+            shuffles = np.stack([shuffled(w, rng) for w in matrices])
+            rand.append(np.sort(np.concatenate(list(backend.esd(shuffles)))))
+    entries = summarize(np.concatenate(matrices, axis=0))
+    return _Analyzer(backend, settings).row((n, m), entries, matrix_id, evals, rand, False)
+
+
 def analyze_streamed(
     chunks: Callable[[], Iterable[Any]],
     shape: tuple[int, int],
