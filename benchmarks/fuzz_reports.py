@@ -278,6 +278,10 @@ def main() -> int:
         f"{cases} report folders, 6 commands each, in {seconds:.1f} s "
         f"({cases / seconds:.0f} folders/s): exit codes 0/1/2 only, every error one line"
     )
+    codes: Counter = Counter()
+    for outcome, count in outcomes.items():
+        codes[outcome.split(" exit ")[1][0]] += count
+    print("command runs by exit code: " + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())))
     for outcome, count in outcomes.most_common(25):
         print(f"  {count:6d}  {outcome}")
     return 0 if not math.isnan(seconds) else 1
