@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from .. import __version__
 from ..errors import AuditError
 from ..files import write_atomic, write_json
-from ..run.cluster import connect
+from ..run.cluster import connect, shutdown_local
 from .plots import plot_timeline
 from .settings import GrokConfig
 from .tasks import build_task
@@ -29,8 +29,8 @@ from .timeline import (
     audit_checkpoint,
     layers_of,
     phases_markdown,
-    run_phases,
     refresh_audit_columns,
+    run_phases,
     write_timeline,
 )
 from .train import read_metrics, train
@@ -141,8 +141,6 @@ def run_grok(
         run["init_from"] = origin
     out.mkdir(parents=True, exist_ok=True)
     write_json(run_file, run)
-    import ray
-
     started = connect(None)
     try:
         rows = train(
@@ -157,7 +155,7 @@ def run_grok(
         )
     finally:
         if started:
-            ray.shutdown()
+            shutdown_local()
     return summarize(out, rows, run)
 
 

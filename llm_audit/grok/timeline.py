@@ -22,7 +22,6 @@ metadata holds the run's settings (`run`).
 from __future__ import annotations
 
 import json
-import shutil
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -104,9 +103,8 @@ def audit_checkpoint(
     """Audit one checkpoint file (reusing a complete earlier report); its timeline columns
     and its ablations."""
     report = reports / weights.stem
-    if not complete_audit(report):
-        shutil.rmtree(report, ignore_errors=True)
-        run_audit(str(weights), report, AuditConfig(seed=seed), quiet=True)
+    if not complete_audit(report):  # a report left unfinished is replaced, nothing else
+        run_audit(str(weights), report, AuditConfig(seed=seed), overwrite=True, quiet=True)
     return audit_columns(report) | ablation_columns(weights, report, accuracy, seed, step)
 
 

@@ -42,7 +42,7 @@ from .. import __version__
 from ..errors import AuditError
 from ..files import write_atomic
 from .diff import COMPARED, diff_reports
-from .reader import Report, load_report
+from .reader import Report, check_spectra, load_report
 from .schema import LAYERS_SCHEMA, REPORT_COLUMNS
 
 TOP = 32  # largest eigenvalues kept per spectrum
@@ -128,6 +128,7 @@ def _read_spectra(path: Path) -> Iterator[tuple[str, np.ndarray | None, np.ndarr
     for batch in pq.ParquetFile(path).iter_batches(
         batch_size=256, columns=["matrix", "evals", "rand_evals"]
     ):
+        check_spectra(batch, path)
         yield from zip(
             batch.column("matrix").to_pylist(),
             _split(batch.column("evals")),
