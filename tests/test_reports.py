@@ -25,6 +25,8 @@ def test_the_validation_runs_are_committed():
         "grok-mlp-mnist-s4-wd0",
         "grok-mlp-mnist-s4-wd0.01",
         "grok-modadd-wd1",
+        "grok-mlp-mnist-s8-wd0",
+        "grok-mlp-mnist-s8-wd0.01",
     }
 
 
