@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .format import human_bytes, print_json, print_table, printable, write_csv
+from .format import CORE_COLUMNS, human_bytes, print_json, print_table, printable, write_csv
 from .reader import load_report
 
 SHOW_COLUMNS = (
@@ -13,12 +13,7 @@ SHOW_COLUMNS = (
     "kind",
     "layer",
     "expert",
-    "N",
-    "M",
-    "alpha",
-    "num_spikes",
-    "rand_num_spikes",
-    "max_abs_entry",
+    *CORE_COLUMNS,
     "entry_kurtosis",
     "warning",
     "status",

@@ -14,6 +14,17 @@ from typing import Any
 
 import numpy as np
 
+# The columns every printed table of matrices shows, between its own leading and trailing ones.
+CORE_COLUMNS = (
+    "N",
+    "M",
+    "alpha",
+    "num_spikes",
+    "rand_num_spikes",
+    "trap_ratio",
+    "max_abs_entry",
+)
+
 
 def _escape(char: str) -> str:
     code = ord(char)

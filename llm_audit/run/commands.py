@@ -12,32 +12,12 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError
-from ..report.format import human_bytes, print_json, print_table
+from ..report.format import CORE_COLUMNS, human_bytes, print_json, print_table
 from ..spectral.backends import BACKEND_NAMES
 from ..spectral.settings import RAND_ROUTES, AnalysisSettings
 
-DEMO_COLUMNS = (
-    "matrix",
-    "kind",
-    "N",
-    "M",
-    "alpha",
-    "num_spikes",
-    "rand_num_spikes",
-    "max_abs_entry",
-    "status",
-)
-ANALYZE_COLUMNS = (
-    "name",
-    "N",
-    "M",
-    "alpha",
-    "num_spikes",
-    "rand_num_spikes",
-    "max_abs_entry",
-    "entry_kurtosis",
-    "status",
-)
+DEMO_COLUMNS = ("matrix", "kind", *CORE_COLUMNS, "status")
+ANALYZE_COLUMNS = ("name", *CORE_COLUMNS, "entry_kurtosis", "status")
 
 
 def _load_npy(path: Path) -> np.ndarray:
