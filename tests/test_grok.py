@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
-import pickle
 import struct
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import torch
 from llm_audit.cli import main
 from llm_audit.errors import AuditError
 from llm_audit.grok import measures
-from llm_audit.grok.mnist import DIGITS_LABEL, load_arrays_pickle, load_idx_folder, load_mnist
+from llm_audit.grok.mnist import DIGITS_LABEL, load_idx_folder, load_mnist
 from llm_audit.grok.models import MLP, ModAddTransformer
 from llm_audit.grok.settings import load_grok_config
 from llm_audit.grok.tasks import build_task
@@ -48,25 +45,6 @@ def idx_folder(tmp_path_factory) -> Path:
 
 
 # --- data -----------------------------------------------------------------------------
-
-
-def test_the_pickle_reader_admits_numpy_arrays_only(tmp_path):
-    arrays = [(np.zeros((3, 4), np.float32), np.arange(3))] * 3
-    good = tmp_path / "good.pkl.gz"
-    good.write_bytes(gzip.compress(pickle.dumps(arrays, protocol=4)))
-    digits = load_arrays_pickle(good)
-    assert digits.train_x.shape == (6, 4) and digits.test_y.tolist() == [0, 1, 2]
-
-    class Evil:
-        def __reduce__(self):
-            return (os.getcwd, ())
-
-    bad = tmp_path / "bad.pkl.gz"
-    bad.write_bytes(gzip.compress(pickle.dumps(Evil(), protocol=4)))
-    with pytest.raises(
-        AuditError, match=r"not a safe MNIST pickle .*refused global (posix|os)\.getcwd"
-    ):
-        load_arrays_pickle(bad)
 
 
 def test_idx_files_load_and_bad_ones_are_named(idx_folder, tmp_path):
