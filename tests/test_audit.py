@@ -107,13 +107,16 @@ def test_a_failing_matrix_is_an_error_row_and_the_run_goes_on(model, tmp_path, c
     with open(shard, "r+b") as handle:  # expert 1's first scale byte -> 255 (NaN in E8M0)
         handle.seek(scales.start + scales.nbytes // 8)
         handle.write(b"\xff")
-    code = main(["audit", str(broken), "--out", str(tmp_path / "r"), "--quiet"])
+    code = main(["audit", str(broken), "--out", str(tmp_path / "r"), "--quiet", "--format", "json"])
     assert code == 1
     rows = {r["matrix"]: r for r in pq.read_table(tmp_path / "r" / "layers.parquet").to_pylist()}
     bad = rows["model.layers.0.mlp.experts.down_proj[1]"]
     assert bad["status"] == "error" and "scale byte 255" in bad["error"]
+    assert bad["error_kind"] == "data"
     assert sum(r["status"] == "ok" for r in rows.values()) == 43
-    assert "failed 1" in capsys.readouterr().out
+    summary = json.loads(capsys.readouterr().out)  # stdout is JSON and nothing else
+    assert summary["failed"] == 1 and summary["failed_by_kind"] == {"data": 1}
+    assert summary["report"] == str(tmp_path / "r") and summary["bugs"] == 0
 
 
 def _own_ray_with_state_api() -> str:

@@ -57,6 +57,16 @@ def test_pass(report, tmp_path, capsys):
     assert suite.get("tests") == "5" and suite.get("failures") == "0"
 
 
+def test_check_verdict_as_json(report, tmp_path, capsys):
+    rules = _rules(tmp_path, max_traps_per_matrix=3)
+    assert main(["check", str(report), "--rules", rules, "--format", "json"]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["verdict"] == "FAILED" and verdict["matrices"] == 44
+    assert [(v["rule"], v["subject"]) for v in verdict["violations"]] == [
+        ("max_traps_per_matrix", "model.layers.1.mlp.experts.down_proj[5]")
+    ]
+
+
 @pytest.mark.parametrize(
     ("rules", "expected"),
     [

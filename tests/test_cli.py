@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from llm_audit import __version__
 from llm_audit.cli import main
@@ -123,3 +124,13 @@ def test_plan_and_synth_user_errors(tmp_path, monkeypatch):
     truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     out = _run("plan", str(truncated))
     assert out.returncode == 2 and "header length 16 larger than the file" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["audit"], ["plan"], ["check"], ["diff"], ["report", "show"], ["grok"]]
+)
+def test_help_has_examples(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    assert "examples:\n  llm-audit" in capsys.readouterr().out

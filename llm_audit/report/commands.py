@@ -44,13 +44,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.junit:
         xml = junit_xml(report, rules, violations, baseline is not None)
         write_atomic(Path(args.junit), lambda tmp: tmp.write_bytes(xml))
+    verdict = "FAILED" if violations else "PASSED"
+    checks = len(rules.checks(baseline is not None))
+    if args.format == "json":
+        print_json(
+            {
+                "verdict": verdict,
+                "model": report.manifest["model"]["reference"],
+                "report": str(report.folder),
+                "checks": checks,
+                "matrices": len(report.rows),
+                "violations": [
+                    {"rule": v.rule, "subject": v.subject, "message": v.message} for v in violations
+                ],
+            }
+        )
+        return 1 if violations else 0
     model = printable(report.manifest["model"]["reference"])
     for v in violations:
         print(printable(f"FAIL {v.rule}: {v.subject}: {v.message}"))
-    verdict = "FAILED" if violations else "PASSED"
     print(
-        f"{verdict}: {model}: {len(rules.checks(baseline is not None))} checks, "
-        f"{len(violations)} violations, {len(report.rows)} matrices"
+        f"{verdict}: {model}: {checks} checks, {len(violations)} violations, "
+        f"{len(report.rows)} matrices"
     )
     return 1 if violations else 0
 
@@ -127,7 +142,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check", help="release gate: check a report against rules (exit 1 on fail)")
+    p = sub.add_parser(
+        "check",
+        help="release gate: check a report against rules (exit 1 on fail)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit check report --rules configs/release-check.yaml --junit check.xml
+  llm-audit check candidate --rules my-rules.yaml --baseline last-release
+  llm-audit check report --format json   # verdict and violations for a script""",
+    )
     p.add_argument("report", help="report folder")
     p.add_argument("--rules", help="YAML rules (default: configs/release-check.yaml's values)")
     p.add_argument("--junit", help="also write JUnit XML here")
@@ -137,11 +160,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="report of the previous release (same architecture): also fail on new traps "
         "where it had none, newly failed matrices, alpha drift per kind",
     )
+    p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("report", help="browse a report")
     report_sub = p.add_subparsers(dest="report_command", required=True)
-    p = report_sub.add_parser("show", help="summary and a table of matrices")
+    p = report_sub.add_parser(
+        "show",
+        help="summary and a table of matrices",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit report show report --sort trap_ratio --desc --top 20
+  llm-audit report show report --where 'rand_num_spikes > 0 and kind == expert_down'
+  llm-audit report show report --kind q_proj --format csv > q_proj.csv""",
+    )
     p.add_argument("report", help="report folder")
     p.add_argument("--sort", help="column to sort by (rows without a value last)")
     p.add_argument("--desc", action="store_true", help="sort descending")
@@ -160,7 +192,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_html)
 
-    p = sub.add_parser("diff", help="per-matrix changes between two reports (same architecture)")
+    p = sub.add_parser(
+        "diff",
+        help="per-matrix changes between two reports (same architecture)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit diff base-report finetuned-report --top 20   # new traps first
+  llm-audit diff step-1000 step-2000 --format json""",
+    )
     p.add_argument("a", help="report folder (before: base model, earlier checkpoint)")
     p.add_argument("b", help="report folder (after)")
     p.add_argument("--top", type=int, help="at most N rows")

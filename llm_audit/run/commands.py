@@ -121,6 +121,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         )
         return 130
     summary = result.summary
+    if args.format == "json":
+        print_json({"report": str(result.out), **summary})
+        return 1 if result.failed else 0
     print(f"report: {result.out}")
     print(
         f"matrices: {summary['matrices_in_report']} of {summary['matrices_planned']} "
@@ -248,7 +251,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("audit", help="audit a whole checkpoint with Ray into a report folder")
+    p = sub.add_parser(
+        "audit",
+        help="audit a whole checkpoint with Ray into a report folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit audit openai/gpt-oss-20b --out reports/gpt-oss-20b --config configs/gpt-oss-20b.yaml
+  llm-audit audit ./checkpoint --out report --include 'mlp\\.experts' --seed 1
+  llm-audit audit ./checkpoint --out report --resume --retry-failed   # after a kill
+  ray job submit --address http://HEAD:8265 --working-dir . -- \\
+      llm-audit audit org/model --out /shared/reports/model""",
+    )
     p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--config", help="YAML config (see configs/default.yaml)")
@@ -285,9 +298,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="replace the report in --out (only its own files are removed)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="the summary")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("plan", help="list what an audit of MODEL would compute, reading no weights")
+    p = sub.add_parser(
+        "plan",
+        help="list what an audit of MODEL would compute, reading no weights",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit plan openai/gpt-oss-20b          # matrices by kind, bytes to read, skipped
+  llm-audit plan ./checkpoint --format json  # every unit and every skipped tensor""",
+    )
     p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
     p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
     p.add_argument(
