@@ -23,7 +23,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 from ..errors import AuditError
-from ..inputs import read_yaml, shown
+from ..inputs import is_count, read_yaml, shown
 from .diff import diff_reports
 from .format import format_value, printable
 from .reader import Report
@@ -99,8 +99,7 @@ def load_rules(path: str | Path) -> Rules:
         kind = RULE_KEYS.get(key)
         if kind is None:
             raise AuditError(f"{path}: unknown rule {shown(key)}; known: {', '.join(RULE_KEYS)}")
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if kind == "int" and not (is_int and value >= 0):
+        if kind == "int" and not is_count(value):
             raise _bad(path, key, "a non-negative integer", value)
         if kind == "number" and not (_is_number(value) and 0 <= value < float("inf")):
             raise _bad(path, key, "a non-negative number", value)
@@ -116,9 +115,7 @@ def load_rules(path: str | Path) -> Rules:
         if kind == "dict" and not (
             isinstance(value, dict)
             and all(isinstance(k, str) for k in value)
-            and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value.values()
-            )
+            and all(is_count(v) for v in value.values())
         ):
             raise _bad(path, key, "a mapping of kinds to non-negative integers", value)
     return Rules(data)

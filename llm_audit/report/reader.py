@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import ReportError
-from ..inputs import shown
+from ..inputs import is_count, shown
 from .schema import LAYERS_SCHEMA, READABLE_VERSIONS, SPECTRA_SCHEMA, conform
 
 # The largest MoE checkpoints have under 100,000 matrices (Kimi K2: 384 experts x 3 x 61).
@@ -88,10 +88,6 @@ def _field(path: Path, data: dict[str, Any], key: str, ok: Any, expected: str) -
         raise ReportError(f"{path}: {key} must be {expected}, got {shown(data[key])}")
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _check_manifest(path: Path, m: dict[str, Any]) -> None:
     _field(
         path,
@@ -104,7 +100,7 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
     _field(path, m, "model", lambda v: isinstance(v, dict), "an object")
     _field(path, m["model"], "reference", lambda v: isinstance(v, str), "a string")
     for key, ok, expected in (
-        ("seed", lambda v: v is None or _is_count(v), "a non-negative integer"),
+        ("seed", lambda v: v is None or is_count(v), "a non-negative integer"),
         ("tool_version", lambda v: isinstance(v, str), "a string"),
         ("finished", lambda v: isinstance(v, str), "a string"),
         ("config", lambda v: isinstance(v, dict), "an object"),
@@ -115,7 +111,7 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
 
 def _check_summary(path: Path, s: dict[str, Any]) -> None:
     for key in _COUNTS:
-        _field(path, s, key, _is_count, "a non-negative integer")
+        _field(path, s, key, is_count, "a non-negative integer")
     _field(
         path,
         s,
