@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from .format import CORE_COLUMNS, human_bytes, print_json, print_table, printable, write_csv
 from .reader import load_report
@@ -70,46 +71,45 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    from ..errors import UsageError
-    from .query import row_filter
+def _print_rows(
+    rows: list[dict[str, Any]], columns: list[str], fmt: str, heading: list[str]
+) -> None:
+    """`columns` of `rows` in `fmt`: the same columns in a table, CSV and JSON (JSON keeps
+    full precision, the table 4 significant digits); `heading` lines go above a table."""
+    if fmt == "json":
+        print_json([{c: row.get(c) for c in columns} for row in rows])
+    elif fmt == "csv":
+        write_csv(rows, columns)
+    else:
+        for line in heading:
+            print(printable(line))
+        print_table(rows, columns)
 
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .query import filter_rows, pick_columns, sort_rows
+    from .schema import LAYERS_SCHEMA
+
+    columns = pick_columns(args.columns, SHOW_COLUMNS, LAYERS_SCHEMA.names)
     report = load_report(args.report)
     rows = report.rows
-    columns = set(rows[0]) if rows else set()
     if args.kind:
         rows = [r for r in rows if r["kind"] == args.kind]
-    if args.where:
-        keep = row_filter(args.where, columns)
-        rows = [r for r in rows if keep(r)]
+    if args.where is not None:
+        rows = filter_rows(rows, args.where, LAYERS_SCHEMA)
     if args.sort:
-        key = args.sort
-        if key not in columns:
-            raise UsageError(f"--sort: unknown column {key!r}")
-        present = [r for r in rows if r[key] is not None]
-        rows = sorted(present, key=lambda r: r[key], reverse=args.desc) + [
-            r for r in rows if r[key] is None
-        ]
+        rows = sort_rows(rows, args.sort, args.desc, LAYERS_SCHEMA)
     if args.top:
         rows = rows[: args.top]
-    if args.format == "json":
-        print_json(rows)
-    elif args.format == "csv":
-        write_csv(rows, SHOW_COLUMNS)
-    else:
-        s, m = report.summary, report.manifest
-        print(
-            printable(
-                f"model {m['model']['reference']}  llm-audit {m.get('tool_version')}  seed "
-                f"{m.get('seed')}  status {m['status']}"
-            )
-        )
-        print(
-            f"matrices {s['matrices_in_report']} (audited {s['audited']}, skipped "
-            f"{s['skipped']}, failed {s['failed']}); traps {s['total_traps']} in "
-            f"{s['matrices_with_traps']} matrices; showing {len(rows)}"
-        )
-        print_table(rows, SHOW_COLUMNS)
+    s, m = report.summary, report.manifest
+    heading = [
+        f"model {m['model']['reference']}  llm-audit {m.get('tool_version')}  seed "
+        f"{m.get('seed')}  status {m['status']}",
+        f"matrices {s['matrices_in_report']} (audited {s['audited']}, skipped "
+        f"{s['skipped']}, failed {s['failed']}); traps {s['total_traps']} in "
+        f"{s['matrices_with_traps']} matrices; showing {len(rows)}",
+    ]
+    _print_rows(rows, columns, args.format, heading)
     return 0
 
 
@@ -121,23 +121,28 @@ def cmd_html(args: argparse.Namespace) -> int:
     return 0
 
 
+def diff_fields() -> list[str]:
+    """Every column of a `diff_reports` row, in its order (what `--columns all` prints)."""
+    from .diff import COMPARED
+
+    compared = [name for c in COMPARED for name in (f"{c}_a", f"{c}_b", f"d_{c}")]
+    return ["matrix", "kind", "status_a", "status_b", *compared, "new_traps"]
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from .diff import diff_reports
+    from .query import pick_columns
 
+    columns = pick_columns(args.columns, DIFF_COLUMNS, diff_fields())
     rows = diff_reports(load_report(args.a), load_report(args.b))
     if args.top:
         rows = rows[: args.top]
-    if args.format == "json":
-        print_json(rows)
-    elif args.format == "csv":
-        write_csv(rows, list(rows[0]) if rows else list(DIFF_COLUMNS))
-    else:
-        gained = sum(r["new_traps"] for r in rows)
-        print(
-            f"{len(rows)} matrices compared; {gained} new traps in "
-            f"{sum(r['new_traps'] > 0 for r in rows)} matrices"
-        )
-        print_table(rows, DIFF_COLUMNS)
+    gained = sum(r["new_traps"] for r in rows)
+    heading = [
+        f"{len(rows)} matrices compared; {gained} new traps in "
+        f"{sum(r['new_traps'] > 0 for r in rows)} matrices"
+    ]
+    _print_rows(rows, columns, args.format, heading)
     return 0
 
 
@@ -171,16 +176,39 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   llm-audit report show report --sort trap_ratio --desc --top 20
-  llm-audit report show report --where 'rand_num_spikes > 0 and kind == expert_down'
-  llm-audit report show report --kind q_proj --format csv > q_proj.csv""",
+  llm-audit report show report --where "rand_num_spikes > 0 and kind in ('expert_down', 'o_proj')"
+  llm-audit report show report --where "trap_ratio > 2 or num_spikes >= 3"
+  llm-audit report show report --where "not (2 <= alpha <= 6)" --columns matrix,alpha,status
+  llm-audit report show report --where "alpha is None" --columns matrix,status,error
+  llm-audit report show report --kind q_proj --format csv --columns all > q_proj.csv
+
+--where is a condition on the report's columns: COLUMN OP VALUE with OP one of
+== != < <= > >=, COLUMN in (V1, V2, ...), COLUMN not in (...), COLUMN is None,
+COLUMN is not None, a bool column alone (transposed), joined by and, or, not and
+parentheses. Text values are quoted ('expert_down'). A comparison with a missing
+value is unknown (SQL's logic): not keeps it unknown, or with a true side is true,
+and a row whose condition is unknown is not shown; "alpha is None" finds the rows
+without alpha.""",
     )
     p.add_argument("report", help="report folder")
-    p.add_argument("--sort", help="column to sort by (rows without a value last)")
+    p.add_argument(
+        "--sort", help="column to sort by, any report column (rows without a value last)"
+    )
     p.add_argument("--desc", action="store_true", help="sort descending")
-    p.add_argument("--where", help="filter, e.g. 'rand_num_spikes > 0 and kind == expert_down'")
+    p.add_argument(
+        "--where",
+        help="condition on columns, e.g. \"trap_ratio > 2 or kind in ('expert_down', 'q_proj')\" "
+        "(see below)",
+    )
     p.add_argument("--kind", help="only this kind")
     p.add_argument("--top", type=int, help="at most N rows")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument(
+        "--columns",
+        metavar="COL,COL,...|all",
+        help="comma-separated columns to print, the same in every format, or 'all' "
+        "(default: " + ", ".join(SHOW_COLUMNS) + ")",
+    )
     p.set_defaults(func=cmd_show)
     p = report_sub.add_parser("html", help="one self-contained HTML page (works offline)")
     p.add_argument("report", help="report folder")
@@ -198,10 +226,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   llm-audit diff base-report finetuned-report --top 20   # new traps first
-  llm-audit diff step-1000 step-2000 --format json""",
+  llm-audit diff step-1000 step-2000 --format json
+  llm-audit diff base-report finetuned-report --format csv --columns all > diff.csv""",
     )
     p.add_argument("a", help="report folder (before: base model, earlier checkpoint)")
     p.add_argument("b", help="report folder (after)")
     p.add_argument("--top", type=int, help="at most N rows")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument(
+        "--columns",
+        metavar="COL,COL,...|all",
+        help="comma-separated columns to print, the same in every format, or 'all' "
+        "(default: " + ", ".join(DIFF_COLUMNS) + ")",
+    )
     p.set_defaults(func=cmd_diff)
