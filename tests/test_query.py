@@ -336,6 +336,15 @@ def test_cli_where_sort_top(folder, capsys):
     )
 
 
+@pytest.mark.parametrize("top", ["0", "-3", "two"])
+def test_top_wants_a_positive_count(folder, capsys, top):
+    for argv in (["report", "show", str(folder)], ["diff", str(folder), str(folder)]):
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--top", top])
+        assert done.value.code == 2
+        assert "--top: want a whole number >= 1" in capsys.readouterr().err
+
+
 def test_table_csv_and_json_print_the_same_columns(folder, capsys):
     for columns, expected in (
         (None, list(SHOW_COLUMNS)),

@@ -146,6 +146,17 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """--top's value: a whole number >= 1 (`--top -3` would otherwise drop the last 3)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"want a whole number >= 1, got {text!r}")
+    return value
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check",
@@ -201,7 +212,7 @@ without alpha.""",
         "(see below)",
     )
     p.add_argument("--kind", help="only this kind")
-    p.add_argument("--top", type=int, help="at most N rows")
+    p.add_argument("--top", type=_at_least_one, metavar="N", help="at most N rows")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument(
         "--columns",
@@ -231,7 +242,7 @@ without alpha.""",
     )
     p.add_argument("a", help="report folder (before: base model, earlier checkpoint)")
     p.add_argument("b", help="report folder (after)")
-    p.add_argument("--top", type=int, help="at most N rows")
+    p.add_argument("--top", type=_at_least_one, metavar="N", help="at most N rows")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument(
         "--columns",
