@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +135,17 @@ def test_help_has_examples(command, capsys):
         main([*command, "--help"])
     assert done.value.code == 0
     assert "examples:\n  llm-audit" in capsys.readouterr().out
+
+
+def test_synth_bundled_is_the_demo_model(tmp_path, capsys):
+    from llm_audit.source.synth import write_bundled_model
+
+    reference = write_bundled_model(tmp_path / "reference")
+    assert main(["synth", "gpt-oss", str(tmp_path / "cli"), "--bundled", "--format", "json"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    names = sorted(Path(f).name for f in written["files"])
+    assert names == sorted(p.name for p in reference.iterdir())
+    for name in names:
+        assert (tmp_path / "cli" / name).read_bytes() == (reference / name).read_bytes(), name
+    refused = _run("synth", "gpt-oss", str(tmp_path / "x"), "--bundled", "--layers", "1")
+    assert refused.returncode == 2 and "give no other options" in refused.stderr

@@ -198,27 +198,39 @@ def _parse_trap(text: str) -> tuple[str, int]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from ..source.synth import SynthConfig, synth_gpt_oss
+    from ..source.synth import BUNDLED, SynthConfig, synth_gpt_oss
 
-    cfg = SynthConfig(
-        layers=args.layers,
-        experts=args.experts,
-        hidden=args.hidden,
-        intermediate=args.intermediate,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        head_dim=args.head_dim,
-        vocab=args.vocab,
-        shards=args.shards,
-        dtype=args.dtype,
-        mxfp4=not args.no_mxfp4,
-        seed=args.seed,
-        traps=dict(args.trap or []),
-        trap_scale=args.trap_scale,
-    )
+    sizes = {k: v for k, v in vars(args).items() if k in _SYNTH_OPTIONS and v is not None}
+    if args.bundled:
+        if sizes or args.trap or args.no_mxfp4:
+            raise UsageError("synth --bundled writes the bundled model: give no other options")
+        cfg = BUNDLED
+    else:
+        cfg = SynthConfig(**sizes, mxfp4=not args.no_mxfp4, traps=dict(args.trap or []))
     out = synth_gpt_oss(args.out, cfg)
-    print(f"wrote a miniature gpt-oss checkpoint to {out}", file=sys.stderr)
+    files = sorted(str(p) for p in out.iterdir() if p.is_file())
+    if args.format == "json":
+        print_json({"model": str(out), "files": files})
+    else:
+        print(out)
     return 0
+
+
+# `synth` options that map onto SynthConfig fields (their defaults are SynthConfig's).
+_SYNTH_OPTIONS = (
+    "layers",
+    "experts",
+    "hidden",
+    "intermediate",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "vocab",
+    "shards",
+    "seed",
+    "dtype",
+    "trap_scale",
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -317,21 +329,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("synth", help="write a synthetic checkpoint (real names, planted traps)")
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic checkpoint (real names, planted traps)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit synth gpt-oss tiny-gpt-oss --bundled   # the model `llm-audit demo` audits
+  llm-audit synth gpt-oss big --layers 4 --experts 32 --hidden 1024 \\
+      --trap 'model.layers.0.mlp.experts.down_proj[3]=5'""",
+    )
     p.add_argument("family", choices=("gpt-oss",))
     p.add_argument("out", help="output folder")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--intermediate", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
+    p.add_argument(
+        "--bundled", action="store_true", help="the bundled demo model (planted traps), as is"
+    )
+    for option in _SYNTH_OPTIONS[:9]:
+        p.add_argument(f"--{option.replace('_', '-')}", type=int, help="default: the bundled size")
+    p.add_argument("--seed", type=int, help="of the random weights (default 0)")
+    p.add_argument("--dtype", choices=("bf16", "f32"), help="dense tensors (default bf16)")
     p.add_argument("--no-mxfp4", action="store_true", help="dense experts (transformers layout)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--trap",
         type=_parse_trap,
@@ -339,5 +355,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="NAME[EXPERT]=COUNT",
         help="plant COUNT large entries in that matrix (repeatable)",
     )
-    p.add_argument("--trap-scale", type=float, default=1.0, help="size of a planted entry")
+    p.add_argument("--trap-scale", type=float, help="size of a planted entry (default 1)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_synth)
