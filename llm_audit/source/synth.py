@@ -10,19 +10,25 @@ audit has known traps to find. The output loads with transformers'
 
 Weights are Gaussian with std 0.02 (gpt-oss's `initializer_range`); a planted trap is one
 entry of size `trap_scale` (default 1.0, i.e. 50 std) at a seeded position.
+
+Why numpy only, no torch: `llm-audit demo` must run after a plain `pip install llm-audit`,
+which does not install torch. The values are drawn in float32 and rounded to bfloat16 here
+(`bf16_bits`: round to nearest even, as torch's `.to(torch.bfloat16)`), and the files are
+written by safetensors' own serializer, so they are byte for byte what torch's
+`safetensors.torch.save_file` writes for the same values (tests/test_synth.py checks both).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
+from safetensors import TensorSpec, serialize_file
 
 from ..errors import AuditError
 from .mxfp4 import encode_mxfp4
@@ -68,6 +74,8 @@ class SynthConfig:
                 raise AuditError(f"{name} must be at least 1")
         if self.mxfp4 and (self.hidden % 32 or self.intermediate % 32):
             raise AuditError("MXFP4 needs hidden and intermediate sizes divisible by 32")
+        if not math.isfinite(self.trap_scale):
+            raise AuditError(f"trap scale must be a finite number, got {self.trap_scale}")
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -186,14 +194,20 @@ def _config_json(cfg: SynthConfig) -> dict:
     return config
 
 
-def synth_gpt_oss(out: str | Path, cfg: SynthConfig) -> Path:
-    """Write the checkpoint into folder `out` (created); returns the folder."""
+def bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bit patterns (little-endian uint16): rounded to nearest,
+    ties to even, overflow to infinity, NaN as 0x7FC0 (torch's scalar conversion)."""
+    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype("<u2")
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded).astype("<u2")
+
+
+def synth_tensors(cfg: SynthConfig) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint in the hub's order, before the dtype is applied:
+    float32 values (dense tensors), uint8 (MXFP4 blocks and scales)."""
     cfg.validate()
     traps = _parse_traps(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     for name, shape in _dense_shapes(cfg).items():
         rng = _rng(cfg.seed, name)
         if name.endswith("norm.weight"):
@@ -202,19 +216,34 @@ def synth_gpt_oss(out: str | Path, cfg: SynthConfig) -> Path:
             values = (rng.standard_normal(shape) * INIT_STD).astype(np.float32)
             if values.ndim == 2 and (name, None) in traps:
                 _plant(values, traps.pop((name, None)), cfg.trap_scale, rng)
-        tensors[name] = torch.from_numpy(values).to(dtype)
-    for name, array in _expert_tensors(cfg, traps).items():
-        tensor = torch.from_numpy(array)
-        tensors[name] = tensor if array.dtype == np.uint8 else tensor.to(dtype)
+        tensors[name] = values
+    tensors |= _expert_tensors(cfg, traps)
     if traps:
         unknown = ", ".join(f"{t}[{e}]" if e is not None else t for t, e in traps)
         raise AuditError(f"no such matrix to plant traps in: {unknown}")
-    _write_shards(out, tensors, cfg.shards)
+    return tensors
+
+
+def synth_gpt_oss(out: str | Path, cfg: SynthConfig) -> Path:
+    """Write the checkpoint into folder `out` (created); returns the folder."""
+    tensors = synth_tensors(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_shards(out, tensors, cfg.shards, cfg.dtype)
     (out / "config.json").write_text(json.dumps(_config_json(cfg), indent=2) + "\n")
     return out
 
 
-def _write_shards(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:
+def _stored(array: np.ndarray, dtype: str) -> tuple[str, np.ndarray]:
+    """(safetensors dtype name, little-endian C-ordered data) of one synth tensor."""
+    if array.dtype == np.uint8:
+        return "uint8", np.ascontiguousarray(array)
+    if dtype == "bf16":
+        return "bfloat16", bf16_bits(array)
+    return "float32", np.ascontiguousarray(array, "<f4")
+
+
+def _write_shards(out: Path, tensors: dict[str, np.ndarray], shards: int, dtype: str) -> None:
     """Split tensors over `shards` files in order, hub-style names, plus the index."""
     names = list(tensors)
     shards = min(shards, len(names))
@@ -222,11 +251,18 @@ def _write_shards(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> N
     weight_map, total = {}, 0
     for k in range(shards):
         file_name = f"model-{k:05d}-of-{shards - 1:05d}.safetensors"
-        part = {n: tensors[n].contiguous() for n in names[bounds[k] : bounds[k + 1]]}
-        save_file(part, out / file_name, metadata={"format": "pt"})
-        for n, t in part.items():
+        part = {n: _stored(tensors[n], dtype) for n in names[bounds[k] : bounds[k + 1]]}
+        # the arrays in `part` stay alive while the serializer reads them by address
+        specs = {
+            n: TensorSpec(
+                dtype=kind, shape=list(a.shape), data_ptr=a.ctypes.data, data_len=a.nbytes
+            )
+            for n, (kind, a) in part.items()
+        }
+        serialize_file(specs, out / file_name, metadata={"format": "pt"})
+        for n, (_, a) in part.items():
             weight_map[n] = file_name
-            total += t.numel() * t.element_size()
+            total += a.nbytes
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
