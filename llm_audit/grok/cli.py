@@ -1,17 +1,40 @@
-"""The `llm-audit grok` subcommand: its options and what it prints."""
+"""The `llm-audit grok` subcommand: its options and what it prints.
+
+Why the checks come first: grok needs what a CPU audit does not (torch, matplotlib, and
+for mlp-mnist the MNIST data), and `pip install llm-audit` installs none of them. Each
+missing piece stops the command in one line that says how to get it, before anything is
+trained or written; torch is imported only after the check (the parser never imports it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
+from ..errors import UsageError
 from .settings import TASKS, load_grok_config
+
+GROK_EXTRAS = ("torch", "matplotlib")
+NO_EXTRAS = (
+    "llm-audit grok needs {missing}: pip install 'llm-audit[grok]' (on a machine without "
+    "a CUDA GPU install torch's CPU build first: "
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu)"
+)
+
+
+def _check_extras() -> None:
+    missing = [name for name in GROK_EXTRAS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(NO_EXTRAS.format(missing=" and ".join(missing)))
 
 
 def cmd_grok(args: argparse.Namespace) -> int:
-    from .run import run_grok, summarize_run
+    _check_extras()
+    from .mnist import find_mnist
+    from .run import data_cache, run_grok, summarize_run
 
     out = Path(args.out or f"grok-{args.task}")
     if args.summary_only:
@@ -27,6 +50,8 @@ def cmd_grok(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=args.dtype,
     )
+    if config.task == "mlp-mnist":
+        find_mnist(args.data, data_cache())
     print(f"llm-audit grok {args.task}: {json.dumps(config.to_dict())}", file=sys.stderr)
     try:
         found = run_grok(
