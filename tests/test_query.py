@@ -385,3 +385,13 @@ def test_diff_columns_are_consistent_across_formats(folder, tmp_path, capsys):
         records = json.loads(capsys.readouterr().out)
         assert len(records) == len(ROWS) and all(list(r) == expected for r in records)
     _one_line_exit_2(capsys, [*argv, "--columns", "d_alpa"], "did you mean d_alpha")
+
+
+def test_csv_list_cells_are_json(tmp_path, capsys):
+    entries = [{"row": 1, "col": 2, "value": -0.5}]
+    row = _row("a", rand_num_spikes=1, trap_evals=[3.0], trap_ratios=[1.5], trap_entries=entries)
+    folder = write_report(tmp_path / "r", [row])
+    shown = _show(capsys, folder, "--format", "csv", "--columns", "trap_entries,trap_ratios")
+    (cells,) = csv.DictReader(io.StringIO(shown))
+    assert json.loads(cells["trap_entries"]) == entries  # not Python's repr
+    assert json.loads(cells["trap_ratios"]) == [1.5]
