@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 import subprocess
@@ -127,14 +128,29 @@ def test_plan_and_synth_user_errors(tmp_path, monkeypatch):
     assert out.returncode == 2 and "header length 16 larger than the file" in out.stderr
 
 
-@pytest.mark.parametrize(
-    "command", [["audit"], ["plan"], ["check"], ["diff"], ["report", "show"], ["grok"]]
-)
-def test_help_has_examples(command, capsys):
-    with pytest.raises(SystemExit) as done:
-        main([*command, "--help"])
-    assert done.value.code == 0
-    assert "examples:\n  llm-audit" in capsys.readouterr().out
+def _commands() -> list[list[str]]:
+    """Every leaf command of the parser, e.g. ["report", "show"]."""
+    from llm_audit.cli import build_parser
+
+    def leaves(parser, path):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return [(path, parser)]
+        return [leaf for name, p in subs[0].choices.items() for leaf in leaves(p, [*path, name])]
+
+    return leaves(build_parser(), [])
+
+
+def test_every_command_has_examples_and_json_output(capsys):
+    commands = _commands()
+    assert len(commands) >= 10
+    for path, parser in commands:
+        with pytest.raises(SystemExit) as done:
+            main([*path, "--help"])
+        assert done.value.code == 0
+        assert "examples:\n  llm-audit" in capsys.readouterr().out, path
+        formats = [a for a in parser._actions if "--format" in a.option_strings]
+        assert formats and "json" in formats[0].choices, f"{path}: no --format json"
 
 
 def test_synth_bundled_is_the_demo_model(tmp_path, capsys):

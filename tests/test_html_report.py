@@ -131,6 +131,10 @@ def test_default_output_goes_into_the_report_folder(bundled_report, tmp_path, ca
     code, out, _ = _render(capsys, str(report))
     assert code == 0
     assert out.startswith(f"{report / 'report.html'} (") and (report / "report.html").is_file()
+    code, out, _ = _render(capsys, str(report), "-o", str(tmp_path / "p.html"), "--format", "json")
+    written = json.loads(out)
+    assert code == 0 and written["html"] == str(tmp_path / "p.html")
+    assert written["bytes"] == (tmp_path / "p.html").stat().st_size > 0
 
 
 def test_compare_lists_new_traps_first(bundled_report, rewrite_report, tmp_path, capsys):

@@ -117,7 +117,13 @@ def cmd_html(args: argparse.Namespace) -> int:
     from .html import write_html_report
 
     out = write_html_report(args.report, args.output, compare=args.compare)
-    print(f"{out} ({human_bytes(out.stat().st_size)})")
+    size = out.stat().st_size
+    if args.format == "json":
+        print_json(
+            {"html": str(out), "bytes": size, "report": args.report, "compare": args.compare}
+        )
+    else:
+        print(printable(f"{out} ({human_bytes(size)})"))
     return 0
 
 
@@ -221,7 +227,14 @@ without alpha.""",
         "(default: " + ", ".join(SHOW_COLUMNS) + ")",
     )
     p.set_defaults(func=cmd_show)
-    p = report_sub.add_parser("html", help="one self-contained HTML page (works offline)")
+    p = report_sub.add_parser(
+        "html",
+        help="one self-contained HTML page (works offline)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit report html report                  # report/report.html
+  llm-audit report html finetuned --compare base -o changes.html""",
+    )
     p.add_argument("report", help="report folder")
     p.add_argument("-o", "--output", help="HTML file to write (default: REPORT/report.html)")
     p.add_argument(
@@ -229,6 +242,7 @@ without alpha.""",
         metavar="B",
         help="baseline report of the same architecture: show the changes from B to REPORT",
     )
+    p.add_argument("--format", choices=("table", "json"), default="table", help="what is printed")
     p.set_defaults(func=cmd_html)
 
     p = sub.add_parser(

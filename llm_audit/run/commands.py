@@ -234,7 +234,14 @@ _SYNTH_OPTIONS = (
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="analyze 2-D matrices saved as .npy files")
+    p = sub.add_parser(
+        "analyze",
+        help="analyze 2-D matrices saved as .npy files",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit analyze w_q.npy w_k.npy --seed 0
+  llm-audit analyze layer.npy --format json | jq '.[0].rand_num_spikes'""",
+    )
     p.add_argument("files", nargs="+", help=".npy files (loaded without pickle)")
     p.add_argument("--no-randomize", action="store_true", help="skip the shuffled ESD")
     p.add_argument("--seed", type=int, default=AnalysisSettings.seed, help="seed for the shuffles")
@@ -252,7 +259,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("demo", help="audit the bundled miniature gpt-oss with planted traps")
+    p = sub.add_parser(
+        "demo",
+        help="audit the bundled miniature gpt-oss with planted traps",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit demo                    # demo-out/gpt-oss-mini and demo-out/report
+  llm-audit demo --out /tmp/demo --format json""",
+    )
     p.add_argument(
         "--out",
         default="demo-out",
