@@ -1,5 +1,6 @@
 """The commands that analyze: `analyze` (.npy matrices, in process), `demo`, `audit`, and
-the two that prepare one: `plan` (what an audit would compute) and `synth`."""
+the two that prepare one: `plan` (what an audit would compute) and `synth`; and `ablate`,
+which acts on an audit's findings (a copy of the checkpoint without its trap entries)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from .. import __version__
 from ..errors import UsageError
 from ..report.format import CORE_COLUMNS, human_bytes, print_json, print_table
+from ..spectral.ablation import ABLATIONS
 from ..spectral.backends import BACKEND_NAMES
 from ..spectral.settings import RAND_ROUTES, AnalysisSettings
 
@@ -216,6 +218,37 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+ABLATE_COLUMNS = ("matrix", "tensor", "entries", "mode", "status", "reason")
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import ablate_checkpoint
+
+    result = ablate_checkpoint(
+        args.model,
+        args.report,
+        args.out,
+        mode=args.mode,
+        min_trap_ratio=args.min_trap_ratio,
+        revision=args.revision,
+        quiet=args.quiet,
+    )
+    if args.format == "json":
+        print_json(result.to_dict())
+        return 1 if result.refused else 0
+    entries = sum(m["entries"] for m in result.matrices if m["status"] == "ablated")
+    print(f"copy: {result.out} ({len(result.files)} files)")
+    print(
+        f"ablated ({result.mode}): {entries} entries in "
+        f"{len(result.matrices) - result.refused} matrices; refused: {result.refused}"
+    )
+    if result.matrices:
+        print_table(result.matrices, ABLATE_COLUMNS)
+    for left in result.not_copied:
+        print(f"not copied: {left['name']} ({left['reason']})")
+    return 1 if result.refused else 0
+
+
 # `synth` options that map onto SynthConfig fields (their defaults are SynthConfig's).
 _SYNTH_OPTIONS = (
     "layers",
@@ -372,3 +405,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trap-scale", type=float, help="size of a planted entry (default 1)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "ablate",
+        help="write a copy of MODEL with the entries behind a report's traps removed",
+        description="Copy MODEL's folder to --out byte for byte, except the trap entries "
+        "that the report (computed on these very files) names: zeroed, or clipped to the "
+        "largest |w| among the other entries of their matrix. Test a trap's effect by "
+        "evaluating the copy (WeightWatcher's remove_traps).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  llm-audit ablate ./gpt-oss-20b --report reports/gpt-oss-20b --out ./gpt-oss-20b-no-traps
+  llm-audit ablate ./checkpoint --report report --out copy --mode clip --min-trap-ratio 2
+  llm-audit ablate ./checkpoint --report report --out copy --format json | jq '.matrices'""",
+    )
+    p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
+    p.add_argument("--report", required=True, help="report folder of an audit of MODEL")
+    p.add_argument("--out", required=True, help="new or empty folder for the copy")
+    p.add_argument(
+        "--mode",
+        choices=ABLATIONS,
+        default="zero",
+        help="zero the entries (default), or clip them to the largest other |w|, sign kept",
+    )
+    p.add_argument(
+        "--min-trap-ratio",
+        type=float,
+        metavar="R",
+        help="only the entries of traps whose own trap_ratio is at least R",
+    )
+    p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_ablate)
