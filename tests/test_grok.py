@@ -275,8 +275,11 @@ def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path
     assert (out / "timeline.png").stat().st_size > 10_000
     assert json.loads((out / "phases.json").read_text())["peak_step"] in {1, 10, 30}
     (out / "timeline.parquet").unlink()
-    assert main(["grok", "mlp-mnist", "--out", str(out), "--summary-only"]) == 0
+    capsys.readouterr()
+    assert main(["grok", "mlp-mnist", "--out", str(out), "--summary-only", "--format", "json"]) == 0
     assert pq.read_table(out / "timeline.parquet").to_pylist() == table
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == {"run": str(out), **json.loads((out / "phases.json").read_text())}
     assert main(["grok", "mlp-mnist", "--out", str(tmp_path), "--summary-only"]) == 2
     # a finished run is not overwritten; resuming with other settings is refused
     assert main([*args, "--config", str(config)]) == 2

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..report.format import print_json
 from .settings import TASKS, load_grok_config
 
 GROK_EXTRAS = ("torch", "matplotlib")
@@ -38,7 +39,7 @@ def cmd_grok(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"grok-{args.task}")
     if args.summary_only:
-        return _print_found(out, summarize_run(out))
+        return _print_found(out, summarize_run(out), args.format)
 
     config = load_grok_config(
         args.config,
@@ -66,10 +67,13 @@ def cmd_grok(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"llm-audit: interrupted; continue with --resume --out {out}", file=sys.stderr)
         return 130
-    return _print_found(out, found)
+    return _print_found(out, found, args.format)
 
 
-def _print_found(out: Path, found: dict) -> int:
+def _print_found(out: Path, found: dict, form: str) -> int:
+    if form == "json":
+        print_json({"run": str(out), **found})
+        return 0
     print(f"run: {out}  (timeline.parquet, timeline.png, phases.json, audits/)")
     print(
         f"peak test accuracy {found['peak_test_acc']:.3f} at step {found['peak_step']}; "
@@ -92,6 +96,7 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
   llm-audit grok mlp-mnist --init-scale 4 --dtype float32 --steps 5000000 --out runs/s4
   llm-audit grok mlp-mnist --resume --steps 10000000 --out runs/s4   # extend a run
   llm-audit grok mlp-mnist --summary-only --out runs/s4   # timeline of a run still going
+  llm-audit grok mlp-mnist --summary-only --out runs/s4 --format json | jq .grok_start
   llm-audit grok modadd --init-from runs/modadd --weight-decay 0 --out runs/modadd-wd0""",
     )
     p.add_argument("task", choices=TASKS)
@@ -123,4 +128,5 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if seen"
     )
+    p.add_argument("--format", choices=("table", "json"), default="table", help="the phases found")
     p.set_defaults(func=cmd_grok)
