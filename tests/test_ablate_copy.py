@@ -199,7 +199,8 @@ def test_clip_copy_of_the_bundled_model(bundled, tmp_path, capsys):
 
 def _gpt2(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A tiny GPT-2 saved by transformers, with planted entries in Conv1D weights (stored
-    [in, out]): c_fc (in 5, out 70) and c_attn (in 4, out 40: k's row 8)."""
+    [in, out]): c_fc (in 5, out 70), c_proj (in 3, out 17) and c_attn (in 4, out 40: k's
+    row 8)."""
     import transformers
 
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
@@ -207,6 +208,7 @@ def _gpt2(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     model = transformers.GPT2LMHeadModel(config).to(dtype)
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[5, 70] = 1.0
+        model.transformer.h[0].attn.c_proj.weight[3, 17] = 0.875
         model.transformer.h[1].attn.c_attn.weight[4, 40] = -0.75
     model.save_pretrained(folder)
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -214,6 +216,8 @@ def _gpt2(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 PLANTED_GPT2 = {  # unit -> (stored tensor, stored (in, out) index, columns of the unit)
     "transformer.h.0.mlp.c_fc.weight": ("transformer.h.0.mlp.c_fc.weight", (5, 70), slice(None)),
+    "transformer.h.0.attn.c_proj.weight": ("transformer.h.0.attn.c_proj.weight", (3, 17),
+                                           slice(None)),  # square: a swap stays in range
     "transformer.h.1.attn.c_attn.weight:k": ("transformer.h.1.attn.c_attn.weight", (4, 40),
                                              slice(32, 64)),
 }  # fmt: skip
