@@ -22,6 +22,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llm_audit.grok.cli import NO_EXTRAS
@@ -128,6 +129,41 @@ def test_grok_without_torch_names_the_extra(tmp_path):
     got = _main_without(("torch",), ["grok", "modadd", "--out", str(tmp_path / "run")], {})
     assert got.returncode == 2
     assert got.stderr == f"llm-audit: error: {NO_EXTRAS.format(missing='torch')}\n"
+
+
+def test_the_torch_backend_without_torch_is_one_line(tmp_path):
+    np.save(tmp_path / "w.npy", np.random.default_rng(0).standard_normal((64, 32)))
+    got = _main_without(("torch",), ["analyze", str(tmp_path / "w.npy"), "--backend", "torch"], {})
+    assert got.returncode == 2 and len(got.stderr.splitlines()) == 1
+    assert "backend 'torch' needs torch: pip install 'llm-audit[gpu]'" in got.stderr
+
+
+def _python_without(hidden: tuple[str, ...], code: str) -> subprocess.CompletedProcess:
+    hide = "".join(f"sys.modules[{name!r}] = None\n" for name in hidden)
+    return _run(sys.executable, "-c", "import sys\n" + hide + code)
+
+
+def test_the_weightwatcher_drop_in_without_torch_or_pandas():
+    weights = (
+        "import numpy as np\n"
+        "from llm_audit import WeightWatcher\n"
+        "w = {'fc.weight': np.random.default_rng(0).standard_normal((64, 32))}\n"
+    )
+    got = _python_without(("torch",), weights + "print(len(WeightWatcher(model=w).analyze()))")
+    assert got.returncode == 0 and got.stdout.strip() == "1", got.stderr
+    got = _python_without(("pandas",), weights + "WeightWatcher(model=w).analyze()")
+    assert got.returncode == 1
+    assert got.stderr.strip().endswith("pip install 'llm-audit[pandas]'")
+
+
+def test_grok_with_too_few_images_per_class_is_one_line():
+    from llm_audit.errors import UsageError
+    from llm_audit.grok.tasks import _stratified
+
+    labels = np.repeat(np.arange(10), [100] * 9 + [99])
+    assert len(_stratified(labels, 990, seed=0)) == 990
+    with pytest.raises(UsageError, match="n_train=1000 needs 100 training images of each class"):
+        _stratified(labels, 1000, seed=0)
 
 
 def test_the_cpu_commands_never_import_torch(bundled_report, tmp_path):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import UsageError
 from .mnist import load_mnist
 from .models import MLP, ModAddTransformer
 from .settings import GrokConfig
@@ -65,8 +66,14 @@ class Task:
 def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """`n` indices, n/10 per class, drawn with `seed`, in a seeded order."""
     rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
+    classes, counts = np.unique(labels, return_counts=True)
     per = n // len(classes)
+    if counts.min() < per:
+        short = classes[np.argmin(counts)]
+        raise UsageError(
+            f"n_train={n} needs {per} training images of each class; class {short} has "
+            f"{counts.min()} (MNIST has 5,421 or more of each)"
+        )
     picks = [rng.choice(np.flatnonzero(labels == c), per, replace=False) for c in classes]
     return rng.permutation(np.concatenate(picks))
 

@@ -31,6 +31,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -158,11 +159,21 @@ def _layer(
     return None
 
 
+def _pandas() -> Any:
+    """pandas, or one line saying how to get it (a plain install has none)."""
+    try:
+        import pandas
+    except ImportError:
+        raise UsageError(
+            "llm_audit.WeightWatcher returns pandas DataFrames: pip install 'llm-audit[pandas]'"
+        ) from None
+    return pandas
+
+
 def _to_numpy(tensor: Any) -> np.ndarray:
     """A float32 host copy, as WeightWatcher's `torch_T_to_np` (float64 kept)."""
-    import torch
-
-    if isinstance(tensor, torch.Tensor):
+    torch = sys.modules.get("torch")  # a torch tensor implies torch is imported already
+    if torch is not None and isinstance(tensor, torch.Tensor):
         tensor = tensor.detach().to("cpu")
         return (tensor if tensor.dtype == torch.float64 else tensor.float()).numpy()
     array = np.asarray(tensor)
@@ -263,8 +274,7 @@ class WeightWatcher:
         (numpy, torch, cuda, cupy, auto). Other WeightWatcher options are accepted at
         their defaults and refused otherwise.
         """
-        import pandas as pd
-
+        pd = _pandas()
         for key, value in options.items():
             if key not in _ACCEPTED_DEFAULTS:
                 raise UsageError(f"WeightWatcher.analyze: unknown option {key!r}")
@@ -308,8 +318,7 @@ class WeightWatcher:
         max_N: int,
         layers: Sequence[int | str],
     ) -> pd.DataFrame:
-        import pandas as pd
-
+        pd = _pandas()
         keep = _filter(layers)
         chosen = [
             layer

@@ -144,7 +144,14 @@ class TorchBackend:
     busy_s = 0.0
 
     def __init__(self, device: str = "cpu") -> None:
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise BackendError(
+                f"backend {'cuda' if device == 'cuda' else 'torch'!r} needs torch: "
+                "pip install 'llm-audit[gpu]' (CPU only: pip install torch "
+                "--index-url https://download.pytorch.org/whl/cpu)"
+            ) from None
 
         self._torch = torch
         self.device = torch.device(device)
@@ -299,7 +306,11 @@ def _first_line(err: BaseException) -> str:
 
 
 _GPU_BACKENDS: dict[str, tuple[Callable[[], bool], Callable[[], Backend], str]] = {
-    "cuda": (_torch_cuda_available, lambda: TorchBackend("cuda"), "torch sees no CUDA device"),
+    "cuda": (
+        _torch_cuda_available,
+        lambda: TorchBackend("cuda"),
+        "torch (pip install 'llm-audit[gpu]') or a CUDA device is missing",
+    ),
     "cupy": (_cupy_available, CupyBackend, "CuPy or a CUDA device is missing"),
 }
 _SELECTED: dict[str, Backend] = {}  # the backend each name gave in this process, proven
