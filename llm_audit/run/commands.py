@@ -14,6 +14,7 @@ import numpy as np
 from .. import __version__
 from ..errors import UsageError
 from ..report.format import CORE_COLUMNS, human_bytes, print_json, print_table
+from ..source.synth import SIZE_FIELDS
 from ..spectral.ablation import ABLATIONS
 from ..spectral.backends import BACKEND_NAMES
 from ..spectral.settings import RAND_ROUTES, AnalysisSettings
@@ -250,20 +251,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 # `synth` options that map onto SynthConfig fields (their defaults are SynthConfig's).
-_SYNTH_OPTIONS = (
-    "layers",
-    "experts",
-    "hidden",
-    "intermediate",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "vocab",
-    "shards",
-    "seed",
-    "dtype",
-    "trap_scale",
-)
+_SYNTH_OPTIONS = (*SIZE_FIELDS, "seed", "dtype", "trap_scale")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -390,7 +378,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--bundled", action="store_true", help="the bundled demo model (planted traps), as is"
     )
-    for option in _SYNTH_OPTIONS[:9]:
+    for option in SIZE_FIELDS:
         p.add_argument(f"--{option.replace('_', '-')}", type=int, help="default: the bundled size")
     p.add_argument("--seed", type=int, help="of the random weights (default 0)")
     p.add_argument("--dtype", choices=("bf16", "f32"), help="dense tensors (default bf16)")

@@ -37,6 +37,20 @@ INIT_STD = 0.02
 _TRAP_ID = re.compile(r"^(?P<tensor>[\w.]+?)(?:\[(?P<expert>\d+)\])?$")
 
 
+# The integer sizes of a SynthConfig (each at least 1; `llm-audit synth` has an option each).
+SIZE_FIELDS = (
+    "layers",
+    "experts",
+    "hidden",
+    "intermediate",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "vocab",
+    "shards",
+)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """Sizes of the miniature model; defaults make the bundled demo model (about 6 MB)."""
@@ -59,17 +73,7 @@ class SynthConfig:
     def validate(self) -> None:
         if self.dtype not in ("bf16", "f32"):
             raise AuditError(f"dtype must be bf16 or f32, got {self.dtype!r}")
-        for name in (
-            "layers",
-            "experts",
-            "hidden",
-            "intermediate",
-            "heads",
-            "kv_heads",
-            "head_dim",
-            "vocab",
-            "shards",
-        ):
+        for name in SIZE_FIELDS:
             if getattr(self, name) < 1:
                 raise AuditError(f"{name} must be at least 1")
         if self.mxfp4 and (self.hidden % 32 or self.intermediate % 32):
