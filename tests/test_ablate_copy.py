@@ -26,14 +26,23 @@ from llm_audit.files import write_json
 from llm_audit.report.reader import load_report
 from llm_audit.report.schema import LAYERS_SCHEMA, SCHEMA_VERSION
 from llm_audit.report.writer import ReportWriter
-from llm_audit.run.ablate import ablate_checkpoint, leading_entries, model_files
+from llm_audit.run.ablate import ablate_checkpoint, leading_entries, model_files, stored_index
 from llm_audit.run.audit import _summary
 from llm_audit.run.config import AuditConfig
 from llm_audit.run.local import audit_in_process
 from llm_audit.source.checkpoint import open_checkpoint
+from llm_audit.source.dtypes import decode
+from llm_audit.source.header import read_tensor_bytes
+from llm_audit.source.mxfp4 import decode_mxfp4
 from llm_audit.source.plan import MatrixUnit
 from llm_audit.source.reference import resolve_model
-from llm_audit.source.synth import BUNDLED, PLANTED, synth_gpt_oss, write_bundled_model
+from llm_audit.source.synth import (
+    BUNDLED,
+    PLANTED,
+    SynthConfig,
+    synth_gpt_oss,
+    write_bundled_model,
+)
 from llm_audit.spectral.ablation import ablate_traps
 
 
@@ -358,3 +367,64 @@ def test_refusals(bundled, tmp_path, capsys):
         err = _refused(capsys, str(model), "--report", str(hand), "--out", str(tmp_path / "x"))
         assert message in err, name
         assert not (tmp_path / "x").exists()
+
+
+def _saved(family: str, values: dict, folder: Path) -> Path:
+    import transformers
+
+    config = getattr(transformers, family)(**values)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_stored_index_is_where_the_reader_finds_each_entry(tmp_path, bundled):
+    """For every layout the plan makes: entry (r, c) of each unit's matrix, as the reader
+    decodes it, is the stored element `stored_index` names (random weights: a wrong map
+    would pick another value)."""
+    from safetensors.numpy import save_file
+
+    save_file(
+        {"conv.weight": np.random.default_rng(0).standard_normal((16, 12, 3, 2), np.float32)},
+        str(tmp_path / "conv.safetensors"),
+    )
+    small = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1}
+    models = [
+        bundled[0],  # dense BF16, MXFP4
+        synth_gpt_oss(tmp_path / "dense", SynthConfig(mxfp4=False, layers=1, experts=2)),
+        _saved("GPT2Config", {"vocab_size": 64, "n_embd": 32, "n_layer": 1, "n_head": 4},
+               tmp_path / "gpt2"),  # transposed, split of a transposed Conv1D
+        _saved("FalconConfig", small | {"num_attention_heads": 4, "new_decoder_architecture": True,
+                                        "num_kv_heads": 2}, tmp_path / "falcon"),  # split
+        _saved("Phi3Config", small | {"num_attention_heads": 4, "intermediate_size": 48,
+                                      "pad_token_id": 0}, tmp_path / "phi3"),  # rows
+        tmp_path / "conv.safetensors",
+    ]  # fmt: skip
+    layouts = set()
+    rng = np.random.default_rng(1)
+    for model in models:
+        checkpoint = open_checkpoint(resolve_model(str(model)))
+        for unit in checkpoint.plan(8).units:
+            layouts.add(unit.layout)
+            info = checkpoint.tensors[unit.tensor]
+            header = checkpoint.headers[checkpoint.where[unit.tensor]]
+            raw = read_tensor_bytes(header, unit.tensor)
+            if unit.layout == "mxfp4":
+                scales = read_tensor_bytes(header, unit.scales_tensor)
+                values = decode_mxfp4(
+                    np.frombuffer(raw, np.uint8).reshape(info.shape),
+                    np.frombuffer(scales, np.uint8).reshape(info.shape[:3]),
+                )
+            else:
+                values = decode(raw, info.dtype, info.shape)
+            matrix = checkpoint.read_matrix(unit)
+            rows, cols = matrix.shape
+            for r, c in [(0, 0), (rows - 1, cols - 1), *rng.integers(0, (rows, cols), (50, 2))]:
+                index = stored_index(unit, info.shape, int(r), int(c))
+                if unit.layout == "mxfp4":  # byte b of group g: elements 2b (low), 2b + 1
+                    e, row, group, byte = index
+                    stored = values[e, row, group * 32 + 2 * byte + c % 2]
+                else:
+                    stored = values[index]
+                assert stored == matrix[r, c], (unit.id, r, c)
+    assert layouts == {"dense", "transposed", "rows", "split", "expert", "mxfp4", "conv"}
