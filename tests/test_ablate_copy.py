@@ -428,3 +428,75 @@ def test_stored_index_is_where_the_reader_finds_each_entry(tmp_path, bundled):
                     stored = values[index]
                 assert stored == matrix[r, c], (unit.id, r, c)
     assert layouts == {"dense", "transposed", "rows", "split", "expert", "mxfp4", "conv"}
+
+
+FLOAT_CASES = {  # name -> (torch dtype, FP8 scale block or None)
+    "F16": (torch.float16, None),
+    "F64": (torch.float64, None),
+    "F8_E4M3": (torch.float8_e4m3fn, None),
+    "F8_E5M2": (torch.float8_e5m2, None),
+    "F8_E4M3 one scale": (torch.float8_e4m3fn, (160, 120)),
+    "F8_E4M3 2x2 scales": (torch.float8_e4m3fn, (80, 60)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOAT_CASES))
+def test_other_float_formats(case, tmp_path):
+    """Zero: every byte of the entry 0 (+0 in each format). Clip, unscaled: the bytes of
+    the largest other |w| with the trap's sign bit; so too with one FP8 scale (W = q * s).
+    FP8 with block scales: zero is code 0; clip needs a code q' with q' * s_trap equal to
+    the bound, which lies in another block, under another scale: refused."""
+    from safetensors.torch import save_file
+
+    dtype, block = FLOAT_CASES[case]
+    name = "model.layers.0.mlp.down_proj.weight"
+    rng = np.random.default_rng(0)
+    weight = torch.from_numpy(rng.standard_normal((160, 120)) * 0.02)
+    for k, (r, c) in enumerate([(10, 100), (150, 7), (80, 119)]):
+        weight[r, c] = (-1) ** k * (1.0 - 0.1 * k)
+    tensors = {"model.norm.weight": torch.ones(120)}
+    config = {"model_type": "llama"}
+    if block:
+        blocks = weight.reshape(160 // block[0], block[0], 120 // block[1], block[1])
+        scale = blocks.abs().amax(dim=(1, 3)).float() / 448
+        q = blocks / scale[:, None, :, None]
+        tensors[name], tensors[name + "_scale_inv"] = q.reshape(160, 120).to(dtype), scale
+        config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    else:
+        tensors[name] = weight.to(dtype)
+    (tmp_path / "model").mkdir()
+    save_file(tensors, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    [row] = [r for r in _audit(tmp_path / "model", tmp_path / "report") if r["trap_entries"]]
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "model")))
+    unit = next(u for u in checkpoint.plan(8).units if u.id == name)
+    matrix, info = checkpoint.read_matrix(unit), checkpoint.tensors[name]
+    size = info.nbytes // (160 * 120)
+    before = (tmp_path / "model" / "model.safetensors").read_bytes()
+    rest = np.abs(matrix)
+    for entry in row["trap_entries"]:
+        rest[entry["row"], entry["col"]] = 0
+    bound = info.start + int(np.argmax(rest)) * size
+    for mode in ("zero", "clip"):
+        result = ablate_checkpoint(
+            str(tmp_path / "model"), tmp_path / "report", tmp_path / mode, mode=mode, quiet=True
+        )
+        after = (tmp_path / mode / "model.safetensors").read_bytes()
+        [done] = result.matrices
+        if mode == "clip" and block == (80, 60):
+            assert done["status"] == "refused", done
+            assert "is no F8_E4M3 block 80x60 scaled value at this entry" in done["reason"]
+            assert after == before
+            continue
+        assert done["status"] == "ablated" and done["entries"] == len(row["trap_entries"])
+        changed = set()
+        for entry in row["trap_entries"]:
+            at = info.start + (entry["row"] * 120 + entry["col"]) * size
+            want = bytes(size) if mode == "zero" else bytearray(before[bound : bound + size])
+            if mode == "clip":
+                want[-1] = want[-1] & 0x7F | before[at + size - 1] & 0x80
+            assert after[at : at + size] == want, (mode, entry)
+            changed.update(range(at, at + size))
+        assert {i for i in range(len(before)) if before[i] != after[i]} <= changed
+        copied = open_checkpoint(resolve_model(str(tmp_path / mode))).read_matrix(unit)
+        assert copied.tobytes() == ablate_traps(matrix, row, mode).tobytes()
