@@ -500,3 +500,22 @@ def test_other_float_formats(case, tmp_path):
         assert {i for i in range(len(before)) if before[i] != after[i]} <= changed
         copied = open_checkpoint(resolve_model(str(tmp_path / mode))).read_matrix(unit)
         assert copied.tobytes() == ablate_traps(matrix, row, mode).tobytes()
+
+
+def test_small_chunks_give_the_same_copy(bundled, tmp_path, monkeypatch):
+    """Patches land in the right chunk wherever the chunk boundaries fall."""
+    from llm_audit.run import ablate
+
+    model, report_folder = bundled
+    ablate_checkpoint(str(model), report_folder, tmp_path / "big", quiet=True)
+    attention = "model.layers.1.self_attn.o_proj.weight"
+    entry = next(r for r in load_report(report_folder).rows if r["matrix"] == attention)
+    first = entry["trap_entries"][0]
+    checkpoint = open_checkpoint(resolve_model(str(model)))
+    _, offsets, _ = _entry_bytes(checkpoint, attention, first["row"], first["col"])
+    monkeypatch.setattr(ablate, "CHUNK_BYTES", offsets[1])  # its 2 bytes in 2 chunks
+    ablate_checkpoint(str(model), report_folder, tmp_path / "small", quiet=True)
+    big, small = _file_bytes(tmp_path / "big"), _file_bytes(tmp_path / "small")
+    assert big.keys() == small.keys()
+    assert all(np.array_equal(big[name], small[name]) for name in big)
+    assert any(not np.array_equal(big[name], data) for name, data in _file_bytes(model).items())

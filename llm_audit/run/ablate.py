@@ -142,7 +142,7 @@ def _check_out(out: Path, root: Path, folder_reference: bool) -> None:
     if resolved == model_root or (folder_reference and model_root in resolved.parents):
         raise UsageError(f"--out {out} is the model's folder or inside it; choose another")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UsageError(f"--out {out} exists and is not a folder")
+        raise UsageError(f"--out {out} exists and is not a folder (or is a link)")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} is not empty; choose a new or empty folder")
 
@@ -174,7 +174,7 @@ def _coordinates(row: Mapping[str, Any], unit: MatrixUnit, count: int) -> list[t
     """The first `count` trap entries of `row` as (row, col) of the unit's matrix, checked."""
     where = []
     for entry in (row["trap_entries"] or [])[:count]:
-        r, c = entry.get("row"), entry.get("col")
+        r, c = (entry.get("row"), entry.get("col")) if isinstance(entry, dict) else (None, None)
         if not all(
             isinstance(v, int) and 0 <= v < n for v, n in zip((r, c), unit.shape, strict=True)
         ):
@@ -443,9 +443,10 @@ def ablate_checkpoint(
     progress = (lambda done, total: None) if quiet else stderr_progress("ablate: copy", "MiB")
     written = [0]
 
-    def advance(n: int) -> None:
+    def advance(n: int) -> None:  # whole MiB done, and all of them only at the very end
         written[0] += n
-        progress(-(-written[0] // _MIB), -(-total // _MIB))
+        whole = -(-total // _MIB)
+        progress(whole if written[0] == total else written[0] // _MIB, whole)
 
     out.mkdir(parents=True, exist_ok=True)
     for path in sources:
