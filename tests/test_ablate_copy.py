@@ -519,3 +519,17 @@ def test_small_chunks_give_the_same_copy(bundled, tmp_path, monkeypatch):
     assert big.keys() == small.keys()
     assert all(np.array_equal(big[name], small[name]) for name in big)
     assert any(not np.array_equal(big[name], data) for name, data in _file_bytes(model).items())
+
+
+def test_zero_is_all_zero_bits_in_every_float_format():
+    """What "zero" writes: +0 is the all-zero pattern of every float dtype a unit can have,
+    and code 0 of FP4 E2M1 (MXFP4) is +0 at any block scale."""
+    from llm_audit.source.dtypes import DTYPE_SIZES, FLOAT_DTYPES
+    from llm_audit.source.mxfp4 import FP4_VALUES
+
+    for dtype in sorted(FLOAT_DTYPES):
+        [value] = decode(bytes(DTYPE_SIZES[dtype]), dtype, (1,))
+        assert value == 0 and not np.signbit(value), dtype
+    scales = np.arange(255, dtype=np.uint8)[:, None]  # every scale byte but 255 (NaN)
+    zeros = decode_mxfp4(np.zeros((255, 1, 16), np.uint8), scales)
+    assert FP4_VALUES[0] == 0 and not np.signbit(zeros).any() and not zeros.any()
