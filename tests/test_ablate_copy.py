@@ -204,6 +204,9 @@ def test_clip_copy_of_the_bundled_model(bundled, tmp_path, capsys):
         assert diff == (changed if file == name else set()), file
     ablated = ablate_traps(matrix, report[attention], mode="clip")
     assert copied.read_matrix(unit).tobytes() == ablated.tobytes()
+    # a second audit: no trap left in the clipped matrix; the refused experts keep theirs
+    again = _audit(tmp_path / "copy", tmp_path / "again", only=list(PLANTED))
+    assert {r["matrix"]: r["rand_num_spikes"] for r in again} == PLANTED | {attention: 0}
 
 
 def _gpt2(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
