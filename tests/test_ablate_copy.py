@@ -26,7 +26,13 @@ from llm_audit.files import write_json
 from llm_audit.report.reader import load_report
 from llm_audit.report.schema import LAYERS_SCHEMA, SCHEMA_VERSION
 from llm_audit.report.writer import ReportWriter
-from llm_audit.run.ablate import ablate_checkpoint, leading_entries, model_files, stored_index
+from llm_audit.run.ablate import (
+    MAPPED_LAYOUTS,
+    ablate_checkpoint,
+    leading_entries,
+    model_files,
+    stored_index,
+)
 from llm_audit.run.audit import _summary
 from llm_audit.run.config import AuditConfig
 from llm_audit.run.local import audit_in_process
@@ -430,7 +436,7 @@ def test_stored_index_is_where_the_reader_finds_each_entry(tmp_path, bundled):
                 else:
                     stored = values[index]
                 assert stored == matrix[r, c], (unit.id, r, c)
-    assert layouts == {"dense", "transposed", "rows", "split", "expert", "mxfp4", "conv"}
+    assert layouts == set(MAPPED_LAYOUTS)
 
 
 FLOAT_CASES = {  # name -> (torch dtype, FP8 scale block or None)

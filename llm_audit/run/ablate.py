@@ -71,6 +71,8 @@ from .audit import _files, data_sample_sha256
 from .progress import stderr_progress
 
 CHUNK_BYTES = 64 * 2**20
+# The plan's unit layouts (`MatrixUnit.layout`) that `stored_index` maps entry by entry.
+MAPPED_LAYOUTS = ("dense", "transposed", "rows", "split", "expert", "conv", "mxfp4")
 _MIB = 2**20
 
 
@@ -236,6 +238,8 @@ class _Encoder:
         self, unit: MatrixUnit, where: list[tuple[int, int]], target: np.ndarray
     ) -> dict[int, BytePatch] | str:
         """Absolute offset -> patch for each entry of `where`, or why it cannot be exact."""
+        if unit.layout not in MAPPED_LAYOUTS:
+            return f"layout {unit.layout!r} has no entry-to-byte map"
         info = self.checkpoint.tensors[unit.tensor]
         out: dict[int, BytePatch] = {}
         for r, c in where:

@@ -397,10 +397,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ablate",
         help="write a copy of MODEL with the entries behind a report's traps removed",
-        description="Copy MODEL's folder to --out byte for byte, except the trap entries "
-        "that the report (computed on these very files) names: zeroed, or clipped to the "
-        "largest |w| among the other entries of their matrix. Test a trap's effect by "
-        "evaluating the copy (WeightWatcher's remove_traps).",
+        description="""\
+Copy MODEL's folder to --out byte for byte, except the trap entries that the report
+(computed on these very files) names: zeroed, or clipped to the largest |w| among the
+other entries of their matrix. Test a trap's effect by evaluating the copy
+(WeightWatcher's remove_traps). Exit 1 when a matrix's entries have no exact encoding
+in its format (listed with the reason, left as they are).""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   llm-audit ablate ./gpt-oss-20b --report reports/gpt-oss-20b --out ./gpt-oss-20b-no-traps
