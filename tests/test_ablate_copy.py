@@ -476,6 +476,8 @@ def test_other_float_formats(case, tmp_path):
     (tmp_path / "model").mkdir()
     save_file(tensors, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model" / "tokenizer.json").write_text("{}")
+    (tmp_path / "model" / "original").mkdir()  # as gpt-oss's hub folder: other weights
     [row] = [r for r in _audit(tmp_path / "model", tmp_path / "report") if r["trap_entries"]]
     checkpoint = open_checkpoint(resolve_model(str(tmp_path / "model")))
     unit = next(u for u in checkpoint.plan(8).units if u.id == name)
@@ -509,6 +511,20 @@ def test_other_float_formats(case, tmp_path):
         assert {i for i in range(len(before)) if before[i] != after[i]} <= changed
         copied = open_checkpoint(resolve_model(str(tmp_path / mode))).read_matrix(unit)
         assert copied.tobytes() == ablate_traps(matrix, row, mode).tobytes()
+        assert sorted(p.name for p in (tmp_path / mode).iterdir()) == [
+            "config.json", "model.safetensors", "tokenizer.json"
+        ]  # fmt: skip
+        assert result.not_copied == [
+            {"name": "original/", "reason": "a folder: only the model's top-level files are copied"}
+        ]
+    # a file given alone: it, and the config.json the audit read beside it
+    one = ablate_checkpoint(
+        str(tmp_path / "model" / "model.safetensors"), tmp_path / "report", tmp_path / "one",
+        quiet=True,
+    )  # fmt: skip
+    assert [f["name"] for f in one.files] == ["model.safetensors", "config.json"]
+    zero = (tmp_path / "zero" / "model.safetensors").read_bytes()
+    assert (tmp_path / "one" / "model.safetensors").read_bytes() == zero
 
 
 def test_small_chunks_give_the_same_copy(bundled, tmp_path, monkeypatch):
