@@ -11,8 +11,10 @@ Token auth is disabled for this private test cluster (Ray 2.60 enables it by def
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -43,16 +45,22 @@ def _ray(*args: str, env: dict, timeout: int = 180) -> subprocess.CompletedProce
     )
 
 
-def _stop_processes_of(folder: str) -> None:
-    """SIGTERM, then SIGKILL, every process whose command line names `folder`."""
+def _stop_processes_of(folder: str, gcs_port: int) -> None:
+    """SIGTERM, then SIGKILL, every process of the test cluster: whose command line names
+    its temp `folder` or its GCS address (Ray's client server names only that), and their
+    descendants (Ray's dashboard agent renames itself `ray::DashboardAgent`)."""
+    gcs = re.compile(rf"^--address=[\d.]+:{gcs_port}$")
     import psutil
 
     def ours() -> list[psutil.Process]:
-        found = []
+        found = set()
         for proc in psutil.process_iter(["cmdline"]):
-            if any(folder in arg for arg in proc.info["cmdline"] or []):
-                found.append(proc)
-        return found
+            args = proc.info["cmdline"] or []
+            if any(folder in arg or gcs.match(arg) for arg in args):
+                found.add(proc)
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    found.update(proc.children(recursive=True))
+        return list(found)
 
     procs = ours()
     for proc in procs:
@@ -66,7 +74,8 @@ def _stop_processes_of(folder: str) -> None:
 def cluster():
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = _free_port(), _free_port()
+    # every port free: another Ray on this machine (a user's) holds the default ones
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     # short: Ray's unix socket paths under it must stay below 108 bytes
     temp = tempfile.mkdtemp(prefix="llmaudit-ray-", dir="/tmp")
     head = _ray(
@@ -75,6 +84,8 @@ def cluster():
         f"--temp-dir={temp}",
         f"--port={port}",
         f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--ray-client-server-port={_free_port()}",
         "--dashboard-host=127.0.0.1",
         "--num-cpus=1",
         env=env,
@@ -86,12 +97,13 @@ def cluster():
             f"--address=127.0.0.1:{port}",
             "--num-cpus=1",
             '--resources={"node2": 1}',
+            f"--dashboard-agent-listen-port={_free_port()}",
             env=env,
         )
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
-        _stop_processes_of(temp)
+        _stop_processes_of(temp, port)
         shutil.rmtree(temp, ignore_errors=True)
 
 
