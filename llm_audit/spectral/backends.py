@@ -309,7 +309,7 @@ _GPU_BACKENDS: dict[str, tuple[Callable[[], bool], Callable[[], Backend], str]] 
     "cuda": (
         _torch_cuda_available,
         lambda: TorchBackend("cuda"),
-        "torch (pip install 'llm-audit[gpu]') or a CUDA device is missing",
+        "torch sees no CUDA device (or torch is missing: pip install 'llm-audit[gpu]')",
     ),
     "cupy": (_cupy_available, CupyBackend, "CuPy or a CUDA device is missing"),
 }
