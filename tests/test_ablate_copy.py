@@ -30,10 +30,9 @@ from llm_audit.run.ablate import (
     MAPPED_LAYOUTS,
     ablate_checkpoint,
     leading_entries,
-    model_files,
     stored_index,
 )
-from llm_audit.run.audit import _summary
+from llm_audit.run.audit import _summary, model_files
 from llm_audit.run.config import AuditConfig
 from llm_audit.run.local import audit_in_process
 from llm_audit.source.checkpoint import open_checkpoint

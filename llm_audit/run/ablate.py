@@ -67,7 +67,7 @@ from ..source.reference import resolve_model
 from ..spectral.ablation import ABLATIONS, ablate_traps
 from ..spectral.analyze import shuffle_replicas
 from ..spectral.entries import MAX_TRAP_ENTRIES
-from .audit import _files, data_sample_sha256
+from .audit import file_mismatch, model_files
 from .progress import stderr_progress
 
 CHUNK_BYTES = 64 * 2**20
@@ -108,31 +108,15 @@ class AblationResult:
         }
 
 
-def model_files(checkpoint: Checkpoint) -> list[dict[str, Any]]:
-    """The model's files as an audit's manifest fingerprints them."""
-    return [
-        {
-            "name": path.name,
-            "bytes": header.file_size,
-            "header_sha256": header.header_sha256,
-            "data_sample_sha256": data_sample_sha256(path, header.data_start, header.file_size),
-        }
-        for path, header in checkpoint.headers.items()
-    ]
-
-
 def check_report_model(report: Report, checkpoint: Checkpoint) -> None:
     """Refuse a report that was not computed on exactly these files."""
-    theirs = _files(report.manifest)
-    ours = _files({"model": {"files": model_files(checkpoint)}})
-    if theirs is None or any(f[3] == "None" for f in theirs):
+    name = file_mismatch(report.manifest, model_files(checkpoint))
+    if name == "":
         raise ReportError(
             f"{report.folder}: manifest.json does not fingerprint its model files (a report "
             "of an older llm-audit?); audit the model again"
         )
-    if theirs != ours:
-        changed = sorted(set(theirs) ^ set(ours))
-        name = changed[0][0] if changed else "the file list"
+    if name is not None:
         raise ReportError(
             f"{report.folder}: the report is of another model: {name} differs (size, header "
             f"or data SHA-256) from {checkpoint.model.reference}"

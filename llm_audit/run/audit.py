@@ -44,7 +44,7 @@ from ..files import write_json
 from ..inputs import shown
 from ..report.schema import SCHEMA_VERSION
 from ..report.writer import ReportWriter, out_folder_state, remove_report
-from ..source.checkpoint import open_checkpoint
+from ..source.checkpoint import Checkpoint, open_checkpoint
 from ..source.plan import MatrixUnit
 from ..source.reference import resolve_model
 from .cluster import check_nodes, connect, shutdown_local
@@ -128,13 +128,39 @@ def data_sample_sha256(path: Path, data_start: int, file_size: int) -> str:
 RESUME_KEYS = ("seed", "randomize", "rand_route", "min_evals", "include", "exclude", "kinds")
 
 
-def _files(manifest: Mapping[str, Any]) -> Any:
-    model = manifest.get("model")
-    files = model.get("files") if isinstance(model, dict) else None
+def model_files(checkpoint: Checkpoint) -> list[dict[str, Any]]:
+    """The model's files as a manifest fingerprints them: name, size, header and data
+    SHA-256 (what `--resume` and `ablate` compare before they use a report)."""
+    return [
+        {
+            "name": path.name,
+            "bytes": header.file_size,
+            "header_sha256": header.header_sha256,
+            "data_sample_sha256": data_sample_sha256(path, header.data_start, header.file_size),
+        }
+        for path, header in checkpoint.headers.items()
+    ]
+
+
+def _fingerprints(files: Any) -> list[tuple[str, ...]] | None:
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         return None
     keys = ("bytes", "header_sha256", "data_sample_sha256")
     return sorted((shown(f.get("name")), *(shown(f.get(k)) for k in keys)) for f in files)
+
+
+def file_mismatch(manifest: Mapping[str, Any], files: list[dict[str, Any]]) -> str | None:
+    """None if `manifest` (untrusted) records exactly these model `files`; else "" when it
+    records no data fingerprints (an older llm-audit), or the name of a file that differs."""
+    model = manifest.get("model")
+    recorded = _fingerprints(model.get("files") if isinstance(model, dict) else None)
+    current = _fingerprints(files)
+    if recorded == current:
+        return None
+    if recorded is None or any(f[3] == "None" for f in recorded):
+        return ""
+    changed = sorted(set(recorded) ^ set(current or []))
+    return changed[0][0] if changed else "the file list"
 
 
 def check_resumable(out: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
@@ -145,15 +171,13 @@ def check_resumable(out: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -
             f"{out}: cannot resume a report of schema {shown(old.get('schema_version'))} "
             f"with llm-audit's schema {new['schema_version']}"
         )
-    old_files, new_files = _files(old), _files(new)
-    if old_files != new_files:
-        if old_files is None or any(f[3] == "None" for f in old_files):
-            raise AuditError(
-                f"{out}: manifest.json does not fingerprint its model files (a report of an "
-                "older llm-audit?); cannot resume it, start a new one"
-            )
-        changed = sorted(set(old_files) ^ set(new_files))
-        name = changed[0][0] if changed else "the file list"
+    name = file_mismatch(old, new["model"]["files"])
+    if name == "":
+        raise AuditError(
+            f"{out}: manifest.json does not fingerprint its model files (a report of an "
+            "older llm-audit?); cannot resume it, start a new one"
+        )
+    if name is not None:
         raise AuditError(
             f"{out}: the report is of another model: {name} differs (size, header or "
             "data SHA-256); refusing to resume"
@@ -230,15 +254,7 @@ def run_audit(
             "path": str(model.root),
             "repo_id": model.repo_id,
             "revision": model.revision,
-            "files": [
-                {
-                    "name": p.name,
-                    "bytes": h.file_size,
-                    "header_sha256": h.header_sha256,
-                    "data_sample_sha256": data_sample_sha256(p, h.data_start, h.file_size),
-                }
-                for p, h in checkpoint.headers.items()
-            ],
+            "files": model_files(checkpoint),
         },
         "config": config.to_dict(),
         "seed": config.seed,
