@@ -73,6 +73,7 @@ def _stop_processes_of(folder: str, gcs_port: int) -> None:
 @pytest.fixture
 def cluster():
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}")
+    env["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="empty-hf-cache-")  # jobs must bring theirs
     env.pop("RAY_ADDRESS", None)
     # every port free: another Ray on this machine (a user's) holds the default ones
     port, dashboard, agent = _free_port(), _free_port(), _free_port()
@@ -105,17 +106,33 @@ def cluster():
     finally:
         _stop_processes_of(temp, port)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(env["HF_HUB_CACHE"], ignore_errors=True)
 
 
 def test_ray_job_submit_audits_on_both_nodes(cluster, tmp_path):
+    """The README's cluster command: a hub id found in the cache that the job's
+    runtime_env names (the cluster itself was started pointing at an empty cache)."""
     env, address = cluster
-    model = write_bundled_model(tmp_path / "model")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf-cache" / "models--acme--tiny-gpt-oss"
+    write_bundled_model(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    runtime_env = json.dumps({"env_vars": {"HF_HUB_CACHE": str(tmp_path / "hf-cache")}})
     out = tmp_path / "report"
-    submit = ["job", "submit", f"--address={address}", "--working-dir", ".", "--"]
+    submit = ["job", "submit", f"--address={address}", "--working-dir", "."]
+    submit += ["--runtime-env-json", runtime_env, "--"]
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # the head's job agent comes up after `ray start`
         job = _ray(
-            *submit, "llm-audit", "audit", str(model), "--out", str(out), env=env, timeout=600
+            *submit,
+            "llm-audit",
+            "audit",
+            "acme/tiny-gpt-oss",
+            "--out",
+            str(out),
+            env=env,
+            timeout=600,
         )
         if "No available agent" not in job.stdout + job.stderr:
             break
@@ -123,6 +140,8 @@ def test_ray_job_submit_audits_on_both_nodes(cluster, tmp_path):
     assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["cluster"]["address"] == "joined"
+    assert manifest["model"]["repo_id"] == "acme/tiny-gpt-oss"
+    assert manifest["model"]["revision"] == commit
     assert manifest["cluster"]["resources"].get("node2") == 1
     rows = pq.read_table(out / "layers.parquet").to_pylist()
     assert len(rows) == 44 and all(r["status"] == "ok" for r in rows)
