@@ -485,6 +485,7 @@ def stage_grok(record: dict[str, Any], steps: int, dry_run: bool) -> None:
     from llm_audit.grok.models import MLP
     from llm_audit.grok.settings import load_grok_config
     from llm_audit.grok.tasks import Task
+    from llm_audit.grok.train import optimizer
 
     config = load_grok_config(None, "mlp-mnist")
     devices = ["cpu"] if dry_run or not torch.cuda.is_available() else ["cuda", "cpu"]
@@ -505,14 +506,7 @@ def stage_grok(record: dict[str, Any], steps: int, dry_run: bool) -> None:
             batch_size=config.batch_size,
             seed=0,
         ).to(torch.device(device))
-        opt = torch.optim.AdamW(
-            model.parameters(),
-            lr=config.lr,
-            betas=(config.beta1, config.beta2),
-            eps=config.eps,
-            weight_decay=config.weight_decay,
-            fused=True,
-        )
+        opt = optimizer(model, config)
         _train(task, opt, 0, 10)  # warm-up: kernels, allocator
         seconds, _ = _timed(lambda t=task, o=opt: _train(t, o, 10, steps))
         record[f"{device}_steps_per_s"] = steps / seconds

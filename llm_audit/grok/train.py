@@ -153,6 +153,18 @@ def read_metrics(path: Path, upto: float = float("inf")) -> list[dict[str, Any]]
     return [r for r in rows if r["step"] <= upto]
 
 
+def optimizer(model: torch.nn.Module, config: GrokConfig) -> torch.optim.AdamW:
+    """The run's AdamW, from its settings (also what benchmarks/device_check.py times)."""
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        fused=True,  # the same update, one kernel: 8% faster per step on the CPU here
+    )
+
+
 def train(
     task: Task,
     config: GrokConfig,
@@ -170,14 +182,7 @@ def train(
     so the other run goes on under this run's settings); this run's steps count from 0.
     """
     model = task.model
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-        fused=True,  # the same update, one kernel: 8% faster per step on the CPU here
-    )
+    opt = optimizer(model, config)
     state_path, metrics_path = out / "state.safetensors", out / "metrics.jsonl"
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
