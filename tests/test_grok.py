@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from llm_audit.cli import main
 from llm_audit.errors import AuditError, UsageError
@@ -19,7 +22,7 @@ from llm_audit.grok.models import MLP, ModAddTransformer
 from llm_audit.grok.settings import load_grok_config
 from llm_audit.grok.tasks import build_task
 from llm_audit.grok.timeline import phases
-from llm_audit.grok.train import checkpoint_steps, load_state, train
+from llm_audit.grok.train import checkpoint_steps, load_state, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,10 +200,51 @@ def test_an_interrupted_run_resumes_exactly(idx_folder, tmp_path):
         {k: v for k, v in r.items() if k not in drop} for r in straight
     ]
     assert [r["step"] for r in straight] == [0, 1, 3, 10, 32, 40]
-    from safetensors.torch import load_file
-
     a = load_file(tmp_path / "a" / "checkpoints" / "step-000000040.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step-000000040.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("signals", "saved_at"),
+    [((signal.SIGINT,), 21), ((signal.SIGTERM,), 21), ((signal.SIGINT, signal.SIGINT), 10)],
+    ids=["sigint", "sigterm", "twice"],
+)
+def test_a_stopped_run_saves_its_state_where_it_stopped(idx_folder, tmp_path, signals, saved_at):
+    """A signal between checkpoints (step 20; they are at 10 and 32) finishes the step in
+    progress and saves the state at 21, so no step is redone; a second signal stops at
+    once, and the run resumes from its last checkpoint. Either way the resumed run ends
+    bit for bit where an uninterrupted one does, and the signal handlers are put back."""
+    config, task = _tiny(idx_folder)
+    straight = train(task, config, tmp_path / "a", lambda s, w, acc: {}, resume=False)
+
+    config, task = _tiny(idx_folder)
+    batch = task.batch
+
+    def signalled_batch(step: int):
+        if step == 20:
+            for number in signals:
+                os.kill(os.getpid(), number)
+        return batch(step)
+
+    task.batch = signalled_batch
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        train(task, config, tmp_path / "b", lambda s, w, acc: {}, resume=False)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    config, task = _tiny(idx_folder)
+    opt = torch.optim.AdamW(task.model.parameters())
+    assert load_state(tmp_path / "b" / "state.safetensors", task, opt) == saved_at
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [0, 1, 3, 10]
+
+    config, task = _tiny(idx_folder)
+    resumed = train(task, config, tmp_path / "b", lambda s, w, acc: {}, resume=True)
+    drop = {"train_seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight
+    ]
+    a = load_file(tmp_path / "a" / "state.safetensors")
+    b = load_file(tmp_path / "b" / "state.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

