@@ -290,6 +290,17 @@ def test_phases_are_read_off_the_timeline():
     assert found["phases"]["pre"]["checkpoints"] == 2
 
 
+def test_anti_grokking_is_established_by_three_checkpoints_30_points_below_the_peak():
+    """The issue's bound: a run of 3 checkpoints at least 30 points below the peak; an
+    exact 30-point fall counts (0.7 - 0.4 is less than 0.3 in floating point), a run
+    broken by one checkpoint above the line starts again."""
+    acc = [0.2, 0.7, 0.4, 0.39, 0.41, 0.3, 0.4, 0.35, 0.2]
+    rows = [{"step": 10 * (i + 1), "train_acc": 1.0, "test_acc": a} for i, a in enumerate(acc)]
+    assert phases(rows)["collapse"] == 80
+    assert phases(rows[:7])["collapse"] is None
+    assert phases([{**r, "test_acc": r["test_acc"] + 0.5} for r in rows[:2]])["collapse"] is None
+
+
 def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path, capsys):
     out = tmp_path / "run"
     args = [

@@ -82,7 +82,8 @@ def _print_found(out: Path, found: dict, form: str) -> int:
     print(
         f"grok start {found['grok_start']}, test accuracy starts to fall at "
         f"{found['fall_start']}, first trap at {found['first_trap']}, "
-        f"traps at every checkpoint from {found['persistent_trap']}"
+        f"traps at every checkpoint from {found['persistent_trap']}, anti-grokking "
+        f"established at {found['collapse']}"
     )
     return 0
 

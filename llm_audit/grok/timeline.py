@@ -179,6 +179,11 @@ def window_stats(
     return table
 
 
+# Anti-grokking established (issue #14's bound for the paper's main run): test accuracy at
+# least COLLAPSE below its peak at COLLAPSE_CHECKPOINTS checkpoints in a row.
+COLLAPSE, COLLAPSE_CHECKPOINTS = 0.30, 3
+
+
 def phases(rows: list[dict[str, Any]], fall: float = 0.02) -> dict[str, Any]:
     """Phase boundaries read off the timeline (definitions in reports/README.md).
 
@@ -186,7 +191,9 @@ def phases(rows: list[dict[str, Any]], fall: float = 0.02) -> dict[str, Any]:
     - fall_start ("test accuracy starts to fall"): first checkpoint after the peak from
       which test accuracy stays more than `fall` below the peak to the end;
     - first_trap / persistent_trap: first checkpoint with traps > 0 / from which every
-      later checkpoint has traps > 0.
+      later checkpoint has traps > 0;
+    - collapse: the checkpoint at which test accuracy has been at least COLLAPSE below the
+      peak for COLLAPSE_CHECKPOINTS checkpoints in a row (anti-grokking established).
     Phases: pre = [1, grok_start), grok = [grok_start, fall_start), anti = [fall_start, end].
     """
     rows = [r for r in rows if r["step"] >= 1]
@@ -208,6 +215,12 @@ def phases(rows: list[dict[str, Any]], fall: float = 0.02) -> dict[str, Any]:
         if (traps[i:] > 0).all():
             persistent = int(steps[i])
             break
+    collapse, run = None, 0
+    for i in range(ipeak + 1, len(rows)):
+        run = run + 1 if peak - test[i] >= COLLAPSE - 1e-9 else 0  # accuracies: k/n
+        if run == COLLAPSE_CHECKPOINTS:
+            collapse = int(steps[i])
+            break
     bounds = {"pre": (1, grok_start), "grok": (grok_start, fall_start or steps[-1] + 1)}
     if fall_start is not None:
         bounds["anti"] = (fall_start, int(steps[-1]) + 1)
@@ -221,6 +234,7 @@ def phases(rows: list[dict[str, Any]], fall: float = 0.02) -> dict[str, Any]:
         "fall_start": fall_start,
         "first_trap": first_trap,
         "persistent_trap": persistent,
+        "collapse": collapse,
         "phases": table,
     }
 
@@ -279,7 +293,10 @@ def phases_markdown(found: dict[str, Any], layers: list[str]) -> str:
         f"lowest after the peak {found['min_test_acc_after_peak']:.3f}; final "
         f"{found['final_test_acc']:.3f}. Grokking from step {at('grok_start')}; test accuracy "
         f"starts to fall at step {at('fall_start')}; first trap at step {at('first_trap')}; "
-        f"traps at every checkpoint from step {at('persistent_trap')}.",
+        f"traps at every checkpoint from step {at('persistent_trap')}. Anti-grokking "
+        f"established ({COLLAPSE * 100:.0f} points below the peak at {COLLAPSE_CHECKPOINTS} "
+        f"checkpoints in a row): "
+        + ("not reached." if found["collapse"] is None else f"at step {at('collapse')}."),
     ]
     if paper:
         lines += ["", "In the paper's windows (mean ± std, median in brackets):", ""]
