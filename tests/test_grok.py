@@ -21,7 +21,7 @@ from llm_audit.grok.mnist import NO_MNIST, load_idx_folder, load_mnist
 from llm_audit.grok.models import MLP, ModAddTransformer
 from llm_audit.grok.settings import load_grok_config
 from llm_audit.grok.tasks import build_task
-from llm_audit.grok.timeline import phases
+from llm_audit.grok.timeline import phases, write_timeline
 from llm_audit.grok.train import checkpoint_steps, load_state, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +299,16 @@ def test_anti_grokking_is_established_by_three_checkpoints_30_points_below_the_p
     assert phases(rows)["collapse"] == 80
     assert phases(rows[:7])["collapse"] is None
     assert phases([{**r, "test_acc": r["test_acc"] + 0.5} for r in rows[:2]])["collapse"] is None
+
+
+def test_the_timeline_has_a_column_for_every_key_of_any_row(tmp_path):
+    """A layer's ablation columns start at its first trap, not at step 0."""
+    rows = [{"step": 0, "test_acc": 0.1}, {"step": 1, "test_acc": 0.2, "ablated_acc.fc1": 0.15}]
+    write_timeline(rows, tmp_path / "t.parquet", {"config": {}})
+    assert pq.read_table(tmp_path / "t.parquet").to_pylist() == [
+        {"step": 0, "test_acc": 0.1, "ablated_acc.fc1": None},
+        rows[1],
+    ]
 
 
 def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path, capsys):

@@ -33,7 +33,11 @@ def test_the_validation_runs_are_committed():
 @pytest.mark.parametrize("run", RUNS, ids=lambda p: p.name)
 def test_phase_tables_come_from_the_committed_timeline(run: Path):
     rows = pq.read_table(run / "timeline.parquet").to_pylist()
-    assert [r["step"] for r in rows] == [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in metrics]
+    # every column of every metrics row (the ablations start at a layer's first trap)
+    for row, line in zip(rows, metrics, strict=True):
+        assert {k: row[k] for k in line} == line
     config = json.loads((run / "run.json").read_text())["config"]
     expected = phases_markdown(run_phases(rows, config), layers_of(rows))
     assert (run / "phases.md").read_text() == expected

@@ -124,7 +124,12 @@ def refresh_audit_columns(rows: list[dict[str, Any]], reports: Path) -> list[dic
 
 
 def write_timeline(rows: list[dict[str, Any]], path: Path, run: dict[str, Any]) -> pa.Table:
-    table = pa.Table.from_pylist(rows).replace_schema_metadata({"run": json.dumps(run)})
+    """timeline.parquet: one row per checkpoint, a column for every key of any row (a
+    layer's ablation columns start at its first trap; pyarrow's from_pylist would take
+    the first row's keys only), null where a row lacks it."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    table = pa.Table.from_pydict({k: [r.get(k) for r in rows] for k in keys})
+    table = table.replace_schema_metadata({"run": json.dumps(run)})
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     return table
 
