@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from llm_audit.cli import main
 from llm_audit.errors import AuditError, UsageError
 from llm_audit.grok import measures
+from llm_audit.grok.compare import separation
 from llm_audit.grok.mnist import NO_MNIST, load_idx_folder, load_mnist
 from llm_audit.grok.models import MLP, ModAddTransformer
 from llm_audit.grok.settings import load_grok_config
@@ -311,6 +312,30 @@ def test_the_timeline_has_a_column_for_every_key_of_any_row(tmp_path):
     ]
 
 
+def test_a_measure_separates_from_the_checkpoint_after_which_it_keeps_one_side():
+    main_acc = {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.6, 5: 0.5, 6: 0.4}
+    control_acc = {1: 0.5, 2: 0.5, 3: 0.7, 4: 0.7, 5: 0.7, 6: 0.7, 7: 0.7}
+    trapped = {"alpha.fc1": 3.0, "ablated": True}
+    main_rows = [{"step": s, "test_acc": a, **trapped} for s, a in main_acc.items()]
+    main_rows[-1]["ablated_acc.fc1"] = 0.1  # zeroing fc1's traps costs 0.3 at step 6
+    control_rows = [{"step": s, "test_acc": a, **trapped} for s, a in control_acc.items()]
+    control_rows[2]["ablated"] = False  # step 3: written before ablations: not compared
+    found = separation(main_rows, control_rows, ["test_acc", "ablation.fc1", "alpha.fc1"])
+    # equal at 3 breaks the run of "lower" that started at 4; step 7 is not shared
+    assert found["test_acc"] == {
+        "from": 4,
+        "side": "lower",
+        "at_from": [0.6, 0.7],
+        "last": [6, 0.4, 0.7],
+    }
+    assert found["ablation.fc1"]["from"] == 6 and found["ablation.fc1"]["side"] == "lower"
+    assert found["ablation.fc1"]["last"] == [6, pytest.approx(-0.3), 0.0]  # no traps: 0
+    assert found["alpha.fc1"]["from"] is None and found["alpha.fc1"]["side"] is None
+    assert "ablation.fc1" not in separation(
+        main_rows, [{"step": 9, "test_acc": 1.0}], ["ablation.fc1"]
+    )
+
+
 def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path, capsys):
     out = tmp_path / "run"
     args = [
@@ -346,6 +371,19 @@ def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path
     shown = json.loads(capsys.readouterr().out)
     assert shown == {"run": str(out), **json.loads((out / "phases.json").read_text())}
     assert main(["grok", "mlp-mnist", "--out", str(tmp_path), "--summary-only"]) == 2
+    # against itself: every measure is equal at every checkpoint, so none separates
+    capsys.readouterr()
+    both = ["grok", "mlp-mnist", "--out", str(out), "--summary-only", "--control", str(out)]
+    assert main([*both, "--format", "json"]) == 0
+    apart = json.loads(capsys.readouterr().out)["separation"]
+    assert apart["l2_norm"]["from"] is None and apart["l2_norm"]["side"] is None
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "run.json").write_text("{}")
+    (tmp_path / "junk" / "metrics.jsonl").write_text('{"no step": 1}\n')
+    assert main([*both[:-1], str(tmp_path / "junk")]) == 2
+    assert main([*both[:4], "--control", str(out)]) == 2  # without --summary-only
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "junk: not a grok run folder" in err[0] and "--summary-only" in err[1]
     # a finished run is not overwritten; resuming with other settings is refused
     assert main([*args, "--config", str(config)]) == 2
     assert main([*args, "--config", str(config), "--resume", "--lr", "0.1"]) == 2

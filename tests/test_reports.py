@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llm_audit.grok.compare import separation, separation_keys, separation_markdown
 from llm_audit.grok.timeline import layers_of, phases_markdown, run_phases
 from llm_audit.grok.train import read_metrics
 
@@ -45,6 +46,19 @@ def test_phase_tables_come_from_the_committed_timeline(run: Path):
     assert f"(`{run.name}`)" in readme
     section = readme.split(f"(`{run.name}`)", 1)[1].split("\n## ", 1)[0]
     assert expected.strip() in section
+
+
+def test_the_separation_table_comes_from_the_committed_timelines():
+    """The open question's evidence: from which shared checkpoint each measure keeps the
+    init-8 run on one side of its control (`llm-audit grok mlp-mnist --summary-only
+    --out reports/grok-mlp-mnist-s8-wd0 --control reports/grok-mlp-mnist-s8-wd0.01`)."""
+    main, control = (
+        pq.read_table(REPORTS / f"grok-mlp-mnist-s8-{wd}" / "timeline.parquet").to_pylist()
+        for wd in ("wd0", "wd0.01")
+    )
+    table = separation_markdown(separation(main, control, separation_keys(main)))
+    section = (REPORTS / "README.md").read_text().split("\n## The open question at init 8")[1]
+    assert table.strip() in section
 
 
 CROSSCHECK = REPORTS / "grok-mlp-mnist-s4-wd0" / "crosscheck"

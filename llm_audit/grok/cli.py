@@ -34,12 +34,19 @@ def _check_extras() -> None:
 
 def cmd_grok(args: argparse.Namespace) -> int:
     _check_extras()
+    from .compare import separation, separation_keys
     from .mnist import find_mnist
-    from .run import data_cache, run_grok, summarize_run
+    from .run import data_cache, read_run, run_grok, summarize_run
 
     out = Path(args.out or f"grok-{args.task}")
+    if args.control and not args.summary_only:
+        raise UsageError("--control compares the checkpoints two runs have: add --summary-only")
     if args.summary_only:
-        return _print_found(out, summarize_run(out), args.format)
+        found = summarize_run(out)
+        if args.control:
+            rows, control = read_run(out)[1], read_run(Path(args.control))[1]
+            found["separation"] = separation(rows, control, separation_keys(rows))
+        return _print_found(out, found, args.format)
 
     config = load_grok_config(
         args.config,
@@ -85,6 +92,11 @@ def _print_found(out: Path, found: dict, form: str) -> int:
         f"traps at every checkpoint from {found['persistent_trap']}, anti-grokking "
         f"established at {found['collapse']}"
     )
+    if "separation" in found:
+        from .compare import separation_markdown
+
+        print("\nagainst the control (from which checkpoint each measure stays on one side):")
+        print(separation_markdown(found["separation"]), end="")
     return 0
 
 
@@ -98,6 +110,7 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
   llm-audit grok mlp-mnist --resume --steps 10000000 --out runs/s4   # extend a run
   llm-audit grok mlp-mnist --summary-only --out runs/s4   # timeline of a run still going
   llm-audit grok mlp-mnist --summary-only --out runs/s4 --format json | jq .grok_start
+  llm-audit grok mlp-mnist --summary-only --out runs/s4 --control runs/s4-wd0.01
   llm-audit grok modadd --init-from runs/modadd --weight-decay 0 --out runs/modadd-wd0""",
     )
     p.add_argument("task", choices=TASKS)
@@ -128,6 +141,12 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
         "--summary-only",
         action="store_true",
         help="write the timeline, phases and plot of the checkpoints done so far; no training",
+    )
+    p.add_argument(
+        "--control",
+        metavar="RUN",
+        help="with --summary-only: compare with run folder RUN (e.g. the weight-decay "
+        "control): from which shared checkpoint each measure stays above or below RUN's",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument(

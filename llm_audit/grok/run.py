@@ -179,14 +179,21 @@ def summarize(out: Path, rows: list[dict[str, Any]], run: dict[str, Any]) -> dic
     return found
 
 
-def summarize_run(out: str | Path) -> dict[str, Any]:
-    """`summarize` a run folder as it is now: a run still going, or stopped part-way."""
-    out = Path(out)
+def read_run(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A run folder's run.json and metrics rows, checked: it may be anyone's folder."""
     try:
         run = json.loads((out / "run.json").read_text())
         rows = read_metrics(out / "metrics.jsonl")
-    except (OSError, json.JSONDecodeError) as err:
+        if not isinstance(run, dict) or not all(isinstance(r["step"], int) for r in rows):
+            raise TypeError("run.json is not an object or a metrics row has no integer step")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise AuditError(f"{out}: not a grok run folder ({err})") from None
     if not rows:
         raise AuditError(f"{out}: no checkpoint done yet")
-    return summarize(out, rows, run)
+    return run, rows
+
+
+def summarize_run(out: str | Path) -> dict[str, Any]:
+    """`summarize` a run folder as it is now: a run still going, or stopped part-way."""
+    run, rows = read_run(Path(out))
+    return summarize(Path(out), rows, run)

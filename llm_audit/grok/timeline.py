@@ -38,6 +38,7 @@ from ..run.config import AuditConfig
 from ..spectral.ablation import ablate_random, ablate_traps
 from ..spectral.analyze import shuffle_replicas
 
+ABLATED_ACC = "ablated_acc."  # + layer: test accuracy with its trap entries zeroed
 # test accuracy of the checkpoint's model with some of its matrices replaced
 Accuracy = Callable[[Mapping[str, np.ndarray]], float]
 
@@ -91,7 +92,7 @@ def ablation_columns(
             name = layer_name(r["tensor"])
             matrix = fh.get_tensor(r["tensor"])
             rng = np.random.default_rng([seed, step, zlib.crc32(name.encode())])
-            cols[f"ablated_acc.{name}"] = accuracy({r["tensor"]: ablate_traps(matrix, r)})
+            cols[f"{ABLATED_ACC}{name}"] = accuracy({r["tensor"]: ablate_traps(matrix, r)})
             control = ablate_random(matrix, len(r["trap_entries"]), rng)
             cols[f"control_acc.{name}"] = accuracy({r["tensor"]: control})
     return cols

@@ -1,0 +1,96 @@
+"""Two runs side by side: from which checkpoint a measure keeps one above the other.
+
+Why: the question the anti-grokking paper leaves open is whether traps warn of the
+collapse earlier than the plain weight statistics do. Comparing a run that collapses with
+its weight-decay control at the same checkpoints, each measure gets the first checkpoint
+from which it stays on one side of the control's value until the last checkpoint the two
+runs share ("separates from"); the earlier a measure separates, the earlier it could have
+told the runs apart. A rule this blunt reads no threshold into the data, and the answer
+holds only as far as both runs go: a later crossing moves it.
+
+The ablation effect of layer M is `ablated_acc.M - test_acc` (test accuracy lost by
+zeroing M's trap entries, negative when it hurts); a layer without traps has effect 0,
+since nothing is zeroed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .timeline import ABLATED_ACC, layers_of
+from .train import ABLATED
+
+# The weight statistics the traps are compared with, then test accuracy for reference.
+BASE_MEASURES = ("l2_norm", "max_abs_weight", "test_acc")
+LAYER_MEASURES = ("trap_ratio", "traps_per_shuffle", "ablation", "alpha")
+
+
+def measure(row: dict[str, Any], key: str) -> float | None:
+    """`key` of a timeline row; `ablation.M` is derived (module docstring)."""
+    if key.startswith("ablation."):
+        layer = key.removeprefix("ablation.")
+        if row.get(f"alpha.{layer}") is None or not row.get(ABLATED):
+            return None  # not audited, or written before ablations existed
+        ablated = row.get(f"{ABLATED_ACC}{layer}")
+        return 0.0 if ablated is None else ablated - row["test_acc"]
+    value = row.get(key)
+    return None if value is None else float(value)
+
+
+def separation(
+    main: list[dict[str, Any]], control: list[dict[str, Any]], keys: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Per measure: `from` (the first shared checkpoint after which main - control keeps
+    one sign to the last shared checkpoint; None if it does not end on one side), `side`
+    ("higher"/"lower": main against control), the two values there and at the last shared
+    checkpoint (`last`), over the checkpoints (step >= 1) where both have the measure."""
+    by_step = {r["step"]: r for r in control}
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        pairs = [
+            (r["step"], a, b)
+            for r in main
+            if r["step"] >= 1 and r["step"] in by_step
+            for a, b in [(measure(r, key), measure(by_step[r["step"]], key))]
+            if a is not None and b is not None
+        ]
+        if not pairs:
+            continue
+        last_sign = (pairs[-1][1] > pairs[-1][2]) - (pairs[-1][1] < pairs[-1][2])
+        start = len(pairs)
+        while last_sign and start > 0:
+            _, a, b = pairs[start - 1]
+            if (a > b) - (a < b) != last_sign:
+                break
+            start -= 1
+        found = pairs[start] if last_sign else None
+        out[key] = {
+            "from": None if found is None else found[0],
+            "side": {1: "higher", -1: "lower", 0: None}[last_sign],
+            "at_from": None if found is None else [found[1], found[2]],
+            "last": list(pairs[-1]),
+        }
+    return out
+
+
+def separation_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The measures compared: BASE_MEASURES, then LAYER_MEASURES for each audited layer."""
+    layers = layers_of(rows)
+    return [*BASE_MEASURES, *(f"{m}.{x}" for m in LAYER_MEASURES for x in layers)]
+
+
+def separation_markdown(found: dict[str, dict[str, Any]]) -> str:
+    """`separation` as a Markdown table for reports/README.md."""
+    lines = [
+        "| measure | separates from step | main run vs control | values there (main / control) "
+        "| last shared step | values there (main / control) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, s in found.items():
+        start = "-" if s["from"] is None else f"{s['from']:,}"
+        there = "-" if s["at_from"] is None else " / ".join(f"{v:.6g}" for v in s["at_from"])
+        step, a, b = s["last"]
+        lines.append(
+            f"| {key} | {start} | {s['side'] or 'equal'} | {there} | {step:,} | {a:.6g} / {b:.6g} |"
+        )
+    return "\n".join(lines) + "\n"
