@@ -36,15 +36,16 @@ def cmd_grok(args: argparse.Namespace) -> int:
     _check_extras()
     from .compare import separation, separation_keys
     from .mnist import find_mnist
-    from .run import data_cache, read_run, run_grok, summarize_run
+    from .run import data_cache, read_run, run_grok, summarize
 
     out = Path(args.out or f"grok-{args.task}")
     if args.control and not args.summary_only:
         raise UsageError("--control compares the checkpoints two runs have: add --summary-only")
     if args.summary_only:
-        found = summarize_run(out)
-        if args.control:
-            rows, control = read_run(out)[1], read_run(Path(args.control))[1]
+        run, rows = read_run(out)
+        control = read_run(Path(args.control))[1] if args.control else None
+        found = summarize(out, rows, run)
+        if control is not None:
             found["separation"] = separation(rows, control, separation_keys(rows))
         return _print_found(out, found, args.format)
 

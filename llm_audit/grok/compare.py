@@ -56,12 +56,9 @@ def separation(
         ]
         if not pairs:
             continue
-        last_sign = (pairs[-1][1] > pairs[-1][2]) - (pairs[-1][1] < pairs[-1][2])
-        start = len(pairs)
-        while last_sign and start > 0:
-            _, a, b = pairs[start - 1]
-            if (a > b) - (a < b) != last_sign:
-                break
+        signs = [(a > b) - (a < b) for _, a, b in pairs]
+        last_sign, start = signs[-1], len(signs)
+        while last_sign and start and signs[start - 1] == last_sign:
             start -= 1
         found = pairs[start] if last_sign else None
         out[key] = {

@@ -180,7 +180,8 @@ def summarize(out: Path, rows: list[dict[str, Any]], run: dict[str, Any]) -> dic
 
 
 def read_run(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A run folder's run.json and metrics rows, checked: it may be anyone's folder."""
+    """A run folder's run.json and metrics rows, checked: it may be anyone's folder (what
+    --summary-only summarizes, a run still going or stopped part-way, and --control)."""
     try:
         run = json.loads((out / "run.json").read_text())
         rows = read_metrics(out / "metrics.jsonl")
@@ -191,9 +192,3 @@ def read_run(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if not rows:
         raise AuditError(f"{out}: no checkpoint done yet")
     return run, rows
-
-
-def summarize_run(out: str | Path) -> dict[str, Any]:
-    """`summarize` a run folder as it is now: a run still going, or stopped part-way."""
-    run, rows = read_run(Path(out))
-    return summarize(Path(out), rows, run)
