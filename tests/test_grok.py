@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 from pathlib import Path
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from llm_audit.cli import main
 from llm_audit.errors import AuditError, UsageError
 from llm_audit.grok import measures
-from llm_audit.grok.compare import separation
+from llm_audit.grok.compare import divergence, separation, twin_mismatch
 from llm_audit.grok.mnist import NO_MNIST, load_idx_folder, load_mnist
 from llm_audit.grok.models import MLP, ModAddTransformer
 from llm_audit.grok.settings import load_grok_config
@@ -336,6 +337,31 @@ def test_a_measure_separates_from_the_checkpoint_after_which_it_keeps_one_side()
     )
 
 
+def test_twins_are_compared_at_their_shared_checkpoints_only():
+    """Landmarks come from the shared checkpoints (the twin's later, higher peak is not
+    one); each measure's largest gap is found with its step, the median over all."""
+    main_acc = {0: 0.1, 1: 0.2, 2: 0.8, 3: 0.9, 4: 0.5}
+    twin_acc = {1: 0.2, 2: 0.6, 3: 0.9, 4: 0.55, 5: 1.0}
+    main = [{"step": s, "test_acc": a, "l2_norm": 1.0 + s} for s, a in main_acc.items()]
+    twin = [{"step": s, "test_acc": a, "l2_norm": 1.0 + s} for s, a in twin_acc.items()]
+    found = divergence(main, twin, ["test_acc", "l2_norm", "alpha.fc1"])
+    assert found["landmarks"]["peak_step"] == [3, 3]
+    assert found["landmarks"]["peak_test_acc"] == [0.9, 0.9]
+    assert found["landmarks"]["grok_start"] == [3, 3]
+    assert found["measures"]["test_acc"] == {
+        "largest": [2, 0.8, 0.6],
+        "median_abs_diff": pytest.approx(0.025),  # gaps 0, 0.2, 0, 0.05
+        "last": [4, 0.5, 0.55],
+    }
+    assert found["measures"]["l2_norm"]["median_abs_diff"] == 0.0
+    assert "alpha.fc1" not in found["measures"]  # neither run has it
+    assert divergence(main, [{"step": 9, "test_acc": 1.0}], ["test_acc"])["measures"] == {}
+    config = {"init_scale": 8.0, "dtype": "float64", "steps": 10, "weight_decay": 0.0}
+    assert twin_mismatch(config, {**config, "dtype": "float32", "steps": 20}) is None
+    wrong = twin_mismatch(config, {**config, "weight_decay": 0.01})
+    assert wrong == "it has weight_decay=0.01, the run weight_decay=0.0"
+
+
 def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path, capsys):
     out = tmp_path / "run"
     args = [
@@ -384,6 +410,20 @@ def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path
     assert main([*both[:4], "--control", str(out)]) == 2  # without --summary-only
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "junk: not a grok run folder" in err[0] and "--summary-only" in err[1]
+    # a twin: against itself no measure lies apart; one with other settings is refused
+    twins = [*both[:-2], "--twin", str(out)]
+    assert main([*twins, "--format", "json"]) == 0
+    apart = json.loads(capsys.readouterr().out)["divergence"]
+    assert {m["median_abs_diff"] for m in apart["measures"].values()} == {0.0}
+    assert all(a == b for a, b in apart["landmarks"].values())
+    other = tmp_path / "other"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns("checkpoints", "audits"))
+    meta = json.loads((other / "run.json").read_text())
+    meta["config"]["weight_decay"] = 0.5
+    (other / "run.json").write_text(json.dumps(meta))
+    assert main([*twins[:-1], str(other)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "weight_decay=0.5" in err[0] and "dtype or device only" in err[0]
     # a finished run is not overwritten; resuming with other settings is refused
     assert main([*args, "--config", str(config)]) == 2
     assert main([*args, "--config", str(config), "--resume", "--lr", "0.1"]) == 2

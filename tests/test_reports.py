@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_audit.grok.compare import separation, separation_keys, separation_markdown
+from llm_audit.grok.compare import measure_keys, separation, separation_markdown
 from llm_audit.grok.timeline import layers_of, phases_markdown, run_phases
 from llm_audit.grok.train import read_metrics
 
@@ -56,7 +56,7 @@ def test_the_separation_table_comes_from_the_committed_timelines():
         pq.read_table(REPORTS / f"grok-mlp-mnist-s8-{wd}" / "timeline.parquet").to_pylist()
         for wd in ("wd0", "wd0.01")
     )
-    table = separation_markdown(separation(main, control, separation_keys(main)))
+    table = separation_markdown(separation(main, control, measure_keys(main)))
     section = (REPORTS / "README.md").read_text().split("\n## The open question at init 8")[1]
     assert table.strip() in section
 

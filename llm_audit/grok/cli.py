@@ -34,19 +34,25 @@ def _check_extras() -> None:
 
 def cmd_grok(args: argparse.Namespace) -> int:
     _check_extras()
-    from .compare import separation, separation_keys
+    from .compare import divergence, measure_keys, separation, twin_mismatch
     from .mnist import find_mnist
     from .run import data_cache, read_run, run_grok, summarize
 
     out = Path(args.out or f"grok-{args.task}")
-    if args.control and not args.summary_only:
-        raise UsageError("--control compares the checkpoints two runs have: add --summary-only")
+    for flag, other in (("--control", args.control), ("--twin", args.twin)):
+        if other and not args.summary_only:
+            raise UsageError(f"{flag} compares the checkpoints two runs have: add --summary-only")
     if args.summary_only:
         run, rows = read_run(out)
         control = read_run(Path(args.control))[1] if args.control else None
+        twin = read_run(Path(args.twin)) if args.twin else None
+        if twin and (wrong := twin_mismatch(run["config"], twin[0]["config"])):
+            raise UsageError(f"--twin {args.twin}: {wrong}; a twin differs in dtype or device only")
         found = summarize(out, rows, run)
         if control is not None:
-            found["separation"] = separation(rows, control, separation_keys(rows))
+            found["separation"] = separation(rows, control, measure_keys(rows))
+        if twin is not None:
+            found["divergence"] = divergence(rows, twin[1], measure_keys(rows))
         return _print_found(out, found, args.format)
 
     config = load_grok_config(
@@ -98,6 +104,11 @@ def _print_found(out: Path, found: dict, form: str) -> int:
 
         print("\nagainst the control (from which checkpoint each measure stays on one side):")
         print(separation_markdown(found["separation"]), end="")
+    if "divergence" in found:
+        from .compare import divergence_markdown
+
+        print("\nagainst the twin (at the checkpoints both have):")
+        print(divergence_markdown(found["divergence"]), end="")
     return 0
 
 
@@ -112,6 +123,7 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
   llm-audit grok mlp-mnist --summary-only --out runs/s4   # timeline of a run still going
   llm-audit grok mlp-mnist --summary-only --out runs/s4 --format json | jq .grok_start
   llm-audit grok mlp-mnist --summary-only --out runs/s4 --control runs/s4-wd0.01
+  llm-audit grok mlp-mnist --summary-only --out runs/s4 --twin runs/s4-float64
   llm-audit grok modadd --init-from runs/modadd --weight-decay 0 --out runs/modadd-wd0""",
     )
     p.add_argument("task", choices=TASKS)
@@ -148,6 +160,13 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
         metavar="RUN",
         help="with --summary-only: compare with run folder RUN (e.g. the weight-decay "
         "control): from which shared checkpoint each measure stays above or below RUN's",
+    )
+    p.add_argument(
+        "--twin",
+        metavar="RUN",
+        help="with --summary-only: compare with run folder RUN, the same settings in "
+        "another dtype or on another device: each run's phases and how far each measure "
+        "lies from RUN's at the checkpoints both have",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument(

@@ -1,4 +1,5 @@
-"""Two runs side by side: from which checkpoint a measure keeps one above the other.
+"""Two runs side by side: from which checkpoint a measure keeps one above the other, and
+how far apart twins (the same settings in another dtype or on another device) lie.
 
 Why: the question the anti-grokking paper leaves open is whether traps warn of the
 collapse earlier than the plain weight statistics do. Comparing a run that collapses with
@@ -7,6 +8,12 @@ from which it stays on one side of the control's value until the last checkpoint
 runs share ("separates from"); the earlier a measure separates, the earlier it could have
 told the runs apart. A rule this blunt reads no threshold into the data, and the answer
 holds only as far as both runs go: a later crossing moves it.
+
+Twins should not part at all: float32 against float64 (or CUDA against the CPU) changes
+only rounding, and a chaotic enough training amplifies rounding. So for twins each
+measure gets its largest and its median gap over the shared checkpoints, and each run its
+phase landmarks on those checkpoints: whether the phases, the traps and the collapse move
+with the number type is then read off, not assumed.
 
 The ablation effect of layer M is `ablated_acc.M - test_acc` (test accuracy lost by
 zeroing M's trap entries, negative when it hurts); a layer without traps has effect 0,
@@ -17,7 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .timeline import ABLATED_ACC, layers_of
+import numpy as np
+
+from .timeline import ABLATED_ACC, layers_of, phases
 from .train import ABLATED
 
 # The weight statistics the traps are compared with, then test accuracy for reference.
@@ -70,8 +79,9 @@ def separation(
     return out
 
 
-def separation_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """The measures compared: BASE_MEASURES, then LAYER_MEASURES for each audited layer."""
+def measure_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The measures compared (separation, divergence): BASE_MEASURES, then
+    LAYER_MEASURES for each audited layer."""
     layers = layers_of(rows)
     return [*BASE_MEASURES, *(f"{m}.{x}" for m in LAYER_MEASURES for x in layers)]
 
@@ -89,5 +99,88 @@ def separation_markdown(found: dict[str, dict[str, Any]]) -> str:
         step, a, b = s["last"]
         lines.append(
             f"| {key} | {start} | {s['side'] or 'equal'} | {there} | {step:,} | {a:.6g} / {b:.6g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# Where two runs of the same settings may part: the phases (phases()'s keys).
+LANDMARKS = (
+    "grok_start",
+    "peak_step",
+    "peak_test_acc",
+    "fall_start",
+    "first_trap",
+    "persistent_trap",
+    "collapse",
+)
+# What may differ between twins: the number type, how far each has gone (and, outside the
+# config, the device).
+TWIN_MAY_DIFFER = ("dtype", "steps")
+
+
+def twin_mismatch(config: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """The first setting, other than TWIN_MAY_DIFFER, in which two run configs differ."""
+    for key in sorted(set(config) | set(other)):
+        if key not in TWIN_MAY_DIFFER and config.get(key) != other.get(key):
+            return f"it has {key}={other.get(key)!r}, the run {key}={config.get(key)!r}"
+    return None
+
+
+def divergence(
+    main: list[dict[str, Any]], twin: list[dict[str, Any]], keys: list[str]
+) -> dict[str, Any]:
+    """How far apart two runs of the same settings lie (float64 and float32, CPU and CUDA),
+    over the checkpoints (step >= 1) both have: `landmarks` (each run's phase landmarks,
+    [main, twin], found on those checkpoints only) and per measure `largest` (the
+    checkpoint where |twin - main| is largest: [step, main, twin]), `median_abs_diff` and
+    `last` ([step, main, twin] at the last shared checkpoint)."""
+    by_step = {r["step"]: r for r in twin}
+    shared = [(r, by_step[r["step"]]) for r in main if r["step"] >= 1 and r["step"] in by_step]
+    if not shared:
+        return {"landmarks": {}, "measures": {}}
+    found = [phases([pair[i] for pair in shared]) for i in (0, 1)]
+    out: dict[str, Any] = {
+        "landmarks": {k: [found[0][k], found[1][k]] for k in LANDMARKS},
+        "measures": {},
+    }
+    for key in keys:
+        pairs = [
+            (a["step"], x, y)
+            for a, b in shared
+            for x, y in [(measure(a, key), measure(b, key))]
+            if x is not None and y is not None
+        ]
+        if not pairs:
+            continue
+        gaps = [abs(y - x) for _, x, y in pairs]
+        out["measures"][key] = {
+            "largest": list(pairs[max(range(len(gaps)), key=gaps.__getitem__)]),
+            "median_abs_diff": float(np.median(gaps)),
+            "last": list(pairs[-1]),
+        }
+    return out
+
+
+def divergence_markdown(found: dict[str, Any]) -> str:
+    """`divergence` as two Markdown tables: the landmarks, then the measures."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "none"
+        return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+
+    lines = ["| landmark | main run | twin |", "|---|---|---|"]
+    lines += [f"| {k} | {cell(a)} | {cell(b)} |" for k, (a, b) in found["landmarks"].items()]
+    lines += [
+        "",
+        "| measure | largest difference at step | values there (main / twin) "
+        "| median difference | last shared step | values there (main / twin) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, m in found["measures"].items():
+        (step, a, b), (last, c, d) = m["largest"], m["last"]
+        lines.append(
+            f"| {key} | {step:,} | {a:.6g} / {b:.6g} | {m['median_abs_diff']:.3g} "
+            f"| {last:,} | {c:.6g} / {d:.6g} |"
         )
     return "\n".join(lines) + "\n"
