@@ -353,7 +353,11 @@ def test_twins_are_compared_at_their_shared_checkpoints_only():
         "median_abs_diff": pytest.approx(0.025),  # gaps 0, 0.2, 0, 0.05
         "last": [4, 0.5, 0.55],
     }
-    assert found["measures"]["l2_norm"]["median_abs_diff"] == 0.0
+    assert found["measures"]["l2_norm"] == {
+        "largest": None,  # equal throughout
+        "median_abs_diff": 0.0,
+        "last": [4, 5.0, 5.0],
+    }
     assert "alpha.fc1" not in found["measures"]  # neither run has it
     assert divergence(main, [{"step": 9, "test_acc": 1.0}], ["test_acc"])["measures"] == {}
     config = {"init_scale": 8.0, "dtype": "float64", "steps": 10, "weight_decay": 0.0}

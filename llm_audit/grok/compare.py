@@ -132,8 +132,9 @@ def divergence(
     """How far apart two runs of the same settings lie (float64 and float32, CPU and CUDA),
     over the checkpoints (step >= 1) both have: `landmarks` (each run's phase landmarks,
     [main, twin], found on those checkpoints only) and per measure `largest` (the
-    checkpoint where |twin - main| is largest: [step, main, twin]), `median_abs_diff` and
-    `last` ([step, main, twin] at the last shared checkpoint)."""
+    checkpoint where |twin - main| is largest: [step, main, twin]; None where the two are
+    equal throughout), `median_abs_diff` and `last` ([step, main, twin] at the last
+    shared checkpoint)."""
     by_step = {r["step"]: r for r in twin}
     shared = [(r, by_step[r["step"]]) for r in main if r["step"] >= 1 and r["step"] in by_step]
     if not shared:
@@ -153,8 +154,9 @@ def divergence(
         if not pairs:
             continue
         gaps = [abs(y - x) for _, x, y in pairs]
+        widest = max(range(len(gaps)), key=gaps.__getitem__)
         out["measures"][key] = {
-            "largest": list(pairs[max(range(len(gaps)), key=gaps.__getitem__)]),
+            "largest": list(pairs[widest]) if gaps[widest] else None,
             "median_abs_diff": float(np.median(gaps)),
             "last": list(pairs[-1]),
         }
@@ -178,9 +180,12 @@ def divergence_markdown(found: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for key, m in found["measures"].items():
-        (step, a, b), (last, c, d) = m["largest"], m["last"]
+        widest = "equal throughout | -"
+        if m["largest"] is not None:
+            step, a, b = m["largest"]
+            widest = f"{step:,} | {a:.6g} / {b:.6g}"
+        last, c, d = m["last"]
         lines.append(
-            f"| {key} | {step:,} | {a:.6g} / {b:.6g} | {m['median_abs_diff']:.3g} "
-            f"| {last:,} | {c:.6g} / {d:.6g} |"
+            f"| {key} | {widest} | {m['median_abs_diff']:.3g} | {last:,} | {c:.6g} / {d:.6g} |"
         )
     return "\n".join(lines) + "\n"
