@@ -79,13 +79,16 @@ grok-validate: $(VENV)/.installed-grok
 	$(GROK) modadd --weight-decay 0 --steps 100000 --out reports/grok-modadd-wd1-then-wd0 \
 		$(if $(wildcard reports/grok-modadd-wd1-then-wd0/run.json),--resume,--init-from reports/grok-modadd-wd1)
 
-# The paper's main setting: init scale 8, float64, 10^7 steps, weight decay 0 and the 0.01
-# control (many CPU hours; run beside each other, each resumes).
+# The paper's main setting: init scale 8, float64, 10^7 steps, weight decay 0, the 0.01
+# control and the main run's float32 twin (many CPU hours; run beside each other, each
+# resumes).
 grok-paper: $(VENV)/.installed-grok
 	$(GROK) mlp-mnist --init-scale 8 --weight-decay 0 --dtype float64 --steps 10000000 \
 		--out reports/grok-mlp-mnist-s8-wd0 $(if $(wildcard reports/grok-mlp-mnist-s8-wd0/run.json),--resume) &
 	$(GROK) mlp-mnist --init-scale 8 --weight-decay 0.01 --dtype float64 --steps 10000000 \
 		--out reports/grok-mlp-mnist-s8-wd0.01 $(if $(wildcard reports/grok-mlp-mnist-s8-wd0.01/run.json),--resume) &
+	$(GROK) mlp-mnist --init-scale 8 --weight-decay 0 --dtype float32 --steps 10000000 \
+		--out reports/grok-mlp-mnist-s8-wd0-f32 $(if $(wildcard reports/grok-mlp-mnist-s8-wd0-f32/run.json),--resume) &
 	wait
 
 clean:
