@@ -13,7 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_audit.grok.compare import measure_keys, separation, separation_markdown
+from llm_audit.grok.compare import (
+    divergence,
+    divergence_markdown,
+    measure_keys,
+    separation,
+    separation_markdown,
+)
 from llm_audit.grok.timeline import layers_of, phases_markdown, run_phases
 from llm_audit.grok.train import read_metrics
 
@@ -28,6 +34,7 @@ def test_the_validation_runs_are_committed():
         "grok-modadd-wd1",
         "grok-mlp-mnist-s8-wd0",
         "grok-mlp-mnist-s8-wd0.01",
+        "grok-mlp-mnist-s8-wd0-f32",
     }
 
 
@@ -59,6 +66,19 @@ def test_the_separation_table_comes_from_the_committed_timelines():
     table = separation_markdown(separation(main, control, measure_keys(main)))
     section = (REPORTS / "README.md").read_text().split("\n## The open question at init 8")[1]
     assert table.strip() in section
+
+
+def test_the_twin_table_comes_from_the_committed_timelines():
+    """What float64 changes: the init-8 run against its float32 twin (`llm-audit grok
+    mlp-mnist --summary-only --out reports/grok-mlp-mnist-s8-wd0 --twin
+    reports/grok-mlp-mnist-s8-wd0-f32`)."""
+    main, twin = (
+        pq.read_table(REPORTS / f"grok-mlp-mnist-s8-{name}" / "timeline.parquet").to_pylist()
+        for name in ("wd0", "wd0-f32")
+    )
+    table = divergence_markdown(divergence(main, twin, measure_keys(main)))
+    section = (REPORTS / "README.md").read_text().split("(`grok-mlp-mnist-s8-wd0-f32`)")[1]
+    assert table.strip() in section.split("\n## ", 1)[0]
 
 
 CROSSCHECK = REPORTS / "grok-mlp-mnist-s4-wd0" / "crosscheck"
