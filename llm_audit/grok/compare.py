@@ -9,11 +9,11 @@ runs share ("separates from"); the earlier a measure separates, the earlier it c
 told the runs apart. A rule this blunt reads no threshold into the data, and the answer
 holds only as far as both runs go: a later crossing moves it.
 
-Twins should not part at all: float32 against float64 (or CUDA against the CPU) changes
-only rounding, and a chaotic enough training amplifies rounding. So for twins each
-measure gets its largest and its median gap over the shared checkpoints, and each run its
-phase landmarks on those checkpoints: whether the phases, the traps and the collapse move
-with the number type is then read off, not assumed.
+Twins, float32 against float64 (or CUDA against the CPU), differ only in rounding, but
+training amplifies rounding: their weights may part while their phases do not. So for
+twins each measure gets its largest and its median gap over the shared checkpoints, and
+each run its phase landmarks on those checkpoints: whether the phases, the traps and the
+collapse move with the number type is read off, not assumed.
 
 The ablation effect of layer M is `ablated_acc.M - test_acc` (test accuracy lost by
 zeroing M's trap entries, negative when it hurts); a layer without traps has effect 0,
@@ -53,16 +53,10 @@ def separation(
     one sign to the last shared checkpoint; None if it does not end on one side), `side`
     ("higher"/"lower": main against control), the two values there and at the last shared
     checkpoint (`last`), over the checkpoints (step >= 1) where both have the measure."""
-    by_step = {r["step"]: r for r in control}
+    shared = _shared(main, control)
     out: dict[str, dict[str, Any]] = {}
     for key in keys:
-        pairs = [
-            (r["step"], a, b)
-            for r in main
-            if r["step"] >= 1 and r["step"] in by_step
-            for a, b in [(measure(r, key), measure(by_step[r["step"]], key))]
-            if a is not None and b is not None
-        ]
+        pairs = _pairs(shared, key)
         if not pairs:
             continue
         signs = [(a > b) - (a < b) for _, a, b in pairs]
@@ -77,6 +71,26 @@ def separation(
             "last": list(pairs[-1]),
         }
     return out
+
+
+def _shared(
+    main: list[dict[str, Any]], other: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The two runs' rows of each checkpoint (step >= 1) both have, in step order."""
+    by_step = {r["step"]: r for r in other}
+    return [(r, by_step[r["step"]]) for r in main if r["step"] >= 1 and r["step"] in by_step]
+
+
+def _pairs(
+    shared: list[tuple[dict[str, Any], dict[str, Any]]], key: str
+) -> list[tuple[int, float, float]]:
+    """(step, main's value, the other's) of `key` where both runs have it."""
+    return [
+        (a["step"], x, y)
+        for a, b in shared
+        for x, y in [(measure(a, key), measure(b, key))]
+        if x is not None and y is not None
+    ]
 
 
 def measure_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -135,8 +149,7 @@ def divergence(
     checkpoint where |twin - main| is largest: [step, main, twin]; None where the two are
     equal throughout), `median_abs_diff` and `last` ([step, main, twin] at the last
     shared checkpoint)."""
-    by_step = {r["step"]: r for r in twin}
-    shared = [(r, by_step[r["step"]]) for r in main if r["step"] >= 1 and r["step"] in by_step]
+    shared = _shared(main, twin)
     if not shared:
         return {"landmarks": {}, "measures": {}}
     found = [phases([pair[i] for pair in shared]) for i in (0, 1)]
@@ -145,12 +158,7 @@ def divergence(
         "measures": {},
     }
     for key in keys:
-        pairs = [
-            (a["step"], x, y)
-            for a, b in shared
-            for x, y in [(measure(a, key), measure(b, key))]
-            if x is not None and y is not None
-        ]
+        pairs = _pairs(shared, key)
         if not pairs:
             continue
         gaps = [abs(y - x) for _, x, y in pairs]
