@@ -45,14 +45,14 @@ def cmd_grok(args: argparse.Namespace) -> int:
     if args.summary_only:
         run, rows = read_run(out)
         control = read_run(Path(args.control))[1] if args.control else None
-        twin = read_run(Path(args.twin)) if args.twin else None
-        if twin and (wrong := twin_mismatch(run["config"], twin[0]["config"])):
+        twin_run, twin = read_run(Path(args.twin)) if args.twin else ({}, None)
+        if twin and (wrong := twin_mismatch(run["config"], twin_run["config"])):
             raise UsageError(f"--twin {args.twin}: {wrong}; a twin differs in dtype or device only")
         found = summarize(out, rows, run)
         if control is not None:
             found["separation"] = separation(rows, control, measure_keys(rows))
         if twin is not None:
-            found["divergence"] = divergence(rows, twin[1], measure_keys(rows))
+            found["divergence"] = divergence(rows, twin, measure_keys(rows))
         return _print_found(out, found, args.format)
 
     config = load_grok_config(

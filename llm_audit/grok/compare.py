@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .settings import first_difference
 from .timeline import ABLATED_ACC, layers_of, phases
 from .train import ABLATED
 
@@ -134,10 +135,10 @@ TWIN_MAY_DIFFER = ("dtype", "steps")
 
 def twin_mismatch(config: dict[str, Any], other: dict[str, Any]) -> str | None:
     """The first setting, other than TWIN_MAY_DIFFER, in which two run configs differ."""
-    for key in sorted(set(config) | set(other)):
-        if key not in TWIN_MAY_DIFFER and config.get(key) != other.get(key):
-            return f"it has {key}={other.get(key)!r}, the run {key}={config.get(key)!r}"
-    return None
+    key = first_difference(config, other, TWIN_MAY_DIFFER)
+    if key is None:
+        return None
+    return f"it has {key}={other.get(key)!r}, the run {key}={config.get(key)!r}"
 
 
 def divergence(

@@ -23,7 +23,7 @@ from ..errors import AuditError
 from ..files import write_atomic, write_json
 from ..run.cluster import connect, shutdown_local
 from .plots import plot_timeline
-from .settings import GrokConfig
+from .settings import GrokConfig, first_difference
 from .tasks import build_task
 from .timeline import (
     audit_checkpoint,
@@ -43,12 +43,12 @@ def data_cache() -> Path:
 
 
 def _check_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
-    for key in sorted(set(old) | set(new)):
-        if key != "steps" and old.get(key) != new.get(key):  # a run may be extended
-            raise AuditError(
-                f"{out}: cannot resume with {key}={new.get(key)!r}; the run was started with "
-                f"{key}={old.get(key)!r}"
-            )
+    key = first_difference(old, new, ("steps",))  # a run may be extended
+    if key is not None:
+        raise AuditError(
+            f"{out}: cannot resume with {key}={new.get(key)!r}; the run was started with "
+            f"{key}={old.get(key)!r}"
+        )
 
 
 INIT_STATE = "init.safetensors"
@@ -181,7 +181,7 @@ def summarize(out: Path, rows: list[dict[str, Any]], run: dict[str, Any]) -> dic
 
 def read_run(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A run folder's run.json and metrics rows, checked: it may be anyone's folder (what
-    --summary-only summarizes, a run still going or stopped part-way, and --control)."""
+    --summary-only summarizes, a run still going or stopped part-way, --control, --twin)."""
     try:
         run = json.loads((out / "run.json").read_text())
         rows = read_metrics(out / "metrics.jsonl")

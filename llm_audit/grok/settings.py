@@ -107,3 +107,12 @@ def load_grok_config(path: str | Path | None, task: str, **overrides: Any) -> Gr
         where = str(path)
     values |= {k: v for k, v in overrides.items() if v is not None}
     return _validated(GrokConfig().to_dict() | values, where)
+
+
+def first_difference(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...]) -> str | None:
+    """The first setting (by name), other than `ignore`, whose value differs between two
+    run configs (run.json's "config"): what resuming and comparing twins refuse."""
+    for key in sorted(set(a) | set(b)):
+        if key not in ignore and a.get(key) != b.get(key):
+            return key
+    return None
