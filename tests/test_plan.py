@@ -77,8 +77,17 @@ def test_openai_original_layout_splits_fused_qkv():
     kinds = plan.counts_by_kind()
     assert kinds["expert_gate_up"] == kinds["expert_down"] == 16
     assert kinds["o_proj"] == kinds["router"] == kinds["embedding"] == kinds["lm_head"] == 1
-    with pytest.raises(AuditError, match="fused qkv"):
-        build_plan(tensors, {}, min_evals=8)
+    # The name alone does not fix the layout: timm ViTs and vision towers (Qwen2-VL) use it
+    # too, without heads in config.json or with the text model's. Such a qkv stays whole.
+    for config in ({}, {"num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32}):
+        units = build_plan(tensors, config, min_evals=8).units
+        whole = [(u.kind, u.layout, u.shape) for u in units if "qkv" in u.tensor]
+        assert whole == [("qkv_proj", "dense", (256, 64))]
+    # Without num_key_value_heads the heads are not grouped (a ViT's [q; k; v], 3 x 64 rows).
+    vit = {"blocks.0.attn.qkv.weight": _meta("F32", 192, 64)}
+    units = build_plan(vit, {"num_attention_heads": 2, "hidden_size": 64}, min_evals=8).units
+    parts = {u.kind: (u.row_start, u.row_stop) for u in units}
+    assert parts == {"q_proj": (0, 64), "k_proj": (64, 128), "v_proj": (128, 192)}
 
 
 def test_transformers_dense_experts_are_transposed_per_expert():

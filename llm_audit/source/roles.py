@@ -225,15 +225,28 @@ def _qkv_parts(q_rows: int, kv_rows: int) -> tuple[tuple[str, int, int], ...]:
     )
 
 
-def _layout_of_fused_qkv(name: str, config: Mapping[str, Any]) -> FusedSplit | None:
+def _row_blocks(config: Mapping[str, Any]) -> FusedSplit:
+    """[q; k; v] row blocks from the config's heads (openai's original/ layout, Phi-3)."""
+    head_dim = _head_dim(config)
+    q_rows = _config_int(config, "num_attention_heads") * head_dim
+    kv_rows = _config_int(config, "num_key_value_heads", config.get("num_attention_heads"))
+    return FusedSplit(_qkv_parts(q_rows, kv_rows * head_dim), q_rows + 2 * kv_rows * head_dim)
+
+
+def _layout_of_fused_qkv(name: str, config: Mapping[str, Any], rows: int) -> FusedSplit | None:
     model_type = config.get("model_type")
-    if name.endswith(".attn.qkv.weight") or (
-        model_type == "phi3" and name.endswith(".qkv_proj.weight")
-    ):  # openai's original/ layout and Phi-3: [q; k; v] row blocks
-        head_dim = _head_dim(config)
-        q_rows = _config_int(config, "num_attention_heads") * head_dim
-        kv_rows = _config_int(config, "num_key_value_heads") * head_dim
-        return FusedSplit(_qkv_parts(q_rows, kv_rows), q_rows + 2 * kv_rows)
+    if model_type == "phi3" and name.endswith(".qkv_proj.weight"):
+        return _row_blocks(config)
+    if name.endswith(".attn.qkv.weight"):
+        # openai's original/ layout, known by the name alone; but timm ViTs and the vision
+        # towers of multimodal models (Qwen2-VL, ...) use the name too, with heads that
+        # config.json does not give (or gives for the text model): where the config's
+        # heads do not describe this tensor, it is not split.
+        try:
+            split = _row_blocks(config)
+        except AuditError:
+            return None
+        return split if split.period == rows else None
     if model_type == "gpt2" and name.endswith(".c_attn.weight"):  # Conv1D [in, q|k|v]
         width = _config_int(config, "n_embd")
         return FusedSplit(_qkv_parts(width, width), 3 * width, transposed=True)
@@ -253,12 +266,14 @@ def _layout_of_fused_qkv(name: str, config: Mapping[str, Any]) -> FusedSplit | N
 
 def fused_qkv_split(name: str, config: Mapping[str, Any], rows: int) -> FusedSplit | None:
     """The q/k/v layout of the fused qkv weight `name` with `rows` output rows, where the
-    architecture (config.json's `model_type`) fixes it; None where it is not known.
+    architecture (config.json's `model_type`) fixes it; None where it is not known (the
+    weight is then audited whole, kind `qkv_proj`).
 
-    Raises `AuditError` when the layout is known but the config does not add up to `rows`.
+    Raises `AuditError` when the architecture fixes the layout but the config does not
+    add up to `rows`.
     """
     try:
-        split = _layout_of_fused_qkv(name, config)
+        split = _layout_of_fused_qkv(name, config, rows)
     except AuditError as err:
         raise AuditError(f"cannot split fused qkv {name[:200]!r}: {err}") from None
     if split is not None and (rows % split.period if split.periodic else rows != split.period):
