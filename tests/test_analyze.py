@@ -155,6 +155,8 @@ BAD = {
     "inf": (np.where(np.eye(64, 32) > 0, np.inf, 1.0).astype(np.float32), "error", "32 Inf"),
     "row_vector": (np.ones((1, 100), np.float32), "skipped", "1 eigenvalues, fewer than 8"),
     "seven_evals": (np.ones((100, 7), np.float32), "skipped", "7 eigenvalues, fewer than 8"),
+    # F32 and BF16 hold 3e38, whose square (an eigenvalue) float32 cannot
+    "too_large": (np.where(np.eye(64, 32) > 0, 3e38, 1.0).astype(np.float32), "error", "3e+38"),
 }
 
 
@@ -207,3 +209,37 @@ def test_one_planted_entry_gives_the_closed_form_trap(a):
     assert row["trap_ratio"] == pytest.approx(outlier / edge, rel=0.03)
     assert row["trap_ratios"] == [pytest.approx(row["trap_evals"][0] / row["rand_bulk_max"])]
     assert (row["trap_entries"][0]["row"], row["trap_entries"][0]["col"]) == (123, 456)
+
+
+def test_a_huge_entry_is_analyzed_in_float64():
+    """An entry of 1e20 (BF16 and F32 hold it): its square overflows the float32 Gram the
+    shuffled ESD is usually computed in, so that ESD goes the float64 way. The float32
+    matrix then gives exactly its float64 copy's row, with the trap on that entry."""
+    w = np.random.default_rng(5).standard_normal((256, 128)).astype(np.float32)
+    w[17, 3] = 1e20
+    row = analyze_matrix(w, matrix_id="huge")
+    assert row == analyze_matrix(w.astype(np.float64), matrix_id="huge")
+    assert row["status"] == "ok" and row["lambda_max"] == pytest.approx(1e40, rel=1e-6)
+    assert row["rand_num_spikes"] == 1 and row["max_rand_eval"] == pytest.approx(1e40, rel=1e-6)
+    assert (row["trap_entries"][0]["row"], row["trap_entries"][0]["col"]) == (17, 3)
+    assert all(np.isfinite(v) for v in row.values() if isinstance(v, float))
+
+
+def test_a_flat_spectrum_gives_finite_columns_or_none():
+    """An orthogonal matrix (RWKV's init) has every eigenvalue equal up to rounding: the
+    power-law fit gives alpha ~ 1e6 and lambda^alpha overflows (gain 2) or underflows
+    (gain 0.5); log_alpha_norm = log10(sum lambda^alpha) is computed in log space, so it
+    is finite and within log10 M of alpha log10 lambda_max. Exactly equal eigenvalues
+    give alpha = 1 + n / 0: no power law, so no alpha."""
+    torch.manual_seed(0)
+    for gain in (2.0, 0.5):
+        w = torch.nn.init.orthogonal_(torch.empty(64, 32), gain=gain)
+        row = analyze_matrix(w, matrix_id=str(gain))
+        assert row["status"] == "ok" and 1e4 < row["alpha"] < 1e300
+        top = row["alpha"] * np.log10(row["lambda_max"])
+        assert top - 1e-6 * abs(top) <= row["log_alpha_norm"] <= top + np.log10(32) + 1e-6
+    exact = 2.0 * np.eye(64, 32)
+    row = analyze_matrix(exact)
+    assert row["status"] == "ok" and row["lambda_max"] == 4.0
+    assert row["alpha"] is row["log_alpha_norm"] is row["xmin"] is None
+    assert row["num_spikes"] is not None and row["trap_ratio"] is not None

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 
 from llm_audit.errors import AuditError
+from llm_audit.report.reader import _finite
 from llm_audit.report.schema import (
     ERROR_KINDS,
     LAYERS_SCHEMA,
@@ -128,3 +129,22 @@ def test_every_failure_path_gives_rows_of_one_shape(tmp_path):
     assert all(set(REPORT_COLUMNS) <= set(r) for r in rows)
     table = pa.Table.from_pylist([{n: r[n] for n in REPORT_COLUMNS} for r in rows], LAYERS_SCHEMA)
     assert table["status"].to_pylist() == ["error"] * len(rows)
+
+
+def test_a_row_never_holds_a_float_its_readers_refuse(tmp_path):
+    """A maths bug giving inf or NaN must not make the whole report unreadable: the row
+    becomes an error of kind 'bug' naming the column, and keeps everything else."""
+    folder = synth_gpt_oss(tmp_path / "m", SynthConfig(layers=1, experts=2, vocab=256))
+    unit = open_checkpoint(resolve_model(str(folder))).plan(8).units[0]
+    good = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    analysis = dict(analyze_matrix(good, matrix_id=unit.id))
+    analysis.update(log_alpha_norm=float("inf"), trap_ratios=[2.0, float("nan")])
+    row = report_row(unit, analysis, seconds=0.5)
+    assert (row["status"], row["error_kind"]) == ("error", "bug")
+    assert "log_alpha_norm = inf" in row["error"] and "trap_ratios" in row["error"]
+    assert row["log_alpha_norm"] is None and row["trap_ratios"] == []
+    assert row["alpha"] == analysis["alpha"] and row["lambda_max"] == analysis["lambda_max"]
+    table = pa.Table.from_pylist([{n: row[n] for n in REPORT_COLUMNS}], LAYERS_SCHEMA)
+    assert all(_finite(table[name]) for name in REPORT_COLUMNS)
+    clean = report_row(unit, analyze_matrix(good, matrix_id=unit.id), seconds=0.5)
+    assert clean["status"] == "ok" and clean["error_kind"] is None

@@ -106,6 +106,14 @@ def test_streamed_bad_input():
     assert analyze_streamed(_chunker(zeros, 30), zeros.shape)["reason"] == "all entries are zero"
     with pytest.raises(ValueError, match="rows >= columns"):
         analyze_streamed(_chunker(bad, 30), (10, 100))
+    huge = np.random.default_rng(3).standard_normal((300, 20)).astype(np.float32)
+    huge[7, 5] = 3e38  # its square leaves float32: an error row, not a crash
+    row = analyze_streamed(_chunker(huge, 64), huge.shape)
+    assert row["status"] == "error" and "3e+38" in row["reason"]
+    huge[7, 5] = 1e20  # the shuffle's Gram goes float64: the in-memory route's numbers
+    row = analyze_streamed(_chunker(huge, 64), huge.shape)
+    assert row["status"] == "ok" and row["max_rand_eval"] == pytest.approx(1e40, rel=1e-6)
+    assert row["lambda_max"] == analyze_matrix(huge)["lambda_max"]
 
 
 def test_embedding_streamed_from_a_checkpoint(tmp_path):

@@ -24,13 +24,12 @@ import pyarrow.parquet as pq
 
 from ..errors import ReportError
 from ..inputs import is_count, shown
-from .schema import LAYERS_SCHEMA, READABLE_VERSIONS, SPECTRA_SCHEMA, conform
+from .schema import LAYERS_SCHEMA, MAX_ABS_FLOAT, READABLE_VERSIONS, SPECTRA_SCHEMA, conform
 
 # The largest MoE checkpoints have under 100,000 matrices (Kimi K2: 384 experts x 3 x 61).
 MAX_ROWS = 500_000
 MAX_JSON_BYTES = 16 * 2**20
 MAX_UNCOMPRESSED_BYTES = 4 * 2**30  # layers.parquet decoded (spectra are read in batches)
-MAX_ABS_FLOAT = 1e300
 STATUSES = ("ok", "skipped", "error")
 # Columns that schema version 2 added: a version-1 report lacks them.
 ADDED_IN_2 = ("transposed", "error_kind", "trap_ratio", "trap_ratios")
@@ -157,8 +156,7 @@ def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFi
 
 def _finite(column: pa.ChunkedArray | pa.Array) -> bool:
     """Whether every float in `column` (a float or list<float> column) is finite and at
-    most `MAX_ABS_FLOAT` in size: no audit gives more, and a reader rounding 1.8e308 for
-    display would get infinity."""
+    most `MAX_ABS_FLOAT` in size, as `report_row` makes every row."""
     kind = column.type
     if pa.types.is_list(kind):
         column = pc.list_flatten(column)

@@ -25,6 +25,9 @@ from ..spectral.settings import AnalysisSettings
 
 SCHEMA_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
+# No float in a report is NaN, infinite or larger than this in size (readers refuse such a
+# file: a reader rounding 1.8e308 for display would get infinity).
+MAX_ABS_FLOAT = 1e300
 
 # name -> (type, meaning), in file order around the analysis columns.
 UNIT_COLUMNS: dict[str, tuple[str, str]] = {
@@ -100,8 +103,21 @@ def report_row(
     node: str | None = None,
 ) -> dict[str, Any]:
     """A layers row: `unit`'s plan columns, the analysis columns (every one present), the
-    run columns; `evals` / `rand_evals` pass through for spectra.parquet."""
+    run columns; `evals` / `rand_evals` pass through for spectra.parquet.
+
+    An analysis float that is NaN, infinite or beyond `MAX_ABS_FLOAT` is a bug in the
+    maths, and a report holding it would be refused by every reader: such a column is
+    left null and the row is an error of kind 'bug' naming it; the others are kept.
+    """
     row: dict[str, Any] = {name: analysis.get(name) for name in COLUMNS}
+    bad = [name for name, (kind, _) in COLUMNS.items() if not _in_range(row[name], kind)]
+    if bad:
+        values = ", ".join(f"{name} = {row[name]}"[:80] for name in bad)
+        for name in bad:
+            row[name] = [] if COLUMNS[name][0] == "list<float>" else None
+        row["status"] = "error"
+        row["reason"] = f"the analysis gave {values}: a bug in llm-audit"
+        error_kind = "bug"
     failed = row["status"] == "error"
     row.update(
         matrix=unit.id,
@@ -119,6 +135,14 @@ def report_row(
         rand_evals=analysis.get("rand_evals"),
     )
     return row
+
+
+def _in_range(value: Any, kind: str) -> bool:
+    """Whether a `kind` column's value holds only floats a report may hold."""
+    if value is None or kind not in ("float", "list<float>"):
+        return True
+    values = np.asarray(value if kind == "list<float>" else [value], dtype=np.float64)
+    return bool(np.all(np.abs(values) <= MAX_ABS_FLOAT))  # NaN: False
 
 
 def failure_row(

@@ -6,10 +6,10 @@ entries behind them. Same-shape matrices (the experts of one layer) share one ba
 per stack, which is what makes a GPU worth having; on the host they go one at a time so
 memory stays one matrix deep.
 
-Bad data never raises: NaN/Inf entries, all-zero or constant matrices and matrices with
-too few eigenvalues come back with `status` and `reason` set and the columns that cannot
-be computed left as None. Wrong *types* (not 2-D, not floating point) are programming
-errors and raise.
+Bad data never raises: NaN/Inf entries, entries too large to square safely, all-zero or
+constant matrices and matrices with too few eigenvalues come back with `status` and
+`reason` set and the columns that cannot be computed left as None. Wrong *types* (not
+2-D, not floating point) are programming errors and raise.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 from scipy.spatial.distance import jensenshannon
+from scipy.special import logsumexp
 
 from .backends import Backend, NumpyBackend, gram_upper, select_backend
 from .columns import COLUMN_NAMES
@@ -34,6 +35,12 @@ SMALL_ESD = 100  # below this many eigenvalues WeightWatcher pools 5 shuffles
 SMALL_ESD_REPLICAS = 5
 TOPK_START = 16
 OVER_TRAINED, UNDER_TRAINED = 2.0, 6.0
+# BF16 and F32 hold entries up to 3.4e38, whose squares overflow float32 and whose fourth
+# powers (the kurtosis) overflow float64. Above MAX_ENTRY a matrix is an error row; below
+# it the shuffled ESD is computed in float32 only while its Gram's entries (at most
+# rows * max|w|^2) stay under FAST_GRAM_LIMIT, else in float64.
+MAX_ENTRY = 1e30
+FAST_GRAM_LIMIT = 1e30
 
 
 @dataclass
@@ -44,6 +51,7 @@ class _Prepared:
     oriented: np.ndarray | None
     status: str
     reason: str
+    largest: float = 0.0  # max |w|
 
 
 def _to_numpy(matrix: Any) -> np.ndarray:
@@ -75,10 +83,22 @@ def _prepare(matrix: Any, min_evals: int) -> _Prepared:
     if min(rows, cols) < min_evals:
         reason = f"shape {rows}x{cols} gives {min(rows, cols)} eigenvalues, fewer than {min_evals}"
         return _Prepared(None, None, "skipped", reason)
-    if not arr.any():
+    largest = float(np.abs(arr).max())
+    if largest > MAX_ENTRY:
+        return _Prepared(None, None, "error", _too_large(largest))
+    if largest == 0:
         return _Prepared(None, None, "skipped", "all entries are zero")
     oriented = arr if rows >= cols else arr.T
-    return _Prepared(arr, oriented, "ok", "")
+    return _Prepared(arr, oriented, "ok", "", largest)
+
+
+def _too_large(largest: float) -> str:
+    return f"largest |w| is {largest:.3g}, above {MAX_ENTRY:g}: too large to square safely"
+
+
+def _fast_gram(largest: float, rows: int) -> bool:
+    """Whether a float32 Gram holds a rows-row matrix with entries up to `largest`."""
+    return largest * largest * rows < FAST_GRAM_LIMIT
 
 
 def _empty_row(seed: int, matrix_id: str, backend: str | None, rand_route: str) -> dict[str, Any]:
@@ -115,8 +135,10 @@ def _powerlaw_columns(evals: np.ndarray) -> dict[str, Any]:
         warning = "over-trained"
     elif fit.alpha > UNDER_TRAINED:
         warning = "under-trained"
-    with np.errstate(over="ignore"):
-        alpha_norm = float(np.sum(evals**fit.alpha))
+    # log10(sum lambda^alpha) in log space: a flat spectrum (an orthogonal matrix) fits
+    # alpha ~ 1e6, whose lambda^alpha overflows to inf or underflows to 0
+    positive = evals[evals > 0]
+    log_alpha_norm = float(logsumexp(fit.alpha * np.log(positive)) / np.log(10.0))
     return {
         "alpha": fit.alpha,
         "xmin": fit.xmin,
@@ -124,7 +146,7 @@ def _powerlaw_columns(evals: np.ndarray) -> dict[str, Any]:
         "sigma": fit.sigma,
         "num_pl_spikes": fit.num_pl_spikes,
         "alpha_weighted": fit.alpha * float(np.log10(evals[-1])),
-        "log_alpha_norm": float(np.log10(alpha_norm)),
+        "log_alpha_norm": log_alpha_norm,
         "warning": warning,
     }
 
@@ -194,7 +216,8 @@ class _Analyzer:
         # float32 Gram and eigensolve: the shuffled ESD feeds only the MP fit (KDE bandwidth
         # 0.1 in mean-1 units) and a count against its edge; 1e-5 lambda_max errors change
         # neither (tests/test_parity_weightwatcher.py checks it against a float64 SVD)
-        evals = self.backend.esd(flat, fast=True)
+        fast = all(_fast_gram(p.largest, p.oriented.shape[0]) for p in prepared)
+        evals = self.backend.esd(flat, fast=fast)
         return [list(evals[i * replicas : (i + 1) * replicas]) for i in range(len(prepared))]
 
     def row(
@@ -448,16 +471,20 @@ def analyze_streamed(
             row.update(status="error", reason=reason)
             return row
         entries = acc.summary()
+        if entries.max_abs > MAX_ENTRY:
+            row.update(status="error", reason=_too_large(entries.max_abs))
+            return row
         if entries.max_abs == 0:
             row.update(status="skipped", reason="all entries are zero")
             return row
         evals = _eigvalsh_upper(gram)
         rand = []
+        fast = _fast_gram(entries.max_abs, rows)
         for shuffle in shuffles:
             shuffled_gram = np.zeros((cols, cols), order="F")
             for block in shuffle.blocks():
-                shuffled_gram += gram_upper(block, fast=True)
-            rand.append(_eigvalsh_upper(shuffled_gram.astype(np.float32)))
+                shuffled_gram += gram_upper(block, fast=fast)
+            rand.append(_eigvalsh_upper(shuffled_gram.astype(np.float32 if fast else np.float64)))
     finally:
         for shuffle in shuffles:
             shuffle.close()

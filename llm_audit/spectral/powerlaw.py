@@ -37,7 +37,11 @@ class PowerLawFit:
 
 
 def fit_powerlaw(evals: np.ndarray) -> PowerLawFit | None:
-    """Fit alpha to the ESD tail as WeightWatcher does; None when under 2 usable values.
+    """Fit alpha to the ESD tail as WeightWatcher does; None when under 2 usable values,
+    or when no candidate tail has an alpha above 1 (WeightWatcher would report the first
+    candidate's, even alpha = 1 + n / 0 or a negative one: a flat spectrum, e.g. an
+    orthogonal matrix, whose equal eigenvalues differ only by rounding), where no power
+    law is defined.
 
     `evals` are the eigenvalues of W^T W (any order). The fit uses those above 1e-5.
     """
@@ -52,6 +56,8 @@ def fit_powerlaw(evals: np.ndarray) -> PowerLawFit | None:
         best = int(np.argmin(ds))
     n_tail = data.size - best
     alpha = float(alphas[best])
+    if not 1.0 < alpha < np.inf:  # no candidate was valid (all D = 1)
+        return None
     xmin = float(data[best])
     return PowerLawFit(
         alpha=alpha,
@@ -77,7 +83,7 @@ def _alphas_and_ks(data: np.ndarray, *, bias_corrected: bool) -> tuple[np.ndarra
     with np.errstate(divide="ignore", invalid="ignore"):
         alphas = 1.0 + numer / s
     ds = np.ones(size - 1)
-    valid = np.flatnonzero(alphas > 1.0)
+    valid = np.flatnonzero((alphas > 1.0) & np.isfinite(alphas))
     block = max(1, _BLOCK_ELEMENTS // size)
     offsets = np.arange(size)
     for start in range(0, valid.size, block):
