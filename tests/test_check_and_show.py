@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from llm_audit.report.check import DEFAULT_RULES
 from llm_audit.run.audit import run_audit
 from llm_audit.run.config import AuditConfig
 from llm_audit.source.synth import write_bundled_model
+
+from .test_trust_reports import _row, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,3 +201,68 @@ def test_diff_refuses_different_architectures(report, tmp_path, capsys):
     assert main(["diff", str(report), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "different architectures" in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_fails_a_report_that_audited_nothing(tmp_path, capsys):
+    model = tmp_path / "empty"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")  # no tensor
+    out = tmp_path / "report"
+    run_audit(str(model), out, AuditConfig(), quiet=True)
+    junit = tmp_path / "junit.xml"
+    no_rules = _rules(tmp_path)  # an empty rules file: the precondition is not a rule
+    for rules in ([], ["--rules", no_rules]):
+        assert main(["check", str(out), *rules, "--junit", str(junit)]) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith(f"FAIL report_complete: model: {out}: no matrix audited: ")
+        assert "0 matrices planned" in lines[0] and f"llm-audit plan {model}" in lines[0]
+        assert lines[1].startswith(f"FAILED: {model}: ") and lines[1].endswith(", 0 matrices")
+        failing = [c for c in ET.parse(junit).getroot() if c.find("failure") is not None]
+        assert [c.get("name") for c in failing] == ["report_complete: model"]
+    assert main(["check", str(out), "--format", "json"]) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["verdict"] == "FAILED"
+    assert [(v["rule"], v["subject"]) for v in verdict["violations"]] == [
+        ("report_complete", "model")
+    ]
+
+
+def test_check_fails_when_every_matrix_was_skipped_or_failed(tmp_path, capsys):
+    rows = [
+        _row("a", status="skipped", reason="all entries are zero", alpha=None),
+        _row("b", status="error", error="tensor 'b': NaN entries", alpha=None),
+        _row("c", status="skipped", reason="all entries are zero", alpha=None),
+    ]
+    folder = write_report(tmp_path / "r", rows)
+    assert main(["check", str(folder), "--rules", _rules(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"FAIL report_complete: model: {folder}: no matrix audited: 0 of 3 matrices ok "
+        "(2 skipped, 1 failed); first: b: tensor 'b': NaN entries"
+    ) in out
+    rows[2] = _row("c")  # one audited matrix is enough to pass the precondition
+    assert (
+        main(["check", str(write_report(tmp_path / "one", rows)), "--rules", _rules(tmp_path)]) == 0
+    )
+    capsys.readouterr()
+
+
+def test_check_fails_against_a_baseline_that_audited_nothing(tmp_path, capsys):
+    new = write_report(tmp_path / "new", [_row("a", alpha=3.0), _row("b", alpha=3.0)])
+    old = write_report(
+        tmp_path / "old",
+        [_row(m, status="skipped", reason="all entries are zero", alpha=None) for m in "ab"],
+    )
+    rules = _rules(tmp_path, max_alpha_drift_per_kind=0.5)  # vacuous without a baseline alpha
+    junit = tmp_path / "junit.xml"
+    assert (
+        main(["check", str(new), "--rules", rules, "--baseline", str(old), "--junit", str(junit)])
+        == 1
+    )
+    out = capsys.readouterr().out
+    assert f"FAIL report_complete: baseline: {old}: no matrix audited: 0 of 2 matrices ok" in out
+    assert "report_complete: model" not in out
+    failing = [c for c in ET.parse(junit).getroot() if c.find("failure") is not None]
+    assert [c.get("name") for c in failing] == ["report_complete: baseline"]
+    assert main(["check", str(new), "--rules", rules, "--baseline", str(new)]) == 0
+    capsys.readouterr()

@@ -395,3 +395,26 @@ def test_csv_list_cells_are_json(tmp_path, capsys):
     (cells,) = csv.DictReader(io.StringIO(shown))
     assert json.loads(cells["trap_entries"]) == entries  # not Python's repr
     assert json.loads(cells["trap_ratios"]) == [1.5]
+
+
+def test_diff_summary_counts_every_matrix_and_top_only_limits_the_rows(folder, tmp_path, capsys):
+    gained = {"a": 1, "b": 2, "f": 4}  # new traps in 3 of the 6 matrices, 7 in all
+    report = load_report(folder)
+    rows = [
+        dict(r) | {"rand_num_spikes": r["rand_num_spikes"] + gained.get(r["matrix"], 0)}
+        for r in report.rows
+    ]
+    other = write_report(tmp_path / "b", rows)
+    argv = ["diff", str(folder), str(other)]
+    assert main(argv) == 0
+    full = capsys.readouterr().out.splitlines()
+    assert full[0] == "6 matrices compared; 7 new traps in 3 matrices"
+    assert main([*argv, "--top", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "6 matrices compared; 7 new traps in 3 matrices (showing the top 1)"
+    # the header and the one row with most new traps (column widths fit the rows shown)
+    assert [line.split() for line in lines[1:]] == [line.split() for line in full[1:3]]
+    assert main([*argv, "--top", "6"]) == 0
+    assert capsys.readouterr().out.splitlines() == full  # nothing left out, nothing said
+    assert main([*argv, "--top", "1", "--format", "json"]) == 0
+    assert [r["matrix"] for r in json.loads(capsys.readouterr().out)] == ["f"]

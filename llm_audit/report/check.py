@@ -5,11 +5,15 @@ a CI job should state its own limits beside the model it gates. Every violation 
 matrix (or kind) and the numbers, so a failed gate says what to look at.
 
 Why some checks are not rules: a gate that passes an audit which never finished — status
-`interrupted`, or fewer matrices than were planned — passes a model nobody audited. So
-`report_complete` is always checked, as its own JUnit case. With a baseline report
-(`--baseline`, the last released model) the gate also fails on regressions, computed by
-`diff`: new traps in matrices that had none, newly failed matrices, and mean alpha per
-kind drifting further than `max_alpha_drift_per_kind`.
+`interrupted`, or fewer matrices than were planned — or one that finished without
+auditing a single matrix (a checkpoint whose tensors were all skipped, every matrix
+failed) passes a model nobody audited, and every rule holds vacuously over no matrices.
+So `report_complete` is always checked, as its own JUnit case, whatever the rules file
+says. With a baseline report (`--baseline`, the last released model) the gate also fails
+on regressions, computed by `diff`: new traps in matrices that had none, newly failed
+matrices, and mean alpha per kind drifting further than `max_alpha_drift_per_kind`; a
+baseline must pass `report_complete` too (subject `baseline`), since regressions against
+a model nobody audited are checked against nothing.
 
 JUnit: one test case per rule and violating subject (a matrix, a kind, or the model), or
 one passing case per rule without violations; `tests` and `failures` count those cases.
@@ -130,7 +134,29 @@ def trap_count(row: dict[str, Any], min_ratio: float | None) -> int:
     return sum(r is not None and r >= min_ratio for r in ratios)
 
 
-def _completeness(report: Report) -> list[Violation]:
+def _nothing_audited(report: Report) -> str:
+    """Why `report`, finished and whole, holds no audited matrix: the plan was empty, or
+    every matrix was skipped or failed (the first failure, else the first skip, named)."""
+    if not report.rows:
+        reference = report.manifest["model"]["reference"]
+        return (
+            f"{report.folder}: no matrix audited: 0 matrices planned (no tensor llm-audit "
+            f"audits, or the config's include/exclude left none; `llm-audit plan {reference}` "
+            "lists the tensors skipped and why)"
+        )
+    skipped = [row for row in report.rows if row["status"] == "skipped"]
+    failed = [row for row in report.rows if row["status"] == "error"]
+    first = (failed or skipped)[0]
+    why = first["error"] if first["status"] == "error" else first["reason"]
+    return (
+        f"{report.folder}: no matrix audited: 0 of {len(report.rows)} matrices ok "
+        f"({len(skipped)} skipped, {len(failed)} failed); first: {first['matrix']}: {why}"
+    )
+
+
+def _completeness(report: Report, subject: str) -> list[Violation]:
+    """`report_complete` for `report`: finished, every planned matrix in it, at least one
+    audited (`subject` is "model", or "baseline" for the --baseline report)."""
     status = report.manifest.get("status")
     planned = report.summary.get("matrices_planned")
     matrices = [row["matrix"] for row in report.rows]
@@ -138,9 +164,11 @@ def _completeness(report: Report) -> list[Violation]:
         message = f"status is {shown(status)}, not 'complete' (finish it with audit --resume)"
     elif planned != len(matrices):
         message = f"{len(matrices)} matrices in the report, {shown(planned)} planned"
+    elif not any(row["status"] == "ok" for row in report.rows):
+        message = _nothing_audited(report)
     else:
         return []
-    return [Violation(COMPLETE, "model", message)]
+    return [Violation(COMPLETE, subject, message)]
 
 
 def _baseline(
@@ -194,7 +222,9 @@ def evaluate(report: Report, rules: Rules, baseline: Report | None = None) -> li
     r = rules.values
     rows = report.rows
     min_ratio = r.get("min_trap_ratio")
-    out = _completeness(report)
+    out = _completeness(report, "model")
+    if baseline is not None:
+        out += _completeness(baseline, "baseline")
     traps = {row["matrix"]: trap_count(row, min_ratio) for row in rows}
     if "max_traps_per_matrix" in r:
         limit = r["max_traps_per_matrix"]

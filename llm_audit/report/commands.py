@@ -141,14 +141,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     columns = pick_columns(args.columns, DIFF_COLUMNS, diff_fields())
     rows = diff_reports(load_report(args.a), load_report(args.b))
-    if args.top:
-        rows = rows[: args.top]
-    gained = sum(r["new_traps"] for r in rows)
-    heading = [
-        f"{len(rows)} matrices compared; {gained} new traps in "
+    shown_rows = rows[: args.top] if args.top else rows
+    # the counts are over every compared matrix; --top only limits the rows printed
+    heading = (
+        f"{len(rows)} matrices compared; {sum(r['new_traps'] for r in rows)} new traps in "
         f"{sum(r['new_traps'] > 0 for r in rows)} matrices"
-    ]
-    _print_rows(rows, columns, args.format, heading)
+    )
+    if len(shown_rows) < len(rows):
+        heading += f" (showing the top {len(shown_rows)})"
+    _print_rows(shown_rows, columns, args.format, [heading])
     return 0
 
 
