@@ -135,6 +135,13 @@ FAMILIES = {
         ("model.layers.1.mlp.experts.down_proj", [(2, 10, 20), (2, 40, 3)]),
         ("model.layers.1.mlp.experts.down_proj[2]", [(20, 10), (3, 40)]),
     ),
+    "granitemoe": (  # experts stored [E, out, in]: expert 2's (out 10, in 20) is row 10
+        "GraniteMoeConfig",
+        SMALL | {"num_local_experts": 4, "num_experts_per_tok": 2},
+        ATTN | {"expert_gate_up": 8, "expert_down": 8} | HEADS,
+        ("model.layers.1.block_sparse_moe.output_linear.weight", [(2, 10, 20), (2, 3, 40)]),
+        ("model.layers.1.block_sparse_moe.output_linear.weight[2]", [(10, 20), (3, 40)]),
+    ),
 }
 PLANTED = (1.0, -0.75)
 
@@ -234,3 +241,90 @@ def test_user_kind_rules_from_the_config_come_first(tmp_path):
     (tmp_path / "bad.yaml").write_text("kinds:\n  - {pattern: '(', kind: x}\n")
     with pytest.raises(AuditError, match=r"bad\.yaml: kinds\[0\]: bad regex"):
         load_config(tmp_path / "bad.yaml")
+
+
+ENCODERS = {  # family -> (config class, config, auto class, kinds planned)
+    "bert": (
+        "BertConfig",
+        SMALL | {"num_attention_heads": 2},
+        "AutoModel",
+        ATTN
+        | {"up_proj": 2, "down_proj": 2, "embedding": 1, "position_embedding": 1}
+        | {"linear": 1},  # the pooler
+    ),
+    "deberta_v2": (
+        "DebertaV2Config",
+        SMALL | {"num_attention_heads": 2},
+        "AutoModel",
+        ATTN | {"up_proj": 2, "down_proj": 2, "embedding": 1, "position_embedding": 1},
+    ),
+    "distilbert": (
+        "DistilBertConfig",
+        {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 48},
+        "AutoModel",
+        ATTN | {"up_proj": 2, "down_proj": 2, "embedding": 1, "position_embedding": 1},
+    ),
+    "t5": (  # encoder self, decoder self and cross attention; gated MLP wi_0 / wi_1 / wo
+        "T5Config",
+        {"vocab_size": 64, "d_model": 32, "d_kv": 16, "d_ff": 48, "num_layers": 2}
+        | {"num_heads": 2, "feed_forward_proj": "gated-gelu"},
+        "AutoModelForSeq2SeqLM",
+        {"q_proj": 6, "k_proj": 6, "v_proj": 6, "o_proj": 6}
+        | {"gate_proj": 4, "up_proj": 4, "down_proj": 4, "embedding": 1},
+    ),
+    "bart": (
+        "BartConfig",
+        {"vocab_size": 64, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1}
+        | {"encoder_attention_heads": 2, "decoder_attention_heads": 2}
+        | {"encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "max_position_embeddings": 64},
+        "AutoModelForSeq2SeqLM",
+        {"q_proj": 3, "k_proj": 3, "v_proj": 3, "o_proj": 3, "up_proj": 2, "down_proj": 2}
+        | {"embedding": 1, "position_embedding": 2},
+    ),
+    "gptj": (
+        "GPTJConfig",
+        {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "rotary_dim": 8},
+        "AutoModelForCausalLM",
+        ATTN | {"up_proj": 2, "down_proj": 2} | HEADS,
+    ),
+    "openai-gpt": (  # Conv1D, like GPT-2
+        "OpenAIGPTConfig",
+        {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32},
+        "AutoModelForCausalLM",
+        ATTN | {"up_proj": 2, "down_proj": 2, "embedding": 1, "position_embedding": 1},
+    ),
+    "rwkv": (  # channel mix key/value is an MLP; receptance gates and the head stay linear
+        "RwkvConfig",
+        {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2}
+        | {"attention_hidden_size": 32, "intermediate_size": 48, "context_length": 32},
+        "AutoModelForCausalLM",
+        {"k_proj": 2, "v_proj": 2, "o_proj": 2, "up_proj": 2, "down_proj": 2}
+        | {"embedding": 1, "linear": 5},
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ENCODERS))
+def test_encoder_and_other_families_get_their_kinds(family, tmp_path):
+    """Encoders, encoder-decoders and older decoders (real names from save_pretrained):
+    attention and MLP matrices get their kinds, Conv1D is transposed, nothing is split
+    wrongly. Each matrix is planned once, with the layer its name gives."""
+    config_class, values, auto, kinds = ENCODERS[family]
+    config = getattr(transformers, config_class)(**values)
+    torch.manual_seed(0)
+    getattr(transformers, auto).from_config(config).save_pretrained(tmp_path / family)
+    plan = open_checkpoint(resolve_model(str(tmp_path / family))).plan(8)
+    assert plan.counts_by_kind() == kinds
+    with torch.device("meta"):
+        skeleton = getattr(transformers, auto).from_config(config)
+    modules = dict(skeleton.named_modules())
+    for unit in plan.units:
+        module = modules[unit.tensor.removesuffix(".weight")]
+        conv1d = isinstance(module, transformers.pytorch_utils.Conv1D)
+        assert unit.transpose == conv1d, unit.id
+        if isinstance(module, torch.nn.Embedding):
+            assert unit.kind in ("embedding", "position_embedding"), unit.id
+        if unit.kind not in ("embedding", "position_embedding", "linear"):
+            assert unit.layer == _expected_index(
+                r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.", unit.tensor
+            )

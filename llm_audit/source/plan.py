@@ -48,7 +48,13 @@ _MXFP4_SCALES = re.compile(
 )
 _LN = re.compile(r"(?:^|\.)ln(?:_\w+)?\.(?:weight|bias)$")  # GPT-2's ln_1, ln_f
 _STACK_SCALES = ("_scale", "_scale_inv", "_scales", "_weight_scale", "_weight_scale_inv")
-_DENSE_EXPERTS = re.compile(r"\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)$")
+# Expert stacks [E, a, b], one matrix per expert: transformers' gpt-oss and Llama 4 store
+# [E, in, out] (used as x @ W[e]); GraniteMoE (and its shared and hybrid variants)
+# [E, out, in] (F.linear(x, W[e])). The flag: stored transposed.
+_STACKED_EXPERTS = (
+    (re.compile(r"\.(?:mlp|feed_forward)\.experts\.(?:gate_up_proj|down_proj)$"), True),
+    (re.compile(r"\.block_sparse_moe\.(?:input_linear|output_linear)\.weight$"), False),
+)
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,13 @@ class Plan:
 
 
 def _expert_kind(base: str) -> str:
-    return "expert_gate_up" if base.endswith(("gate_up_proj", "mlp1_weight")) else "expert_down"
+    fused = ("gate_up_proj", "mlp1_weight", "input_linear.weight")
+    return "expert_gate_up" if base.endswith(fused) else "expert_down"
+
+
+def _stacked_experts(name: str) -> bool | None:
+    """Whether the expert stack `name` is stored transposed; None if it is not one."""
+    return next((t for pattern, t in _STACKED_EXPERTS if pattern.search(name)), None)
 
 
 def _vector_reason(name: str) -> str:
@@ -194,8 +206,10 @@ class _Planner:
             self.skip(name, _vector_reason(name))
         elif 0 in shape:
             self.skip(name, f"empty tensor of shape {list(shape)}")
-        elif _DENSE_EXPERTS.search(name) and len(shape) == 3:
-            self.visit_dense_experts(name, meta.dtype, shape)
+        elif name.endswith(".A_log"):  # Mamba, Jamba: [d_inner, d_state] decay rates
+            self.skip(name, "SSM state decay (A_log), not a linear map")
+        elif len(shape) == 3 and (transposed := _stacked_experts(name)) is not None:
+            self.visit_expert_stack(name, meta.dtype, shape, transposed)
         elif len(shape) == 2:
             self.visit_matrix(name, meta, shape)
         elif len(shape) == 4:
@@ -304,8 +318,10 @@ class _Planner:
             raise AuditError(f"tensor {name!r}: MXFP4 scales without their blocks")
         self.skip(name, "MXFP4 scales (read with their blocks)")
 
-    def visit_dense_experts(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
-        experts, fan_in, fan_out = shape
+    def visit_expert_stack(
+        self, name: str, dtype: str, shape: tuple[int, ...], transposed: bool
+    ) -> None:
+        experts, fan_in, fan_out = shape if transposed else (shape[0], shape[2], shape[1])
         if dtype in FP8_DTYPES and any(name + s in self.tensors for s in _STACK_SCALES):
             self.skip(name, "FP8 expert stack with scales: only 2-D FP8 weights are dequantized")
             return
@@ -319,7 +335,7 @@ class _Planner:
             self.add(
                 MatrixUnit(
                     f"{name}[{e}]", name, kind, layer, e, (fan_out, fan_in), dtype, per_expert,
-                    "expert", transpose=True,
+                    "expert", transpose=transposed,
                 )
             )  # fmt: skip
 

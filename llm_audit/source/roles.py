@@ -48,12 +48,18 @@ KINDS = (
     "conv",
 )
 # model_types whose checkpoints store these linear layers as transformers' Conv1D: [in, out].
-CONV1D_MODEL_TYPES = frozenset({"gpt2"})
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt"})
 _CONV1D = re.compile(r"\.(?:c_attn|q_attn|c_proj|c_fc)\.weight$")
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _W = r"\.weight$"
+# an attention module's own projections: `self_attn.`, `attention.self.` (BERT),
+# `SelfAttention.` / `EncDecAttention.` (T5), `encoder_attn.` (BART, Whisper), ...
+_ATTENTION = (
+    r"\.(?:self_attn|attn|attention|self_attention|attention\.self|attention\.output"
+    r"|SelfAttention|EncDecAttention|encoder_attn|cross_attn|crossattention)\."
+)
 _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), kind)
     for pattern, kind in (
@@ -64,7 +70,10 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.shared_experts?\.(?:gate_proj|w1)" + _W, "shared_gate"),
         (r"\.shared_experts?\.(?:up_proj|w3)" + _W, "shared_up"),
         (r"\.shared_experts?\.(?:down_proj|w2)" + _W, "shared_down"),
-        (r"\.(?:mlp|block_sparse_moe|moe|feed_forward)\.(?:gate|router)" + _W, "router"),
+        (
+            r"\.(?:mlp|block_sparse_moe|moe|feed_forward|ffn)\.(?:gate|router)(?:\.layer)?" + _W,
+            "router",
+        ),
         # multi-head latent attention (DeepSeek-V2/V3)
         (r"\.q_a_proj" + _W, "q_a_proj"),
         (r"\.q_b_proj" + _W, "q_b_proj"),
@@ -72,26 +81,40 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.kv_b_proj" + _W, "kv_b_proj"),
         # attention
         (r"\.(?:qkv_proj|query_key_value|c_attn|qkv|Wqkv|W_pack)" + _W, "qkv_proj"),
-        (r"\.(?:q_proj|query|wq)" + _W, "q_proj"),
-        (r"\.(?:k_proj|key|wk)" + _W, "k_proj"),
-        (r"\.(?:v_proj|value|wv)" + _W, "v_proj"),
+        # query/key/value only under an attention module: RWKV's channel mix (an MLP) has
+        # feed_forward.key/value; T5 names them q/k/v/o, DistilBERT q_lin/.../out_lin
+        (r"\.(?:q_proj|wq|query_proj|q_lin)" + _W, "q_proj"),
+        (r"\.(?:k_proj|wk|key_proj|k_lin)" + _W, "k_proj"),
+        (r"\.(?:v_proj|wv|value_proj|v_lin)" + _W, "v_proj"),
+        (_ATTENTION + r"(?:query|q)" + _W, "q_proj"),
+        (_ATTENTION + r"(?:key|k)" + _W, "k_proj"),
+        (_ATTENTION + r"(?:value|v)" + _W, "v_proj"),
         (
-            r"\.(?:self_attn|attn|attention|self_attention)\.(?:o_proj|out_proj|dense|wo|c_proj|out)"
+            _ATTENTION
+            + r"(?:o_proj|out_proj|dense|wo|c_proj|out|o|out_lin|output\.dense|output)"
             + _W,
             "o_proj",
         ),
+        (r"\.(?:encoder_attn|cross_attn|crossattention)\.out_proj" + _W, "o_proj"),
         # dense MLP
         (r"\.gate_up_proj" + _W, "gate_up_proj"),
         (r"\.(?:gate_proj|w1)" + _W, "gate_proj"),
-        (r"\.(?:up_proj|w3|c_fc|dense_h_to_4h|fc1)" + _W, "up_proj"),
-        (r"\.(?:down_proj|w2|dense_4h_to_h|fc2)" + _W, "down_proj"),
-        (r"\.mlp\.c_proj" + _W, "down_proj"),
+        (r"\.(?:DenseReluDense\.wi_0)" + _W, "gate_proj"),
+        (r"\.(?:up_proj|w3|c_fc|dense_h_to_4h|fc1|fc_in|lin1|wi|wi_1)" + _W, "up_proj"),
+        (r"\.(?:intermediate\.dense|feed_forward\.key)" + _W, "up_proj"),  # BERT, RWKV
+        (r"\.(?:down_proj|w2|dense_4h_to_h|fc2|fc_out|lin2|DenseReluDense\.wo)" + _W, "down_proj"),
+        (r"\.(?:mlp\.c_proj|output\.dense|feed_forward\.value)" + _W, "down_proj"),
         # embeddings and output head
         (
-            r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embedding)" + _W,
+            r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embedding"
+            r"|token_embedding|tokens_embed|embeddings|shared)" + _W,
             "embedding",
         ),
-        (r"(?:^|\.)(?:wpe|embed_positions|position_embeddings)" + _W, "position_embedding"),
+        (
+            r"(?:^|\.)(?:wpe|embed_positions|position_embeddings|position_embedding"
+            r"|positions_embed)" + _W,
+            "position_embedding",
+        ),
         (r"(?:^|\.)(?:lm_head|unembedding|embed_out|shared_head\.head)" + _W, "lm_head"),
         (r"^output" + _W, "lm_head"),
     )
@@ -247,7 +270,7 @@ def _layout_of_fused_qkv(name: str, config: Mapping[str, Any], rows: int) -> Fus
         except AuditError:
             return None
         return split if split.period == rows else None
-    if model_type == "gpt2" and name.endswith(".c_attn.weight"):  # Conv1D [in, q|k|v]
+    if model_type in CONV1D_MODEL_TYPES and name.endswith(".c_attn.weight"):  # Conv1D [in, q|k|v]
         width = _config_int(config, "n_embd")
         return FusedSplit(_qkv_parts(width, width), 3 * width, transposed=True)
     if model_type == "falcon" and name.endswith(".query_key_value.weight"):
