@@ -406,6 +406,12 @@ def test_stored_index_is_where_the_reader_finds_each_entry(tmp_path, bundled):
                                         "num_kv_heads": 2}, tmp_path / "falcon"),  # split
         _saved("Phi3Config", small | {"num_attention_heads": 4, "intermediate_size": 48,
                                       "pad_token_id": 0}, tmp_path / "phi3"),  # rows
+        _saved("DbrxConfig", {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                              "attn_config": {"kv_n_heads": 1, "rope_theta": 1e4},
+                              "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 2}},
+               tmp_path / "dbrx"),  # rows, and transposed rows (w2), per expert
+        _saved("GraniteMoeConfig", small | {"num_attention_heads": 4, "intermediate_size": 48,
+                                            "num_local_experts": 2}, tmp_path / "granite"),
         tmp_path / "conv.safetensors",
     ]  # fmt: skip
     layouts = set()

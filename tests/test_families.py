@@ -142,6 +142,15 @@ FAMILIES = {
         ("model.layers.1.block_sparse_moe.output_linear.weight", [(2, 10, 20), (2, 3, 40)]),
         ("model.layers.1.block_sparse_moe.output_linear.weight[2]", [(10, 20), (3, 40)]),
     ),
+    "dbrx": (  # experts flattened [E * ffn, d]; w2 is stored (in, out) per expert
+        "DbrxConfig",
+        {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32}
+        | {"attn_config": {"kv_n_heads": 1, "rope_theta": 1e4}}
+        | {"ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2}},
+        {"qkv_proj": 2, "o_proj": 2} | EXPERTS | HEADS,
+        ("transformer.blocks.1.ffn.experts.mlp.w2", [(2 * 48 + 10, 20), (2 * 48 + 30, 3)]),
+        ("transformer.blocks.1.ffn.experts.mlp.w2[2]", [(20, 10), (3, 30)]),
+    ),
 }
 PLANTED = (1.0, -0.75)
 
@@ -191,7 +200,8 @@ def test_family_roles_experts_and_planted_trap(family, tmp_path):
 
     # layer and expert indices from the names
     for unit in plan.units:
-        assert unit.layer == _expected_index(r"\.(?:layers|h)\.(\d+)\.", unit.tensor), unit.id
+        layer = _expected_index(r"\.(?:layers|h|blocks)\.(\d+)\.", unit.tensor)
+        assert unit.layer == layer, unit.id
         expert = _expected_index(r"\.experts\.(\d+)\.", unit.tensor)
         expert = expert if expert is not None else _expected_index(r"\[(\d+)\]$", unit.id)
         assert unit.expert == expert, unit.id

@@ -182,7 +182,7 @@ def stored_index(unit: MatrixUnit, shape: tuple[int, ...], r: int, c: int) -> tu
     if unit.layout == "transposed":
         return c, r
     if unit.layout == "rows":
-        return unit.row_start + r, c
+        return (unit.row_start + c, r) if unit.transpose else (unit.row_start + r, c)
     if unit.layout == "split":
         span = unit.row_stop - unit.row_start
         i = (r // span) * unit.row_period + unit.row_start + r % span

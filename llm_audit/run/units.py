@@ -42,6 +42,7 @@ def streams(unit: MatrixUnit, settings: AnalysisSettings) -> bool:
         rows * cols * 4 > settings.stream_above_bytes
         and rows >= cols
         and unit.layout in ("dense", "rows")
+        and not unit.transpose
     )
 
 

@@ -75,7 +75,7 @@ class Checkpoint:
         hold (the embedding); dense and row-range layouts only, dequantized like
         `read_matrix`."""
         path, info = self._info(unit.tensor)
-        if unit.layout not in ("dense", "rows"):
+        if unit.layout not in ("dense", "rows") or unit.transpose:
             raise ValueError(f"row streaming is for dense matrices, not {unit.layout!r}")
         first = unit.row_start or 0
         rows = unit.shape[0]
@@ -123,7 +123,8 @@ class Checkpoint:
         if unit.layout == "transposed":
             return np.ascontiguousarray(self._rows(unit, info, 0, shape[0]).T)
         if unit.layout == "rows":
-            return self._rows(unit, info, unit.row_start, unit.row_stop - unit.row_start)
+            rows = self._rows(unit, info, unit.row_start, unit.row_stop - unit.row_start)
+            return np.ascontiguousarray(rows.T) if unit.transpose else rows
         if unit.layout == "split":
             whole = self._rows(unit, info, 0, shape[0])
             whole = whole.T if unit.transpose else whole

@@ -55,6 +55,11 @@ _STACKED_EXPERTS = (
     (re.compile(r"\.(?:mlp|feed_forward)\.experts\.(?:gate_up_proj|down_proj)$"), True),
     (re.compile(r"\.block_sparse_moe\.(?:input_linear|output_linear)\.weight$"), False),
 )
+# DBRX flattens each layer's experts into 2-D [E * ffn, d]: expert e is rows e*ffn:(e+1)*ffn.
+# w1 (gate) and v1 (up) are (out, in) per expert; w2 (down) is used as h @ w2[e], so it is
+# stored (in, out). The expert count is config.json's ffn_config.moe_num_experts.
+_FLAT_EXPERTS = re.compile(r"\.ffn\.experts\.mlp\.(w1|v1|w2)$")
+_FLAT_EXPERT_KINDS = {"w1": "expert_gate", "v1": "expert_up", "w2": "expert_down"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,8 @@ class MatrixUnit:
     `layout` says how the bytes of `tensor` become the matrix:
     - "dense": the 2-D tensor itself;
     - "transposed": a 2-D tensor stored [in, out] (GPT-2's Conv1D), audited as its transpose;
-    - "rows": rows `row_start:row_stop` of a 2-D tensor (a fused qkv);
+    - "rows": rows `row_start:row_stop` of a 2-D tensor (a fused qkv, a DBRX expert),
+      transposed if `transpose`;
     - "split": in each group of `row_period` rows of the (out, in) matrix (the transpose
       of the stored tensor if `transpose`), rows `row_start:row_stop` (Falcon, GPT-2 qkv);
     - "expert": slice `expert` of a stacked [E, a, b] tensor (`transpose` if stored in x out);
@@ -130,6 +136,18 @@ class Plan:
 def _expert_kind(base: str) -> str:
     fused = ("gate_up_proj", "mlp1_weight", "input_linear.weight")
     return "expert_gate_up" if base.endswith(fused) else "expert_down"
+
+
+def _flat_experts(name: str, config: Mapping[str, Any], rows: int) -> int | None:
+    """The expert count of DBRX's flattened expert weight `name` of `rows` rows, or None
+    (not one, or config.json does not say how many experts divide its rows)."""
+    ffn = config.get("ffn_config")
+    experts = ffn.get("moe_num_experts") if isinstance(ffn, dict) else None
+    if not _FLAT_EXPERTS.search(name) or isinstance(experts, bool):
+        return None
+    if not isinstance(experts, int) or experts <= 0:
+        return None
+    return experts if rows % experts == 0 else None
 
 
 def _stacked_experts(name: str) -> bool | None:
@@ -210,6 +228,8 @@ class _Planner:
             self.skip(name, "SSM state decay (A_log), not a linear map")
         elif len(shape) == 3 and (transposed := _stacked_experts(name)) is not None:
             self.visit_expert_stack(name, meta.dtype, shape, transposed)
+        elif len(shape) == 2 and (experts := _flat_experts(name, self.config, shape[0])):
+            self.visit_flat_experts(name, meta, shape, experts)
         elif len(shape) == 2:
             self.visit_matrix(name, meta, shape)
         elif len(shape) == 4:
@@ -317,6 +337,31 @@ class _Planner:
         if not any(base.group(1) + s in self.tensors for s in ("_blocks", ".blocks")):
             raise AuditError(f"tensor {name!r}: MXFP4 scales without their blocks")
         self.skip(name, "MXFP4 scales (read with their blocks)")
+
+    def visit_flat_experts(
+        self, name: str, meta: TensorMeta, shape: tuple[int, ...], experts: int
+    ) -> None:
+        if fp8_scales(name, meta, self.tensors, self.config) is not None:
+            self.skip(
+                name, "FP8 flattened experts with scales: only 2-D FP8 weights are dequantized"
+            )
+            return
+        per, width = shape[0] // experts, shape[1]
+        part = _FLAT_EXPERTS.search(name).group(1)  # type: ignore[union-attr]
+        transpose = part == "w2"
+        matrix = (width, per) if transpose else (per, width)
+        if self.too_small(matrix):
+            self.skip_stack(name, experts, matrix)
+            return
+        self.units_cap(name, experts)
+        for e in range(experts):
+            self.add(
+                MatrixUnit(
+                    f"{name}[{e}]", name, _FLAT_EXPERT_KINDS[part], layer_of(name), e, matrix,
+                    meta.dtype, self.read_cost(meta, None, e * per, (e + 1) * per), "rows",
+                    transpose=transpose, row_start=e * per, row_stop=(e + 1) * per,
+                )
+            )  # fmt: skip
 
     def visit_expert_stack(
         self, name: str, dtype: str, shape: tuple[int, ...], transposed: bool
