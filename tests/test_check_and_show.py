@@ -9,16 +9,18 @@ import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from llm_audit.cli import main
-from llm_audit.report.check import DEFAULT_RULES
+from llm_audit.report.check import DEFAULT_RULES, trap_count
 from llm_audit.run.audit import run_audit
 from llm_audit.run.config import AuditConfig
 from llm_audit.source.synth import write_bundled_model
+from llm_audit.spectral.analyze import analyze_matrix
 
 from .test_trust_reports import _row, write_report
 
@@ -266,3 +268,17 @@ def test_check_fails_against_a_baseline_that_audited_nothing(tmp_path, capsys):
     assert [c.get("name") for c in failing] == ["report_complete: baseline"]
     assert main(["check", str(new), "--rules", rules, "--baseline", str(new)]) == 0
     capsys.readouterr()
+
+
+def test_the_gate_counts_traps_per_shuffle():
+    """One planted entry: a trap per shuffle. Below 100 eigenvalues WeightWatcher's
+    rand_num_spikes pools 5 shuffles (5 traps for a 32-expert router); the gate counts
+    1, the number of entries behind the trap, above 100 as below."""
+    for shape in ((256, 32), (256, 128)):
+        w = np.random.default_rng(2).standard_normal(shape)
+        w[7, 3] = 40.0
+        row = analyze_matrix(w, matrix_id=str(shape))
+        pooled = 5 if shape[1] < 100 else 1
+        assert row["rand_num_spikes"] == len(row["trap_ratios"]) == pooled
+        assert trap_count(row, None) == trap_count(row, 1.5) == len(row["trap_entries"]) == 1
+        assert trap_count(row, 1e9) == 0

@@ -28,6 +28,7 @@ from xml.etree import ElementTree as ET
 
 from ..errors import AuditError
 from ..inputs import is_count, read_yaml, shown
+from ..spectral.analyze import SMALL_ESD, shuffle_replicas
 from .diff import diff_reports
 from .format import format_value, printable
 from .reader import Report
@@ -126,12 +127,17 @@ def load_rules(path: str | Path) -> Rules:
 
 
 def trap_count(row: dict[str, Any], min_ratio: float | None) -> int:
-    """Traps of a matrix; with `min_ratio`, only those whose own ratio to the shuffled
-    bulk edge is at least that (a version-1 report has no ratios: every trap counts)."""
+    """Traps of a matrix per shuffle; with `min_ratio`, only those whose own ratio to the
+    shuffled bulk edge is at least that (a version-1 report has no ratios: every trap
+    counts). WeightWatcher's `rand_num_spikes` pools 5 shuffles below 100 eigenvalues, so
+    one trap in a router of 32 experts is 5 there; the gate counts ceil(pooled / 5), the
+    number of entries behind them (`trap_entries`)."""
     ratios = row.get("trap_ratios")
     if min_ratio is None or ratios is None:
-        return row["rand_num_spikes"] or 0
-    return sum(r is not None and r >= min_ratio for r in ratios)
+        pooled = row["rand_num_spikes"] or 0
+    else:
+        pooled = sum(r is not None and r >= min_ratio for r in ratios)
+    return -(-pooled // shuffle_replicas(row["num_evals"] or SMALL_ESD))
 
 
 def _nothing_audited(report: Report) -> str:
