@@ -155,6 +155,8 @@ BAD = {
     "inf": (np.where(np.eye(64, 32) > 0, np.inf, 1.0).astype(np.float32), "error", "32 Inf"),
     "row_vector": (np.ones((1, 100), np.float32), "skipped", "1 eigenvalues, fewer than 8"),
     "seven_evals": (np.ones((100, 7), np.float32), "skipped", "7 eigenvalues, fewer than 8"),
+    # full rank, but WeightWatcher's 1e-5 cutoff is absolute: the reason names the scale
+    "tiny_scale": (np.eye(64, 32, dtype=np.float32) * 1e-4, "skipped", "largest |w| 0.0001"),
     # F32 and BF16 hold 3e38, whose square (an eigenvalue) float32 cannot
     "too_large": (np.where(np.eye(64, 32) > 0, 3e38, 1.0).astype(np.float32), "error", "3e+38"),
 }

@@ -242,8 +242,9 @@ class _Analyzer:
         if usable < self.min_evals:
             row["status"] = "skipped"
             row["reason"] = (
-                f"only {usable} eigenvalues above {EVALS_THRESH:g} (rank-deficient or constant"
-                f" matrix); the power-law and MP fits need {self.min_evals}"
+                f"only {usable} eigenvalues above {EVALS_THRESH:g}, WeightWatcher's absolute"
+                f" cutoff (a rank-deficient or constant matrix, or entries too small: largest"
+                f" |w| {entries.max_abs:.3g}); the power-law and MP fits need {self.min_evals}"
             )
             return row
         row.update(_powerlaw_columns(evals))
