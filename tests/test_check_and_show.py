@@ -282,3 +282,33 @@ def test_the_gate_counts_traps_per_shuffle():
         assert row["rand_num_spikes"] == len(row["trap_ratios"]) == pooled
         assert trap_count(row, None) == trap_count(row, 1.5) == len(row["trap_entries"]) == 1
         assert trap_count(row, 1e9) == 0
+
+
+def test_weights_the_plan_leaves_out_are_in_the_summary_and_shown(tmp_path, capsys):
+    """A weight the plan cannot read (here a 3-D stack of an unknown layout) is not a
+    matrix of the report, so 'skipped 0' alone would hide it: summary.json counts every
+    tensor left out by reason, and the weights among them (not the vectors) are shown."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    model = tmp_path / "m"
+    model.mkdir()
+    save_file(
+        {
+            "layers.0.mlp.up_proj.weight": rng.standard_normal((64, 32), np.float32),
+            "layers.0.mlp.mystery.weight": rng.standard_normal((4, 64, 32), np.float32),
+            "layers.0.norm.weight": np.ones(32, np.float32),
+        },
+        str(model / "model.safetensors"),
+    )
+    out = tmp_path / "report"
+    assert main(["audit", str(model), "--out", str(out), "--quiet"]) == 0
+    reason = "3-D tensor of shape [4, 64, 32] is not a known layout"
+    printed = capsys.readouterr().out
+    assert f"weights not audited: 1 tensors (1: {reason}); `llm-audit plan` lists each" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights_not_planned"] == {reason: 1}
+    assert summary["not_planned"] == {reason: 1, "norm (vector)": 1}
+    assert main(["report", "show", str(out)]) == 0
+    heading = capsys.readouterr().out.splitlines()
+    assert heading[2] == f"weights not audited: 1 tensors (1: {reason})"

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .format import CORE_COLUMNS, human_bytes, print_json, print_table, printable, write_csv
+from .format import (
+    CORE_COLUMNS,
+    human_bytes,
+    not_planned_line,
+    print_json,
+    print_table,
+    printable,
+    write_csv,
+)
 from .reader import load_report
 
 SHOW_COLUMNS = (
@@ -109,6 +117,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"{s['skipped']}, failed {s['failed']}); traps {s['total_traps']} in "
         f"{s['matrices_with_traps']} matrices; showing {len(rows)}",
     ]
+    left_out = not_planned_line(s)
+    if left_out:
+        heading.insert(2, left_out)
     _print_rows(rows, columns, args.format, heading)
     return 0
 

@@ -107,3 +107,14 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def not_planned_line(summary: Mapping[str, Any]) -> str | None:
+    """The weights a report's plan left out (formats not read, unknown layouts), most
+    common reasons first; None where there are none (or the report predates the count)."""
+    reasons = summary.get("weights_not_planned") or {}
+    if not reasons:
+        return None
+    shown = "; ".join(f"{n}: {printable(reason)}" for reason, n in list(reasons.items())[:3])
+    more = f"; and {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+    return f"weights not audited: {sum(reasons.values())} tensors ({shown}{more})"

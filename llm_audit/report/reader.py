@@ -111,6 +111,15 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
 def _check_summary(path: Path, s: dict[str, Any]) -> None:
     for key in _COUNTS:
         _field(path, s, key, is_count, "a non-negative integer")
+    for key in ("not_planned", "weights_not_planned"):
+        if key in s:  # reports written before they were added lack them
+            _field(
+                path,
+                s,
+                key,
+                lambda v: isinstance(v, dict) and all(is_count(x) for x in v.values()),
+                "an object of reasons to counts",
+            )
     _field(
         path,
         s,

@@ -45,7 +45,7 @@ from ..inputs import shown
 from ..report.schema import SCHEMA_VERSION
 from ..report.writer import ReportWriter, out_folder_state, remove_report
 from ..source.checkpoint import Checkpoint, open_checkpoint
-from ..source.plan import MatrixUnit
+from ..source.plan import MatrixUnit, Plan
 from ..source.reference import resolve_model
 from .cluster import check_nodes, connect, shutdown_local
 from .config import AuditConfig
@@ -73,7 +73,7 @@ def _select(units: list[MatrixUnit], config: AuditConfig) -> list[MatrixUnit]:
     ]
 
 
-def _summary(table: Any, planned: int) -> dict[str, Any]:
+def _summary(table: Any, planned: int, plan: Plan) -> dict[str, Any]:
     columns = ["kind", "status", "error_kind", "alpha", "rand_num_spikes", "warning"]
     rows = table.select(columns).to_pylist()
     by_kind: dict[str, list[float]] = {}
@@ -91,6 +91,11 @@ def _summary(table: Any, planned: int) -> dict[str, Any]:
             warnings[r["warning"]] = warnings.get(r["warning"], 0) + 1
     return {
         "matrices_planned": planned,
+        # tensors (or expert slices) the plan does not audit, by reason, and among them
+        # the weights left out (formats not read, unknown layouts, too small), not the
+        # vectors and the parts read with their weights; `llm-audit plan MODEL` lists each
+        "not_planned": plan.skipped_reasons(),
+        "weights_not_planned": plan.skipped_reasons(weights_only=True),
         "matrices_in_report": len(rows),
         "audited": sum(r["status"] == "ok" for r in rows),
         "skipped": sum(r["status"] == "skipped" for r in rows),
@@ -243,7 +248,8 @@ def run_audit(
     out_folder_state(out)  # refuse a foreign folder before the model is even opened
     model = resolve_model(reference, revision)
     checkpoint = open_checkpoint(model)
-    units = _select(checkpoint.plan(config.min_evals, config.kind_rules()).units, config)
+    plan = checkpoint.plan(config.min_evals, config.kind_rules())
+    units = _select(plan.units, config)
     timings = {"plan_s": round(time.perf_counter() - t0, 3)}
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -295,7 +301,7 @@ def run_audit(
         t3 = time.perf_counter()
         table = writer.finalize([u.id for u in units])
         timings["finalize_s"] = round(time.perf_counter() - t3, 3)
-        summary = _summary(table, len(units))
+        summary = _summary(table, len(units), plan)
         if status == "complete" and summary["matrices_in_report"] < len(units):
             status = "partial"
         write_json(out / "summary.json", summary)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError
-from ..report.format import CORE_COLUMNS, human_bytes, print_json, print_table
+from ..report.format import CORE_COLUMNS, human_bytes, not_planned_line, print_json, print_table
 from ..source.synth import SIZE_FIELDS
 from ..spectral.ablation import ABLATIONS
 from ..spectral.backends import BACKEND_NAMES
@@ -133,6 +133,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         f"(audited {summary['audited']}, skipped {summary['skipped']}, "
         f"failed {summary['failed']})"
     )
+    left_out = not_planned_line(summary)
+    if left_out:
+        print(f"{left_out}; `llm-audit plan` lists each")
     if summary["bugs"]:
         print(f"bugs: {summary['bugs']} matrices failed on an unexpected error (see errors.log)")
     print(

@@ -101,10 +101,13 @@ class MatrixUnit:
 
 @dataclass(frozen=True)
 class SkippedTensor:
-    """A tensor that yields no unit, and why."""
+    """A tensor that yields no unit, and why. `weight`: a weight matrix left unaudited (a
+    format not read, an unknown layout, too small), not a vector, an empty tensor or a
+    part read with its weight (scales, zero points)."""
 
     name: str
     reason: str
+    weight: bool = True
 
 
 @dataclass
@@ -125,8 +128,10 @@ class Plan:
     def largest(self) -> MatrixUnit | None:
         return max(self.units, key=lambda u: u.shape[0] * u.shape[1], default=None)
 
-    def skipped_reasons(self) -> dict[str, int]:
-        return dict(Counter(s.reason for s in self.skipped).most_common())
+    def skipped_reasons(self, weights_only: bool = False) -> dict[str, int]:
+        """Skip counts by reason, most common first (only weights left out, if asked)."""
+        skips = [s for s in self.skipped if s.weight or not weights_only]
+        return dict(Counter(s.reason for s in skips).most_common())
 
     def skipped_list(self) -> list[dict[str, str]]:
         """Every skipped tensor (or unit) with its reason, in checkpoint order."""
@@ -180,8 +185,8 @@ class _Planner:
         self.rules = rules
         self.plan = Plan()
 
-    def skip(self, name: str, reason: str) -> None:
-        self.plan.skipped.append(SkippedTensor(name, reason))
+    def skip(self, name: str, reason: str, weight: bool = True) -> None:
+        self.plan.skipped.append(SkippedTensor(name, reason, weight))
 
     def add(self, unit: MatrixUnit) -> None:
         rows, cols = unit.shape
@@ -209,23 +214,24 @@ class _Planner:
                 f"tensor {name[:200]!r}: shape {list(shape)} has a dimension above {MAX_DIM}"
             )
         blocks = _MXFP4_BLOCKS.match(name)
-        quantized = auxiliary_reason(name, self.tensors, self.config) or packed_reason(
-            name, meta, self.tensors, self.config
-        )
+        auxiliary = auxiliary_reason(name, self.tensors, self.config)
+        packed = packed_reason(name, meta, self.tensors, self.config)
         if blocks:
             self.visit_mxfp4(name, blocks.group(1), blocks.group(2), meta.dtype, shape)
         elif _MXFP4_SCALES.match(name):
             self.check_scales_have_blocks(name)
-        elif quantized:
-            self.skip(name, quantized)
+        elif auxiliary:
+            self.skip(name, auxiliary, weight=False)
+        elif packed:
+            self.skip(name, packed)
         elif meta.dtype not in FLOAT_DTYPES:
             self.skip(name, not_float_reason(meta.dtype))
         elif len(shape) <= 1 or name.endswith("bias"):  # stacked expert biases are 2-D
-            self.skip(name, _vector_reason(name))
+            self.skip(name, _vector_reason(name), weight=False)
         elif 0 in shape:
-            self.skip(name, f"empty tensor of shape {list(shape)}")
+            self.skip(name, f"empty tensor of shape {list(shape)}", weight=False)
         elif name.endswith(".A_log"):  # Mamba, Jamba: [d_inner, d_state] decay rates
-            self.skip(name, "SSM state decay (A_log), not a linear map")
+            self.skip(name, "SSM state decay (A_log), not a linear map", weight=False)
         elif len(shape) == 3 and (transposed := _stacked_experts(name)) is not None:
             self.visit_expert_stack(name, meta.dtype, shape, transposed)
         elif len(shape) == 2 and (experts := _flat_experts(name, self.config, shape[0])):
@@ -336,7 +342,7 @@ class _Planner:
         assert base is not None
         if not any(base.group(1) + s in self.tensors for s in ("_blocks", ".blocks")):
             raise AuditError(f"tensor {name!r}: MXFP4 scales without their blocks")
-        self.skip(name, "MXFP4 scales (read with their blocks)")
+        self.skip(name, "MXFP4 scales (read with their blocks)", weight=False)
 
     def visit_flat_experts(
         self, name: str, meta: TensorMeta, shape: tuple[int, ...], experts: int
