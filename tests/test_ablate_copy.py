@@ -55,11 +55,8 @@ def _audit(model: Path, out: Path, only: list[str] | None = None) -> list[dict]:
     """Audit `model` in this process into report folder `out` (all units, or `only`)."""
     checkpoint = open_checkpoint(resolve_model(str(model)))
     config = AuditConfig(seed=0)
-    units = [
-        u
-        for u in checkpoint.plan(config.min_evals, config.kind_rules()).units
-        if only is None or u.id in only
-    ]
+    plan = checkpoint.plan(config.min_evals, config.kind_rules())
+    units = [u for u in plan.units if only is None or u.id in only]
     rows, _ = audit_in_process(checkpoint, units, config, gpus=False)
     writer = ReportWriter(out)
     writer.add(rows)
@@ -72,7 +69,7 @@ def _audit(model: Path, out: Path, only: list[str] | None = None) -> list[dict]:
         "seed": config.seed,
     }
     write_json(out / "manifest.json", manifest)
-    write_json(out / "summary.json", _summary(table, len(units)))
+    write_json(out / "summary.json", _summary(table, len(units), plan))
     return table.to_pylist()
 
 
