@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 from scipy.spatial.distance import jensenshannon
-from scipy.special import logsumexp
 
 from .backends import Backend, NumpyBackend, gram_upper, select_backend
 from .columns import COLUMN_NAMES
@@ -137,8 +136,11 @@ def _powerlaw_columns(evals: np.ndarray) -> dict[str, Any]:
         warning = "under-trained"
     # log10(sum lambda^alpha) in log space: a flat spectrum (an orthogonal matrix) fits
     # alpha ~ 1e6, whose lambda^alpha overflows to inf or underflows to 0
-    positive = evals[evals > 0]
-    log_alpha_norm = float(logsumexp(fit.alpha * np.log(positive)) / np.log(10.0))
+    # (numpy, not scipy.special.logsumexp: its array-API dispatch imports torch, which the
+    # WeightWatcher drop-in must work without)
+    powers = fit.alpha * np.log(evals[evals > 0])
+    top = powers.max()
+    log_alpha_norm = float((top + np.log(np.sum(np.exp(powers - top)))) / np.log(10.0))
     return {
         "alpha": fit.alpha,
         "xmin": fit.xmin,
