@@ -40,13 +40,25 @@ MAX_YAML_BYTES = 2**20  # settings files are a few hundred bytes
 
 class _NoAliases(yaml.SafeLoader):
     """The safe loader, refusing aliases: a 1 KB file of nested aliases expands to
-    millions of values (and an error message echoing them to megabytes)."""
+    millions of values (and an error message echoing them to megabytes). And refusing a
+    key given twice in one mapping, where YAML keeps the last silently: a rules file with
+    `max_total_traps: 0` and, further down, `max_total_traps: 100` is not a gate."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
             raise yaml.YAMLError(f"aliases (*name) are not accepted (line {mark.line + 1})")
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.YAMLError(f"key {key!r} given twice (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: Path, what: str) -> Any:

@@ -312,3 +312,40 @@ def test_weights_the_plan_leaves_out_are_in_the_summary_and_shown(tmp_path, caps
     assert main(["report", "show", str(out)]) == 0
     heading = capsys.readouterr().out.splitlines()
     assert heading[2] == f"weights not audited: 1 tensors (1: {reason})"
+
+
+def test_the_gate_never_passes_what_it_did_not_check(tmp_path, capsys):
+    """Four ways a gate could print PASSED without having checked: trap rules over matrices
+    with no trap count (audited without the shuffle), an alpha range without its share, a
+    rule given twice (YAML keeps the last), negative trap counts cancelling real ones."""
+    rows = [_row("a", rand_num_spikes=None), _row("b", rand_num_spikes=None), _row("c")]
+    folder = write_report(tmp_path / "norand", rows)
+    assert main(["check", str(folder), "--rules", _rules(tmp_path, max_total_traps=0)]) == 1
+    assert (
+        "FAIL max_total_traps: model: 2 audited matrices have no trap count (rand_num_spikes "
+        "null: audited without the shuffle?), first a: traps cannot be checked"
+    ) in capsys.readouterr().out
+    assert main(["check", str(folder), "--rules", _rules(tmp_path, max_failed=0)]) == 0
+    capsys.readouterr()
+
+    for rules in ({"alpha_range": [2, 6]}, {"max_share_alpha_outside": 0.0}):
+        assert main(["check", str(folder), "--rules", _rules(tmp_path, **rules)]) == 2
+        err = capsys.readouterr().err
+        assert "alpha_range and max_share_alpha_outside go together" in err
+        assert len(err.splitlines()) == 1
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("max_total_traps: 0\nmax_failed: 0\nmax_total_traps: 100\n")
+    assert main(["check", str(folder), "--rules", str(twice)]) == 2
+    assert "key 'max_total_traps' given twice (line 3)" in capsys.readouterr().err
+
+    trapped = write_report(tmp_path / "neg", [_row("a", rand_num_spikes=3), _row("b")])
+    negative = write_report(tmp_path / "neg2", [_row("a", rand_num_spikes=3),
+                                               _row("b", rand_num_spikes=-3)])  # fmt: skip
+    assert main(["check", str(trapped), "--rules", _rules(tmp_path, max_total_traps=0)]) == 1
+    capsys.readouterr()
+    assert main(["check", str(negative), "--rules", _rules(tmp_path, max_total_traps=0)]) == 2
+    assert "column 'rand_num_spikes' holds negative counts or indices" in capsys.readouterr().err
+    entries = [{"row": -5, "col": 1, "value": 2.0}]
+    bad_entry = write_report(tmp_path / "neg3", [_row("a", trap_entries=entries)])
+    assert main(["report", "show", str(bad_entry)]) == 2
+    assert "column 'trap_entries' holds negative" in capsys.readouterr().err

@@ -44,6 +44,7 @@ RULE_KEYS = {
     "max_alpha_drift_per_kind": "number",
 }
 COMPLETE = "report_complete"  # always checked
+TRAP_RULES = ("max_traps_per_matrix", "max_traps_per_kind", "max_total_traps")
 BASELINE_RULES = ("baseline_new_traps", "baseline_newly_failed")  # with --baseline
 BASELINE_ONLY = ("max_alpha_drift_per_kind",)
 MODIFIERS = ("min_trap_ratio",)  # change how other rules count; not checks themselves
@@ -123,6 +124,11 @@ def load_rules(path: str | Path) -> Rules:
             and all(is_count(v) for v in value.values())
         ):
             raise _bad(path, key, "a mapping of kinds to non-negative integers", value)
+    if ("alpha_range" in data) != ("max_share_alpha_outside" in data):
+        raise AuditError(
+            f"{path}: alpha_range and max_share_alpha_outside go together (the range, and "
+            "the share of matrices allowed outside it): give both or neither"
+        )
     return Rules(data)
 
 
@@ -232,6 +238,16 @@ def evaluate(report: Report, rules: Rules, baseline: Report | None = None) -> li
     if baseline is not None:
         out += _completeness(baseline, "baseline")
     traps = {row["matrix"]: trap_count(row, min_ratio) for row in rows}
+    # an audited matrix without a trap count (audited with randomize off) is not 0 traps
+    uncounted = [
+        row["matrix"] for row in rows if row["status"] == "ok" and row["rand_num_spikes"] is None
+    ]
+    if uncounted:
+        why = (
+            f"{len(uncounted)} audited matrices have no trap count (rand_num_spikes null: "
+            f"audited without the shuffle?), first {uncounted[0]}: traps cannot be checked"
+        )
+        out += [Violation(rule, "model", why) for rule in TRAP_RULES if rule in r]
     if "max_traps_per_matrix" in r:
         limit = r["max_traps_per_matrix"]
         for row in rows:

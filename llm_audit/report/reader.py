@@ -176,6 +176,21 @@ def _finite(column: pa.ChunkedArray | pa.Array) -> bool:
     return pc.all(inside).as_py() is not False
 
 
+def _non_negative(column: pa.ChunkedArray) -> bool:
+    """Whether every integer in `column` (an int column, or trap_entries' row and col) is
+    at least 0: each is a count or an index, and a negative trap count would cancel real
+    traps in a gate's sums."""
+    kind = column.type
+    if pa.types.is_list(kind) and pa.types.is_struct(kind.value_type):
+        entries = pc.list_flatten(column.combine_chunks())
+        parts = [pc.struct_field(entries, [i]) for i in (0, 1)]  # row, col
+    elif pa.types.is_integer(kind):
+        parts = [column]
+    else:
+        return True
+    return all(pc.min(part).as_py() is None or pc.min(part).as_py() >= 0 for part in parts)
+
+
 def check_spectra(batch: pa.RecordBatch, path: Path) -> None:
     """Refuse a batch of spectra.parquet holding NaN or out-of-range eigenvalues (readers
     that stream the spectra call this on each batch)."""
@@ -209,6 +224,8 @@ def load_report(folder: str | Path) -> Report:
     for f in LAYERS_SCHEMA:  # the schema's floats are null where not computed, never NaN
         if not _finite(table[f.name]):
             raise ReportError(f"{layers}: column {f.name!r} holds NaN or out-of-range values")
+        if not _non_negative(table[f.name]):
+            raise ReportError(f"{layers}: column {f.name!r} holds negative counts or indices")
     rows = table.to_pylist()
     seen: set[str] = set()
     for i, row in enumerate(rows):
