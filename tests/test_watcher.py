@@ -134,6 +134,13 @@ def test_state_dict_rows_match_weightwatcher():
     )
     np.testing.assert_allclose(ours.alpha, ref.alpha, rtol=RTOL)
     np.testing.assert_allclose(ours.log_norm, ref.log_norm, rtol=RTOL)
+    # a training checkpoint {"state_dict": ...}: unwrapped, as WeightWatcher does
+    ref_wrapped, _ = _ww({"state_dict": state}, 0)
+    wrapped = WeightWatcher(model={"state_dict": state, "epoch": 3}).analyze(randomize=True)
+    assert list(wrapped.layer_id) == list(ref_wrapped.layer_id) == list(ref.layer_id)
+    assert list(wrapped.alpha) == list(ours.alpha)
+    with pytest.raises(UsageError, match=r"mappings under 'model'.*model=checkpoint\['model'\]"):
+        WeightWatcher(model={"model": state, "step": 10}).analyze()
 
 
 def test_layer_filters_and_limits_as_weightwatcher():

@@ -302,6 +302,15 @@ class WeightWatcher:
     @staticmethod
     def _walk(model: Any, start_ids: int, conv2d_norm: bool) -> Iterator[_Layer]:
         if isinstance(model, Mapping):
+            if isinstance(model.get("state_dict"), Mapping):  # a training checkpoint, as
+                model = model["state_dict"]  # WeightWatcher unwraps it
+            nested = [k for k, v in model.items() if isinstance(v, Mapping)]
+            if nested and not any(str(k).endswith(".weight") for k in model):
+                raise UsageError(
+                    f"WeightWatcher: the state dict has no '*.weight' tensors but mappings "
+                    f"under {', '.join(map(repr, nested[:5]))}: pass the one holding the "
+                    f"weights, e.g. model=checkpoint[{nested[0]!r}]"
+                )
             return _state_dict_layers(model, conv2d_norm)
         if hasattr(model, "named_modules"):
             return _module_layers(model, start_ids, conv2d_norm)
