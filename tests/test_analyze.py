@@ -168,6 +168,7 @@ def test_bad_matrices_get_a_status_not_an_exception(name):
     row = analyze_matrix(matrix, matrix_id=name)
     assert row["status"] == status
     assert reason in row["reason"]
+    assert (row["N"], row["M"]) == (max(matrix.shape), min(matrix.shape))  # as WeightWatcher
     for key, value in row.items():  # nothing NaN: uncomputable columns are None
         if isinstance(value, float):
             assert np.isfinite(value), key

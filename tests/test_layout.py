@@ -127,6 +127,7 @@ def test_every_failure_path_gives_rows_of_one_shape(tmp_path):
     shapes = {tuple(sorted(_python_types(r).items())) for r in rows}
     assert len(shapes) == 1, [_python_types(r) for r in rows]
     assert all(set(REPORT_COLUMNS) <= set(r) for r in rows)
+    assert all((r["N"], r["M"]) == (max(unit.shape), min(unit.shape)) for r in rows[1:])
     table = pa.Table.from_pylist([{n: r[n] for n in REPORT_COLUMNS} for r in rows], LAYERS_SCHEMA)
     assert table["status"].to_pylist() == ["error"] * len(rows)
 

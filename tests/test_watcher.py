@@ -169,3 +169,15 @@ def test_unsupported_options_are_refused():
         watcher.analyze(colour="red")
     with pytest.raises(UsageError, match=r"must be a torch nn\.Module"):
         WeightWatcher(model=42).analyze()
+
+
+def test_a_skipped_layer_keeps_its_shape():
+    """A zeroed layer is skipped, but like WeightWatcher's its row has N and M, so the
+    frame's integer columns stay integers."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 200), torch.nn.Linear(200, 10))
+    with torch.no_grad():
+        model[1].weight.zero_()
+    details = WeightWatcher(model=model).analyze()
+    zeroed = details.set_index("longname").loc["1"]
+    assert (zeroed.N, zeroed.M, zeroed.status) == (200, 10, "skipped")
+    assert details.N.dtype == details.M.dtype == np.int64

@@ -110,6 +110,8 @@ def report_row(
     left null and the row is an error of kind 'bug' naming it; the others are kept.
     """
     row: dict[str, Any] = {name: analysis.get(name) for name in COLUMNS}
+    if row["N"] is None:  # a matrix refused before its analysis: the plan knows its shape
+        row.update(N=max(unit.shape), M=min(unit.shape))
     bad = [name for name, (kind, _) in COLUMNS.items() if not _in_range(row[name], kind)]
     if bad:
         values = ", ".join(f"{name} = {row[name]}"[:80] for name in bad)

@@ -354,9 +354,10 @@ def analyze_batch(
         mats[i] = prep
         if prep.status == "ok":
             groups.setdefault(prep.oriented.shape, []).append(i)
-        else:
+        else:  # its shape is known, as in WeightWatcher's rows of skipped layers
             row = _empty_row(cfg.seed, ids[i], None, cfg.rand_route)
-            row.update(status=prep.status, reason=prep.reason)
+            shape = np.shape(matrix)
+            row.update(N=max(shape), M=min(shape), status=prep.status, reason=prep.reason)
             rows[i] = row
     for members in groups.values():
         for start in range(0, len(members), batch_size):
@@ -441,6 +442,7 @@ def analyze_streamed(
     backend = NumpyBackend()
     analyzer = _Analyzer(backend, cfg)
     row = _empty_row(cfg.seed, matrix_id, None, "full")  # for a refusal before the ESD
+    row.update(N=rows, M=cols)
     if cols < cfg.min_evals:
         row.update(
             status="skipped",
