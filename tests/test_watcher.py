@@ -181,3 +181,11 @@ def test_a_skipped_layer_keeps_its_shape():
     zeroed = details.set_index("longname").loc["1"]
     assert (zeroed.N, zeroed.M, zeroed.status) == (200, 10, "skipped")
     assert details.N.dtype == details.M.dtype == np.int64
+
+
+def test_weightwatcher_methods_not_provided_are_refused_by_name():
+    watcher = WeightWatcher(model=torch.nn.Linear(32, 16))
+    with pytest.raises(UsageError, match=r"WeightWatcher\.describe is not provided"):
+        watcher.describe()
+    with pytest.raises(AttributeError, match="no attribute 'colour'"):
+        _ = watcher.colour

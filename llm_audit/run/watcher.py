@@ -67,6 +67,12 @@ _MODULE_TYPES = (
     ("conv2d", "Conv2d", "conv2d"),
     ("embedding", "Embedding", "embedding"),
 )
+# WeightWatcher's other public methods (0.7.7)
+NOT_PROVIDED = (
+    "describe", "get_ESD", "get_Weights", "distances", "matrix_distance", "same_models",
+    "model_deltas", "SVDSharpness", "SVDSmoothing", "analyze_vectors", "vector_metrics",
+    "plot_random_esd", "banner", "header",
+)  # fmt: skip
 # WeightWatcher.analyze keywords whose default we implement; any other value is refused
 _ACCEPTED_DEFAULTS: dict[str, Any] = {
     "plot": False,
@@ -402,6 +408,16 @@ class WeightWatcher:
     def get_details(self) -> pd.DataFrame | None:
         """The DataFrame of the last `analyze`."""
         return self.details
+
+    def __getattr__(self, name: str) -> Any:
+        # WeightWatcher methods the drop-in does not provide: refused by name, not with a
+        # bare AttributeError a migrating script cannot act on
+        if name in NOT_PROVIDED:
+            raise UsageError(
+                f"WeightWatcher.{name} is not provided by llm-audit's drop-in (it has "
+                "analyze, get_details and get_summary); see llm-audit's README"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def get_summary(self, details: pd.DataFrame | None = None) -> dict[str, float]:
         """Means of WeightWatcher's summary metrics over the layers (`mp_softrank` only
