@@ -189,3 +189,10 @@ def test_weightwatcher_methods_not_provided_are_refused_by_name():
         watcher.describe()
     with pytest.raises(AttributeError, match="no attribute 'colour'"):
         _ = watcher.colour
+
+
+def test_module_only_options_are_refused_for_a_folder(tmp_path):
+    with pytest.raises(UsageError, match=r"start_ids and conv2d_norm apply to an nn\.Module"):
+        WeightWatcher(model=str(tmp_path)).analyze(start_ids=1)
+    with pytest.raises(UsageError, match="start_ids and conv2d_norm"):
+        WeightWatcher(model=tmp_path).analyze(conv2d_norm=False)

@@ -297,6 +297,11 @@ class WeightWatcher:
             seed=seed, randomize=randomize, min_evals=min_evals, backend=backend
         )
         if isinstance(model, str | Path):
+            if start_ids != 0 or not conv2d_norm:  # the report's rows, as the audit plans them
+                raise UsageError(
+                    "WeightWatcher.analyze: start_ids and conv2d_norm apply to an nn.Module "
+                    "or a state dict; a folder or hub id gives the audit's rows"
+                )
             frame = self._audit(str(model), settings, max_evals, max_N, layers)
         else:
             frame = self._analyze_layers(
