@@ -363,7 +363,7 @@ def test_refusals(bundled, tmp_path, capsys):
 
     for name, edit, message in [
         ("range", entry(attention, row=256), "outside its 256x128 matrix"),
-        ("negative", entry(attention, col=-1), "outside its 256x128 matrix"),
+        ("negative", entry(attention, col=-1), "trap_entries' holds negative counts or indices"),
         ("value", entry(attention, value=0.5), "the report says 0.5"),
         ("repeat", repeat, "is repeated"),
         ("unknown", lambda rows: rows[0].update(matrix="model.nope.weight"), "not a matrix of"),
