@@ -82,7 +82,7 @@ def _prepare(matrix: Any, min_evals: int) -> _Prepared:
     if min(rows, cols) < min_evals:
         reason = f"shape {rows}x{cols} gives {min(rows, cols)} eigenvalues, fewer than {min_evals}"
         return _Prepared(None, None, "skipped", reason)
-    largest = float(np.abs(arr).max())
+    largest = float(max(arr.max(), -arr.min()))  # max |w| without an |arr| copy
     if largest > MAX_ENTRY:
         return _Prepared(None, None, "error", _too_large(largest))
     if largest == 0:
