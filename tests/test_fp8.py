@@ -285,3 +285,116 @@ def test_llama_quantized_by_transformers_own_fp8_code(scale_fmt, tmp_path):
     )
     scale_dtype = "F8_E8M0" if scale_fmt == "ue8m0" else "F32"
     assert checkpoint.tensors[planted + "_scale_inv"].dtype == scale_dtype
+
+
+def _scaled(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 E4M3 codes of `w` and one scale per `block` (the last blocks partial)."""
+    grid = (-(-w.shape[0] // block[0]), -(-w.shape[1] // block[1]))
+    scales = torch.zeros(grid)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            part = w[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]]
+            scales[i, j] = part.abs().max() / 448
+    big = torch.kron(scales, torch.ones(block))[: w.shape[0], : w.shape[1]]
+    return (w / big).to(torch.float8_e4m3fn), scales
+
+
+PREFIX = NAME[: -len("weight")]
+# How real producers name and configure FP8 scales. transformers' own FP8 loader renames
+# `.qscale_weight` (Mistral Large) and a bare `.scale` (DeepSeek-V4) to `weight_scale_inv`;
+# `weight_block_size: null` is its per-tensor mode; compressed-tensors' FP8_BLOCK preset puts
+# the block in `config_groups.*.weights.block_structure`.
+FP8_128 = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+SCALE_LAYOUTS = {
+    "mistral qscale_weight": ("qscale_weight", BLOCK, FP8_128),
+    "deepseek-v4 scale": ("scale", BLOCK, FP8_128),
+    "transformers per-tensor": ("weight_scale_inv", SHAPE, FP8_128 | {"weight_block_size": None}),
+    "compressed-tensors block": (
+        "weight_scale",
+        BLOCK,
+        {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {"strategy": "block", "block_structure": [128, 128], "num_bits": 8},
+                }
+            },
+        },
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", sorted(SCALE_LAYOUTS))
+def test_scales_under_every_producers_name_are_applied(layout, tmp_path):
+    suffix, block, quantization = SCALE_LAYOUTS[layout]
+    q, scales = _scaled(_weight(), block)
+    if block == SHAPE:
+        scales = scales.reshape(())  # one scale, 0-d as transformers writes it
+    folder = _write(tmp_path / "m", {NAME: q, PREFIX + suffix: scales}, quantization)
+    checkpoint, plan, unit, row = _audit_one(folder, AnalysisSettings(seed=0))
+    reference = _dequantize_fp8_weight(q, scales.reshape(-1, 1) if block == SHAPE else scales,
+                                       list(block), torch.float32).numpy()  # fmt: skip
+    assert np.array_equal(checkpoint.read_matrix(unit), reference)
+    _same_numbers(row, analyze_matrix(reference, seed=0, matrix_id=unit.id))
+    assert [s.name for s in plan.skipped] == [PREFIX + suffix]  # the scales, not a matrix
+    assert "never audited alone" in plan.skipped[0].reason
+
+
+@pytest.mark.parametrize(
+    "quantization",
+    [
+        {"quant_method": "fp8", "weight_block_size": [1, 32], "scale_fmt": "ue8m0"},
+        {"quant_method": "compressed-tensors", "format": "mxfp8-quantized"},
+    ],
+)
+def test_u8_scales_of_mx_checkpoints_are_e8m0_exponents(quantization, tmp_path):
+    """MXFP8 (compressed-tensors) and transformers' ue8m0 checkpoints store their scales as
+    plain bytes: 2^(byte - 127), as compressed-tensors' mx_utils and transformers decode."""
+    w = _weight()[:, :192]  # 6 groups of 32 per row
+    exponents = torch.ceil(torch.log2(w.abs().reshape(SHAPE[0], 6, 32).amax(-1) / 448))
+    q = (w / torch.repeat_interleave(2.0**exponents, 32, dim=1)).to(torch.float8_e4m3fn)
+    stored = (exponents + 127).to(torch.uint8)
+    name = "weight_scale" if "format" in quantization else "weight_scale_inv"
+    folder = _write(tmp_path / "m", {NAME: q, PREFIX + name: stored}, quantization)
+    checkpoint, _, unit, row = _audit_one(folder, AnalysisSettings(seed=0))
+    reference = q.float() * torch.repeat_interleave(2.0**exponents, 32, dim=1)
+    assert np.array_equal(checkpoint.read_matrix(unit), reference.numpy())
+    label = "group 32" if "format" in quantization else "block 1x32"
+    assert row["source_dtype"] == f"F8_E4M3 {label} scaled"
+    # without the config saying so, bytes are not taken for exponents
+    plain = _write(tmp_path / "p", {NAME: q, PREFIX + name: stored}, {"quant_method": "fp8"})
+    plan = open_checkpoint(resolve_model(str(plain))).plan(8)
+    assert not plan.units
+    assert "scales are U8 (not decoded)" in {s.name: s.reason for s in plan.skipped}[NAME]
+
+
+def test_fp8_weights_whose_scales_are_not_found_are_not_read_as_codes(tmp_path):
+    """A quantized checkpoint whose FP8 weight has no scale under a name we know would be
+    audited on its raw codes (lambda_max off by 10^5): skipped, with the names looked for.
+    Without a quantization config, FP8 values are plain numbers and audited."""
+    q, scales = _scaled(_weight(), BLOCK)
+    tensors = {NAME: q, PREFIX + "weight.unknown_scale_name": scales}
+    skipped = _write(tmp_path / "a", tensors, FP8_128)
+    plan = open_checkpoint(resolve_model(str(skipped))).plan(8)
+    assert NAME not in [u.tensor for u in plan.units]
+    reason = {s.name: s.reason for s in plan.skipped}[NAME]
+    assert "without scales under a known name" in reason and "declares fp8" in reason
+    plain = tmp_path / "b"
+    plain.mkdir()
+    save_file({NAME: q}, plain / "model.safetensors")
+    assert [u.tensor for u in open_checkpoint(resolve_model(str(plain))).plan(8).units] == [NAME]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.01])
+def test_a_corrupt_scale_fails_its_matrix_naming_the_scale_and_block(bad, tmp_path):
+    q, scales = _block_quantize(_weight(), torch.float8_e4m3fn)
+    scales[2, 1] = bad
+    quantization = {"quant_method": "fp8", "weight_block_size": list(BLOCK)}
+    folder = _write(tmp_path / "m", {NAME: q, NAME + "_scale_inv": scales}, quantization)
+    for budget in ({}, {"memory_budget_mb": 0}):  # in memory and streamed
+        _, _, _, row = _audit_one(folder, AnalysisSettings(seed=0, **budget))
+        assert row["status"] == "error" and row["error_kind"] == "data"
+        assert f"scale tensor '{NAME}_scale_inv'" in row["error"]
+        assert "at block (2, 1)" in row["error"]

@@ -254,3 +254,11 @@ def test_plan_command_finds_the_xdg_cache(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert COMMIT in done.stdout and "a.weight" in done.stdout
+
+
+def test_gguf_files_are_named_not_taken_for_broken_safetensors(tmp_path):
+    (tmp_path / "model-q8_0.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(CheckpointError, match=r"a GGUF file: llama\.cpp's format is not read"):
+        resolve_model(str(tmp_path / "model-q8_0.gguf"))
+    with pytest.raises(CheckpointError, match=r"it holds GGUF files, e\.g\. model-q8_0\.gguf"):
+        resolve_model(str(tmp_path))

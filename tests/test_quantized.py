@@ -12,6 +12,7 @@ from llm_audit.source.plan import build_plan
 
 OUT, IN, GROUPS = 64, 256, 16  # group size 16: 16 groups, enough rows to look like a matrix
 P = "model.layers.0.self_attn.q_proj"
+D = "model.layers.0.mlp.down_proj"
 
 
 def _meta(dtype: str, *shape: int) -> SimpleNamespace:
@@ -55,6 +56,64 @@ FORMATS = {
         },
         "compressed-tensors pack-quantized I32 weight (not decoded)",
     ),
+    "gptq-down_proj": (  # `down_proj.scales` is also how gpt-oss names MXFP4 scales
+        {"quant_method": "gptq", "bits": 4, "group_size": 16},
+        {
+            f"{D}.qweight": _meta("I32", IN // 8, OUT),
+            f"{D}.qzeros": _meta("I32", GROUPS, OUT // 8),
+            f"{D}.scales": _meta("F16", GROUPS, OUT),
+            f"{D}.g_idx": _meta("I32", IN),
+        },
+        "GPTQ-packed I32 weight (not decoded)",
+    ),
+    "compressed-tensors-nvfp4": (  # two FP4 values per byte, E4M3 scales per 16
+        {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"},
+        {
+            f"{P}.weight_packed": _meta("U8", OUT, IN // 2),
+            f"{P}.weight_scale": _meta("F8_E4M3", OUT, IN // 16),
+            f"{P}.weight_global_scale": _meta("F32", 1),
+            f"{P}.input_global_scale": _meta("F32", 1),
+        },
+        "compressed-tensors nvfp4-pack-quantized U8 weight (not decoded)",
+    ),
+    "modelopt-nvfp4": (  # NVIDIA ModelOpt: the format is in hf_quant_config.json only
+        {},
+        {
+            f"{P}.weight": _meta("U8", OUT, IN // 2),
+            f"{P}.weight_scale": _meta("F8_E4M3", OUT, IN // 16),
+            f"{P}.weight_scale_2": _meta("F32"),
+            f"{P}.input_scale": _meta("F32"),
+        },
+        "NVFP4 packed 4-bit weight (not decoded)",
+    ),
+    "mlx-4bit": (  # mlx-lm QuantizedLinear: eight 4-bit values per uint32, group 32
+        {"quantization": {"group_size": 32, "bits": 4}},
+        {
+            f"{D}.weight": _meta("U32", OUT, IN // 8),
+            f"{D}.scales": _meta("F16", OUT, IN // 32),
+            f"{D}.biases": _meta("F16", OUT, IN // 32),
+        },
+        "MLX 4-bit quantized U32 weight (not decoded)",
+    ),
+    "quanto-qint8": (  # optimum-quanto `freeze`: the weight's `_data` beside its `_scale`
+        {},
+        {
+            f"{P}.weight._data": _meta("I8", OUT, IN),
+            f"{P}.weight._scale": _meta("F32", OUT, 1),
+            f"{P}.input_scale": _meta("F32"),
+            f"{P}.output_scale": _meta("F32"),
+        },
+        "optimum-quanto quantized I8 weight (not decoded)",
+    ),
+    "quanto-qint4": (
+        {},
+        {
+            f"{P}.weight._data._data": _meta("U8", OUT, IN // 2),
+            f"{P}.weight._scale": _meta("F32", 2 * OUT, 1),
+            f"{P}.weight._shift": _meta("F32", 2 * OUT, 1),
+        },
+        "optimum-quanto quantized U8 weight (not decoded)",
+    ),
     "bnb-4bit": (
         {"quant_method": "bitsandbytes", "load_in_4bit": True},
         {
@@ -82,10 +141,13 @@ FORMATS = {
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_packed_weights_skipped_by_format_and_their_state_never_audited(fmt):
     config, layer, reason = FORMATS[fmt]
-    plan = build_plan(PLAIN | layer, {"quantization_config": config}, min_evals=8)
+    top_level = "quantization" in config  # MLX's config.json key, not quantization_config
+    plan = build_plan(
+        PLAIN | layer, config if top_level else {"quantization_config": config}, min_evals=8
+    )
     assert [u.id for u in plan.units] == ["model.embed_tokens.weight", "lm_head.weight"]
     reasons = {s.name: s.reason for s in plan.skipped}
-    packed = next(name for name in layer if name.endswith(("qweight", "weight_packed", "weight")))
+    packed = next(n for n in layer if n.endswith(("qweight", "weight_packed", "weight", "_data")))
     assert reasons[packed] == reason
     for name in layer:
         assert name in reasons, name  # every auxiliary tensor listed, with its reason

@@ -214,8 +214,8 @@ class _Encoder:
         """The FP8 scale (float32) over stored element `index` of a 2-D weight."""
         block_rows, block_cols = unit.scale_block
         flat = (index[0] // block_rows) * -(-shape[1] // block_cols) + index[1] // block_cols
-        dtype = self.checkpoint.tensors[unit.scales_tensor].dtype
-        size = DTYPE_SIZES[dtype]
+        stored = self.checkpoint.tensors[unit.scales_tensor].dtype
+        dtype, size = unit.scale_dtype or stored, DTYPE_SIZES[stored]
         return decode(self.read(unit.scales_tensor, flat * size, size), dtype, (1,))[0]
 
     def patches(

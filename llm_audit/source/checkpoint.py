@@ -103,7 +103,14 @@ class Checkpoint:
         scale_raw = self._read(
             unit.scales_tensor, top * grid_cols * item, (bottom - top) * grid_cols * item
         )
-        scales = decode(scale_raw, scale_info.dtype, (bottom - top, grid_cols))
+        scale_dtype = unit.scale_dtype or scale_info.dtype
+        scales = decode(scale_raw, scale_dtype, (bottom - top, grid_cols))
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            i, j = np.argwhere(~(np.isfinite(scales) & (scales >= 0)))[0]
+            raise DecodeError(
+                f"scale tensor {unit.scales_tensor!r} holds {scales[i, j]} at block "
+                f"({top + i}, {j}): FP8 scales must be finite and not negative"
+            )
         per_row = scales[np.arange(first, first + count) // block_rows - top]
         return rows * np.repeat(per_row, block_cols, axis=1)[:, :cols].astype(rows.dtype)
 

@@ -76,10 +76,11 @@ class MatrixUnit:
     - "expert": slice `expert` of a stacked [E, a, b] tensor (`transpose` if stored in x out);
     - "mxfp4": slice `expert` of `tensor` (blocks) and `scales_tensor`, decoded;
     - "conv": the [:, :, kh, kw] slice `(row_start, row_stop)` = (kh, kw) of a 4-D kernel.
-    FP8 weights name their `scales_tensor` and `scale_block` (rows, cols per scale); the
-    reader multiplies them in. `shape` is the matrix as audited, (out, in); `transpose`
-    says the stored tensor is its transpose, so trap coordinates (row, col) are (col, row)
-    there; `nbytes` is what reading it costs.
+    FP8 weights name their `scales_tensor`, `scale_block` (rows, cols per scale) and
+    `scale_dtype` (what the scale bytes decode as); the reader multiplies them in. `shape`
+    is the matrix as audited, (out, in); `transpose` says the stored tensor is its
+    transpose, so trap coordinates (row, col) are (col, row) there; `nbytes` is what
+    reading it costs.
     """
 
     id: str
@@ -97,6 +98,7 @@ class MatrixUnit:
     row_stop: int | None = None
     row_period: int | None = None
     scale_block: tuple[int, int] | None = None
+    scale_dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,10 +220,10 @@ class _Planner:
         packed = packed_reason(name, meta, self.tensors, self.config)
         if blocks:
             self.visit_mxfp4(name, blocks.group(1), blocks.group(2), meta.dtype, shape)
+        elif auxiliary:  # before MXFP4 scales: GPTQ's and MLX's `down_proj.scales` too
+            self.skip(name, auxiliary, weight=False)
         elif _MXFP4_SCALES.match(name):
             self.check_scales_have_blocks(name)
-        elif auxiliary:
-            self.skip(name, auxiliary, weight=False)
         elif packed:
             self.skip(name, packed)
         elif meta.dtype not in FLOAT_DTYPES:
@@ -257,6 +259,7 @@ class _Planner:
         common = {
             "scales_tensor": scales.tensor if scales else None,
             "scale_block": scales.block if scales else None,
+            "scale_dtype": scales.dtype if scales else None,
             "transpose": transpose,
         }
         if split is None:

@@ -12,7 +12,15 @@ tensor (scales, zero points, group indices, bitsandbytes state) is skipped with 
 never audited alone. Integer-packed weights are skipped with a reason that names their
 format: we decode only what a test can check exactly.
 
-Formats are recognised from config.json's `quantization_config` and from tensor names.
+Scales go by several names: `weight_scale_inv` (DeepSeek-V3, transformers), `weight_scale`
+(compressed-tensors, fbgemm, ModelOpt), `qscale_weight` (Mistral) and a bare `scale` beside
+the weight (DeepSeek-V4) — the last two are what transformers' own FP8 loader renames to
+`weight_scale_inv`. An FP8 weight whose scales this module cannot place is skipped, never
+read as raw codes (lambda_max off by 10^6). U8 scales are E8M0 exponents when the config
+says so (transformers' `scale_fmt: ue8m0`, compressed-tensors' MXFP8).
+
+Formats are recognised from config.json's `quantization_config` (and MLX's `quantization`)
+and from tensor names.
 """
 
 from __future__ import annotations
@@ -32,11 +40,13 @@ SCALE_DTYPES = frozenset({"F32", "BF16", "F16", "F8_E8M0"})  # E8M0: ue8m0 power
 @dataclass(frozen=True)
 class Fp8Scales:
     """The scales of an FP8 weight [out, in]: `tensor` holds one scale per `block`
-    (rows, cols) of the weight, [ceil(out / rows), ceil(in / cols)]; `label` for reports."""
+    (rows, cols) of the weight, [ceil(out / rows), ceil(in / cols)]; `label` for reports;
+    `dtype` what the scale bytes decode as (E8M0 for U8 exponent bytes)."""
 
     tensor: str
     block: tuple[int, int]
     label: str
+    dtype: str
 
 
 # Last name component -> what the tensor is. Weight state belongs to the `.weight` (or
@@ -48,15 +58,29 @@ _WEIGHT_STATE = {
     "weight_zero_point": "weight zero points",
     "weight_g_idx": "weight group index",
     "weight_shape": "packed weight's shape",
+    "weight_scale_2": "weight global scale",
+    "qscale_weight": "FP8 weight scales",
 }
 _ACTIVATION_STATE = {
     "input_scale": "activation scale (not a weight)",
     "input_global_scale": "activation scale (not a weight)",
     "input_zero_point": "activation zero point (not a weight)",
     "output_scale": "activation scale (not a weight)",
+    "input_scale_ub": "activation scale (not a weight)",
+    "activation_scale": "activation scale (not a weight)",
+    "qscale_act": "activation scale (not a weight)",
     "k_scale": "KV-cache scale (not a weight)",
     "v_scale": "KV-cache scale (not a weight)",
 }
+# Scale names beside an FP8 `P.weight`, first match wins. The block-style ones take the
+# block size from config.json when they are not per-tensor / per-channel / per-group.
+_BLOCK_SCALE_NAMES = ("weight_scale_inv", "qscale_weight", "scale")
+_SCALE_NAMES = ("weight_scale_inv", "weight_scale", "qscale_weight", "scale")
+# optimum-quanto's frozen weights: `P.weight._data` (qint4: `P.weight._data._data`, packed)
+# beside `P.weight._scale` (and `_shift`).
+_QUANTO_DATA = re.compile(r"^(.*\.weight)\._data(?:\._data)?$")
+# Dtypes a quantized weight is stored in (a `P.scale` beside one of these is its scale).
+_QUANTIZED_DTYPES = FP8_DTYPES | {"U8", "I8", "U32", "I32"}
 _GPTQ_STATE = {"qzeros": "zero points", "scales": "scales", "g_idx": "group index"}
 # bitsandbytes: 4-bit state hangs off `X.weight.`, int8 row scales are `X.SCB`.
 _BNB_WEIGHT_STATE = (
@@ -78,6 +102,34 @@ def quant_method(config: Mapping[str, Any]) -> str | None:
     qc = config.get("quantization_config")
     method = qc.get("quant_method") if isinstance(qc, Mapping) else None
     return method.lower() if isinstance(method, str) else None
+
+
+def _groups(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """compressed-tensors' `quantization_config.config_groups` values (the objects only)."""
+    qc = config.get("quantization_config")
+    groups = qc.get("config_groups") if isinstance(qc, Mapping) else None
+    if not isinstance(groups, Mapping):
+        return []
+    return [g for g in groups.values() if isinstance(g, Mapping)]
+
+
+def _format(config: Mapping[str, Any]) -> str | None:
+    """compressed-tensors' format ("float-quantized", "nvfp4-pack-quantized", ...): the
+    top-level one, else the one all its config groups share."""
+    qc = config.get("quantization_config")
+    top = qc.get("format") if isinstance(qc, Mapping) else None
+    if isinstance(top, str) and top != "mixed-precision":
+        return top
+    formats = {g.get("format") for g in _groups(config)}
+    one = formats.pop() if len(formats) == 1 else None
+    return one if isinstance(one, str) else None
+
+
+def _mlx_bits(config: Mapping[str, Any]) -> int | None:
+    """MLX's quantization width (config.json `quantization.bits`), or None."""
+    mlx = config.get("quantization")
+    bits = mlx.get("bits") if isinstance(mlx, Mapping) else None
+    return bits if isinstance(bits, int) and not isinstance(bits, bool) else None
 
 
 def _packed_format(config: Mapping[str, Any]) -> str:
@@ -103,6 +155,15 @@ def auxiliary_reason(
         return f"{_packed_format(config)} {_GPTQ_STATE[last]} of a packed weight"
     if _BNB_STATE.search(name):
         return "bitsandbytes quantization state"
+    weight = tensors.get(prefix + ".weight")
+    dtype = getattr(weight, "dtype", None)
+    if last == "scale" and dtype in _QUANTIZED_DTYPES:
+        return "weight scales (read with their weight, never audited alone)"
+    if last in ("scales", "biases") and dtype in ("U32", "U8"):
+        return f"MLX quantization {last} of a packed weight"
+    quanto = prefix + "._data" in tensors or prefix + "._data._data" in tensors
+    if last in ("_scale", "_shift") and prefix.endswith(".weight") and quanto:
+        return "optimum-quanto quantization state of a weight"
     return None
 
 
@@ -113,58 +174,101 @@ def packed_reason(
     if name.endswith(".qweight"):
         return f"{_packed_format(config)}-packed {meta.dtype} weight (not decoded)"
     if name.endswith(".weight_packed"):
-        return f"compressed-tensors pack-quantized {meta.dtype} weight (not decoded)"
-    if name.endswith(".weight") and meta.dtype in ("U8", "I8"):
-        prefix = name[: -len(".weight")]
+        fmt = _format(config) or "pack-quantized"
+        return f"compressed-tensors {fmt} {meta.dtype} weight (not decoded)"
+    quanto = _QUANTO_DATA.match(name)
+    if quanto and quanto.group(1) + "._scale" in tensors:
+        return f"optimum-quanto quantized {meta.dtype} weight (not decoded)"
+    if not name.endswith(".weight"):
+        return None
+    prefix = name[: -len(".weight")]
+    if meta.dtype in ("U32", "U8") and prefix + ".scales" in tensors:
+        bits = _mlx_bits(config)
+        width = f"{bits}-bit " if bits else ""
+        return f"MLX {width}quantized {meta.dtype} weight (not decoded)"
+    if meta.dtype in ("U8", "I8"):
         if any(name + suffix in tensors for suffix in _BNB_WEIGHT_STATE):
             return "bitsandbytes 4-bit weight (not decoded)"
         if prefix + ".SCB" in tensors:
             return "bitsandbytes int8 weight (not decoded)"
-        if prefix + ".weight_scale" in tensors:
+        scale = tensors.get(prefix + ".weight_scale")
+        if scale is not None and meta.dtype == "U8" and scale.dtype == "F8_E4M3":
+            return "NVFP4 packed 4-bit weight (not decoded)"  # E4M3 scales per 16 values
+        if scale is not None:
             method = quant_method(config) or "int"
             return f"{method} int8-quantized weight (not decoded)"
     return None
 
 
-def _block_size(config: Mapping[str, Any]) -> tuple[int, int] | None:
-    qc = config.get("quantization_config")
-    block = qc.get("weight_block_size") if isinstance(qc, Mapping) else None
+def _pair(value: Any) -> tuple[int, int] | None:
     if (
-        isinstance(block, list)
-        and len(block) == 2
-        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value)
     ):
-        return block[0], block[1]
+        return value[0], value[1]
     return None
+
+
+def _block_size(config: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The FP8 weight block (rows, cols): `quantization_config.weight_block_size`
+    (DeepSeek, transformers), else the `block_structure` every compressed-tensors group
+    with strategy "block" shares."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, Mapping):
+        return None
+    if (block := _pair(qc.get("weight_block_size"))) is not None:
+        return block
+    blocks = set()
+    for group in _groups(config):
+        weights = group.get("weights")
+        if isinstance(weights, Mapping) and weights.get("strategy") == "block":
+            blocks.add(_pair(weights.get("block_structure")))
+    return blocks.pop() if len(blocks) == 1 else None
+
+
+def _e8m0_bytes(config: Mapping[str, Any]) -> bool:
+    """Whether U8 scales hold E8M0 exponents: transformers' `scale_fmt: ue8m0`, or a
+    compressed-tensors MX format (`mxfp8-quantized`)."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, Mapping) and qc.get("scale_fmt") == "ue8m0":
+        return True
+    return (_format(config) or "").startswith("mxfp")
+
+
+def _scale_name(name: str, tensors: Mapping[str, TensorMeta]) -> str | None:
+    prefix = name[: -len("weight")]
+    return next((prefix + s for s in _SCALE_NAMES if prefix + s in tensors), None)
 
 
 def fp8_scales(
     name: str, meta: TensorMeta, tensors: Mapping[str, TensorMeta], config: Mapping[str, Any]
 ) -> Fp8Scales | str | None:
     """How the FP8 weight `name` is scaled: its `Fp8Scales`, a reason to skip it (scales
-    that do not fit), or None when it has no scale tensor (plain FP8 values)."""
+    that do not fit, or that this module cannot find although they are there), or None
+    when it has no scales (plain FP8 values)."""
     if meta.dtype not in FP8_DTYPES or not name.endswith(".weight"):
         return None
-    inverse, direct = name + "_scale_inv", name + "_scale"
-    scale_name = inverse if inverse in tensors else direct if direct in tensors else None
+    scale_name = _scale_name(name, tensors)
     if scale_name is None:
-        return None
+        return _missing_scales(config)
     scale = tensors[scale_name]
     shape, scale_shape = tuple(meta.shape), tuple(scale.shape)
-    if scale.dtype not in SCALE_DTYPES:
+    scale_dtype = scale.dtype
+    if scale_dtype == "U8" and _e8m0_bytes(config):
+        scale_dtype = "F8_E8M0"
+    if scale_dtype not in SCALE_DTYPES:
         return f"FP8 weight whose scales are {scale.dtype} (not decoded)"
     if len(shape) != 2:
         return f"FP8 weight of shape {list(shape)} with scales: only 2-D weights are dequantized"
     rows, cols = shape
-    block: tuple[int, int] | None = None
-    label = ""
-    if scale_name == inverse:
-        block = _block_size(config)
-        if block is None:
-            return "FP8 block scales without quantization_config.weight_block_size in config.json"
-        label = f"block {block[0]}x{block[1]}"
-    elif math.prod(scale_shape) == 1 and len(scale_shape) <= 2:
+    block = _block_size(config)
+    label = f"block {block[0]}x{block[1]}" if block else ""
+    block_style = scale_name.rpartition(".")[2] in _BLOCK_SCALE_NAMES
+    if math.prod(scale_shape) == 1 and len(scale_shape) <= 2:
         block, label = (rows, cols), "per-tensor"
+    elif block_style and block is not None:
+        pass  # DeepSeek's block grid, even where it would also read as per-channel
     elif scale_shape in ((rows,), (rows, 1)):
         block, label = (1, cols), "per-channel"
     elif (
@@ -174,16 +278,31 @@ def fp8_scales(
         and not cols % scale_shape[1]
     ):
         block, label = (1, cols // scale_shape[1]), f"group {cols // scale_shape[1]}"
-    elif _block_size(config) is not None:
-        block = _block_size(config)
-        label = f"block {block[0]}x{block[1]}"
     if block is not None:
         grid = (-(-rows // block[0]), -(-cols // block[1]))
         if math.prod(scale_shape) == math.prod(grid) and (
             len(scale_shape) < 2 or scale_shape == grid
         ):
-            return Fp8Scales(scale_name, block, f"{meta.dtype} {label} scaled")
+            return Fp8Scales(scale_name, block, f"{meta.dtype} {label} scaled", scale_dtype)
+    if block_style and _block_size(config) is None:
+        return (
+            f"FP8 block scales {list(scale_shape)} without quantization_config."
+            "weight_block_size in config.json"
+        )
     return (
         f"FP8 weight {list(shape)} whose scales {list(scale_shape)} fit no known layout "
         f"(per-tensor, per-channel, group, block)"
+    )
+
+
+def _missing_scales(config: Mapping[str, Any]) -> str | None:
+    """Why an FP8 weight with no scale under a known name is not read as raw codes: the
+    config declares a quantization method, so its scales are somewhere we do not look;
+    None for plain FP8 values."""
+    method = quant_method(config)
+    if method is None:
+        return None
+    return (
+        f"FP8 weight without scales under a known name ({', '.join(_SCALE_NAMES)}) although "
+        f"config.json declares {method} quantization (not decoded)"
     )

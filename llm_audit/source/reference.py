@@ -122,8 +122,12 @@ def _resolve_folder(reference: str, root: Path, **hub: str | None) -> ResolvedMo
     pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         _refuse_pickle(root / pickles[0])
-    raise CheckpointError(root, f"no {INDEX_NAME} and no *.safetensors file in this folder")
+    ggufs = sorted(p.name for p in root.glob("*.gguf"))
+    held = f" (it holds GGUF files, e.g. {ggufs[0]}: {_GGUF})" if ggufs else ""
+    raise CheckpointError(root, f"no {INDEX_NAME} and no *.safetensors file in this folder{held}")
 
+
+_GGUF = "llama.cpp's format is not read; audit the model's safetensors release"
 
 # what an audit reads from a snapshot: its top-level safetensors and JSON (index, config)
 _READ_PATTERNS = ["*.safetensors", "*.json"]
@@ -224,6 +228,8 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
         if path.is_dir():
             return _resolve_folder(reference, path)
         _refuse_pickle(path)
+        if path.suffix.lower() == ".gguf":
+            raise CheckpointError(path, f"a GGUF file: {_GGUF}")
         if path.suffix != ".safetensors":
             raise CheckpointError(path, "not a .safetensors file")
         return ResolvedModel(reference, path.parent, (path,), None)
