@@ -389,8 +389,12 @@ def test_stored_index_is_where_the_reader_finds_each_entry(tmp_path, bundled):
     would pick another value)."""
     from safetensors.numpy import save_file
 
+    rng = np.random.default_rng(0)
     save_file(
-        {"conv.weight": np.random.default_rng(0).standard_normal((16, 12, 3, 2), np.float32)},
+        {
+            "conv.weight": rng.standard_normal((16, 12, 3, 2), np.float32),
+            "conv1d.weight": rng.standard_normal((16, 12, 3), np.float32),  # Conv1d [out, in, k]
+        },
         str(tmp_path / "conv.safetensors"),
     )
     small = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1}

@@ -142,6 +142,16 @@ FAMILIES = {
         ("model.layers.1.block_sparse_moe.output_linear.weight", [(2, 10, 20), (2, 3, 40)]),
         ("model.layers.1.block_sparse_moe.output_linear.weight[2]", [(10, 20), (3, 40)]),
     ),
+    "aria_text": (  # experts stored [E, in, out] as `experts.fc1/fc2.weight`
+        "AriaTextConfig",
+        SMALL | {"moe_num_experts": 4, "moe_topk": 2, "moe_num_shared_experts": 1},
+        ATTN
+        | {"expert_gate_up": 8, "expert_down": 8}
+        | {"shared_gate": 2, "shared_up": 2, "shared_down": 2}
+        | HEADS,
+        ("model.layers.1.mlp.experts.fc2.weight", [(2, 10, 20), (2, 40, 3)]),
+        ("model.layers.1.mlp.experts.fc2.weight[2]", [(20, 10), (3, 40)]),
+    ),
     "dbrx": (  # experts flattened [E * ffn, d]; w2 is stored (in, out) per expert
         "DbrxConfig",
         {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 32}
@@ -253,6 +263,33 @@ def test_user_kind_rules_from_the_config_come_first(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+def test_qwen3_vl_moe_stacks_resaved_by_transformers_are_out_in(tmp_path):
+    """transformers 5 holds Qwen3-VL-MoE's experts [E, out, in] and saves them so; the hub's
+    checkpoints are [E, in, out] under the same names (tests/test_plan.py). An entry
+    planted at a module's (out, in) is reported at that (row, col), not transposed."""
+    text = SMALL | {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}
+    text |= {"head_dim": 8, "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2]}}
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 48, "num_heads": 4}
+    vision |= {"out_hidden_size": 32, "patch_size": 8, "deepstack_visual_indexes": [0]}
+    config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    experts = model.model.language_model.layers[1].mlp.experts
+    assert tuple(experts.down_proj.shape) == (4, 32, 16)  # [E, out = hidden, in]
+    with torch.no_grad():
+        experts.down_proj[2, 29, 9] = 1.0
+        experts.down_proj[2, 3, 14] = -0.75
+    model.save_pretrained(tmp_path / "m")
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "m")))
+    plan = checkpoint.plan(8)
+    name = "model.language_model.layers.1.mlp.experts.down_proj"
+    unit = next(u for u in plan.units if u.id == f"{name}[2]")
+    assert (unit.shape, unit.transpose) == ((32, 16), False)
+    [row] = analyze_units(checkpoint, [unit], AnalysisSettings(seed=6))
+    entries = row["trap_entries"][:2]
+    assert [(e["row"], e["col"], e["value"]) for e in entries] == [(29, 9, 1.0), (3, 14, -0.75)]
+
+
 ENCODERS = {  # family -> (config class, config, auto class, kinds planned)
     "bert": (
         "BertConfig",
@@ -302,6 +339,16 @@ ENCODERS = {  # family -> (config class, config, auto class, kinds planned)
         {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32},
         "AutoModelForCausalLM",
         ATTN | {"up_proj": 2, "down_proj": 2, "embedding": 1, "position_embedding": 1},
+    ),
+    "whisper": (  # Conv1d front end [out, in, 3]: one matrix per kernel position
+        "WhisperConfig",
+        {"vocab_size": 64, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1}
+        | {"encoder_attention_heads": 2, "decoder_attention_heads": 2, "num_mel_bins": 16}
+        | {"encoder_ffn_dim": 48, "decoder_ffn_dim": 48, "max_source_positions": 16}
+        | {"max_target_positions": 16, "pad_token_id": 0, "decoder_start_token_id": 1},
+        "AutoModelForSpeechSeq2Seq",
+        {"q_proj": 3, "k_proj": 3, "v_proj": 3, "o_proj": 3, "up_proj": 2, "down_proj": 2}
+        | {"embedding": 1, "position_embedding": 2, "conv": 6},
     ),
     "rwkv": (  # channel mix key/value is an MLP; receptance gates and the head stay linear
         "RwkvConfig",

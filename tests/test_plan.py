@@ -230,6 +230,18 @@ def test_kind_rules_from_a_config_are_validated():
         ("model.layers.0.mlp.experts.3.up_proj.weight", "expert_up", 0, 3),
         ("model.layers.0.mlp.shared_expert.up_proj.weight", "shared_up", 0, None),
         ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "kv_a_proj", 0, None),
+        # names found in families the table did not know (transformers 5.24's own)
+        ("backbone.layers.2.mixer.o_proj.weight", "o_proj", 2, None),  # NemotronH
+        ("backbone.layers.1.mixer.gate.weight", "router", 1, None),
+        ("backbone.layers.0.mixer.out_proj.weight", "linear", 0, None),  # Mamba's, not attention
+        ("model.layers.0.self_attn.1.o_proj.weight", "o_proj", 0, None),  # LongCat-Flash
+        ("model.layers.0.mlp.router.classifier.weight", "router", 0, None),
+        ("model.layers.0.shared_mlp.input_linear.weight", "shared_gate_up", 0, None),  # Granite
+        ("model.layers.0.shared_mlp.output_linear.weight", "shared_down", 0, None),
+        ("model.embed_tokens_per_layer.weight", "embedding", None, None),  # Gemma-3n
+        ("vision_tower.encoder.layer.1.attention.projection_layer.weight", "o_proj", 1, None),
+        ("vision_model.gated_positional_embedding.embedding", "position_embedding", None, None),
+        ("audio.encoder.encoders.3.self_attn.linear_q.weight", "linear", 3, None),  # Phi-4-MM
     ],
 )
 def test_naming_table_beyond_the_tested_families(name, kind, layer, expert):
@@ -249,4 +261,75 @@ def test_llama4_stacked_experts_under_feed_forward():
     assert [(u.kind, u.expert, u.shape) for u in plan.units] == [
         ("expert_gate_up", 0, (96, 32)),
         ("expert_gate_up", 1, (96, 32)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("gate_up", "down", "stored_in_out"),
+    [
+        ((4, 32, 96), (4, 48, 32), True),  # gpt-oss, Llama 4, Aria on the hub: [E, in, out]
+        ((4, 96, 32), (4, 32, 48), False),  # transformers 5 saving Qwen3-VL-MoE: [E, out, in]
+        ((4, 96, 32), (4, 32, 32), False),  # a square down stack goes with its gate_up
+        ((4, 32, 64), (4, 32, 32), True),
+    ],
+)
+def test_expert_stack_orientation_follows_the_hidden_size(gate_up, down, stored_in_out):
+    """The same names hold [E, in, out] on the hub and [E, out, in] once transformers 5
+    re-saves a model (Qwen3-VL-MoE): the side that is config.json's hidden size (also
+    under `text_config`) decides, where it is one side only."""
+    base = "model.language_model.layers.0.mlp.experts."
+    tensors = {
+        base + "gate_up_proj": _meta("BF16", *gate_up),
+        base + "down_proj": _meta("BF16", *down),
+    }
+    config = {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": 32}}
+    units = build_plan(tensors, config, min_evals=8).units
+    for unit in units:
+        assert unit.transpose is stored_in_out, unit.id
+        stored = tensors[unit.tensor].shape[1:]
+        assert unit.shape == (stored[::-1] if stored_in_out else stored), unit.id
+    down_units = [u for u in units if u.kind == "expert_down"]
+    assert {u.shape[0] for u in down_units} == {32}  # a down projection's output: hidden
+
+
+def test_decay_buffers_and_conv1d_kernels():
+    """MiniMax saves its attention decay constants with the weights: not weights. A Conv1d
+    kernel [out, in, k] (Whisper's, wav2vec2's feature extractor) is k matrices."""
+    plan = build_plan(
+        {
+            "model.layers.0.self_attn.diagonal_decay": _meta("F32", 1, 4, 256, 256),
+            "model.layers.0.self_attn.slope_rate": _meta("F32", 4, 1, 1),
+            "model.encoder.conv1.weight": _meta("F32", 64, 80, 3),
+            "model.layers.0.mixer.conv1d.weight": _meta("F32", 64, 1, 4),
+        },
+        min_evals=8,
+    )
+    assert [(u.id, u.kind, u.shape, u.row_start, u.row_stop) for u in plan.units] == [
+        (f"model.encoder.conv1.weight[{k}]", "conv", (64, 80), k, None) for k in range(3)
+    ]
+    skipped = {s.name: s for s in plan.skipped}
+    decay = skipped["model.layers.0.self_attn.diagonal_decay"]
+    assert "decay constants" in decay.reason and not decay.weight
+    assert not skipped["model.layers.0.self_attn.slope_rate"].weight
+    assert skipped["model.layers.0.mixer.conv1d.weight"].reason.startswith("too small")
+
+
+def test_phi4_multimodal_splits_its_language_models_qkv_only():
+    """Phi-4-multimodal's language model keeps Phi-3's [q; k; v] rows (split by the
+    config's heads); a tower's qkv_proj the heads do not add up to is kept whole."""
+    config = {"model_type": "phi4_multimodal", "hidden_size": 64, "num_attention_heads": 4}
+    config |= {"num_key_value_heads": 2}  # head_dim 16: q 64 rows, k 32, v 32
+    plan = build_plan(
+        {
+            "model.layers.0.self_attn.qkv_proj.weight": _meta("BF16", 128, 64),
+            "model.embed_tokens_extend.image_embed.qkv_proj.weight": _meta("BF16", 96, 32),
+        },
+        config,
+        min_evals=8,
+    )
+    assert [(u.kind, u.row_start, u.row_stop) for u in plan.units] == [
+        ("q_proj", 0, 64),
+        ("k_proj", 64, 96),
+        ("v_proj", 96, 128),
+        ("qkv_proj", None, None),
     ]

@@ -189,8 +189,12 @@ def stored_index(unit: MatrixUnit, shape: tuple[int, ...], r: int, c: int) -> tu
         return (c, i) if unit.transpose else (i, c)
     if unit.layout == "expert":
         return (unit.expert, c, r) if unit.transpose else (unit.expert, r, c)
-    if unit.layout == "conv":
-        return r, c, unit.row_start, unit.row_stop
+    if unit.layout == "conv":  # Conv2d (kh, kw), Conv1d (k, None)
+        return (
+            (r, c, unit.row_start)
+            if unit.row_stop is None
+            else (r, c, unit.row_start, unit.row_stop)
+        )
     if unit.layout == "mxfp4":
         return unit.expert, r, c // BLOCK, (c % BLOCK) // 2
     raise ValueError(f"unknown unit layout {unit.layout!r}")

@@ -144,7 +144,10 @@ class Checkpoint:
         if unit.layout == "conv":
             if self._kernel is None or self._kernel[0] != name:
                 self._kernel = (name, decode(self._read(name, 0, info.nbytes), info.dtype, shape))
-            return np.ascontiguousarray(self._kernel[1][:, :, unit.row_start, unit.row_stop])
+            position = (
+                (unit.row_start,) if unit.row_stop is None else (unit.row_start, unit.row_stop)
+            )
+            return np.ascontiguousarray(self._kernel[1][(slice(None), slice(None), *position)])
         raise ValueError(f"unknown unit layout {unit.layout!r}")
 
 

@@ -16,7 +16,8 @@ What becomes a unit (its kind, layer and expert from `roles`, user `kinds:` rule
   fused qkv weights keep the kind `qkv_proj`;
 - stacked experts, one unit per expert: MXFP4 `*_blocks` (+ `*_scales`) [E, out, G, 16],
   or transformers' dense `mlp.experts.gate_up_proj` / `down_proj` stored [E, in, out];
-- conv kernels (out, in, kh, kw): one unit per (kh, kw) slice, as WeightWatcher does.
+- conv kernels (out, in, kh, kw): one unit per (kh, kw) slice, as WeightWatcher does;
+  Conv1d kernels (out, in, k) (a 3-D tensor with `conv` in its name) one per k;
 Skipped, with the reason: vectors (norms, biases, sinks), empty tensors, scales and other
 quantization state (read with their weight or not at all), integer-packed weights (named
 by format), non-float tensors, and matrices with fewer than `min_evals` eigenvalues.
@@ -49,12 +50,28 @@ _MXFP4_SCALES = re.compile(
 _LN = re.compile(r"(?:^|\.)ln(?:_\w+)?\.(?:weight|bias)$")  # GPT-2's ln_1, ln_f
 _STACK_SCALES = ("_scale", "_scale_inv", "_scales", "_weight_scale", "_weight_scale_inv")
 # Expert stacks [E, a, b], one matrix per expert: transformers' gpt-oss and Llama 4 store
-# [E, in, out] (used as x @ W[e]); GraniteMoE (and its shared and hybrid variants)
-# [E, out, in] (F.linear(x, W[e])). The flag: stored transposed.
+# [E, in, out] (used as x @ W[e]), and so do Aria's `experts.fc1/fc2`; GraniteMoE (and its
+# shared and hybrid variants) [E, out, in] (F.linear(x, W[e])). The flag: stored
+# transposed, as each family's checkpoints on the hub are. Where config.json's hidden size
+# tells a and b apart, it decides instead: transformers 5 saves Qwen3-VL-MoE's stacks in
+# its in-memory [E, out, in], the hub holds them [E, in, out], under the same names.
 _STACKED_EXPERTS = (
     (re.compile(r"\.(?:mlp|feed_forward)\.experts\.(?:gate_up_proj|down_proj)$"), True),
+    (re.compile(r"\.experts\.(?:fc1|fc2)\.weight$"), True),
     (re.compile(r"\.block_sparse_moe\.(?:input_linear|output_linear)\.weight$"), False),
 )
+# Each stack's fused gate_up name and its down name, for the orientation of a down stack
+# whose two sides are both the hidden size.
+_GATE_UP_OF_DOWN = (
+    ("down_proj", "gate_up_proj"),
+    ("fc2.weight", "fc1.weight"),
+    ("output_linear.weight", "input_linear.weight"),
+)
+_FUSED_GATE_UP = ("gate_up_proj", "mlp1_weight", "input_linear.weight", "fc1.weight")
+# Buffers saved beside the weights that are constants, not linear maps (MiniMax's
+# lightning attention decays).
+_CONSTANTS = re.compile(r"(?:^|\.)(?:diagonal_decay|query_decay|key_decay|slope_rate)$")
+_CONV_NAME = re.compile(r"conv", re.IGNORECASE)
 # DBRX flattens each layer's experts into 2-D [E * ffn, d]: expert e is rows e*ffn:(e+1)*ffn.
 # w1 (gate) and v1 (up) are (out, in) per expert; w2 (down) is used as h @ w2[e], so it is
 # stored (in, out). The expert count is config.json's ffn_config.moe_num_experts.
@@ -75,7 +92,8 @@ class MatrixUnit:
       of the stored tensor if `transpose`), rows `row_start:row_stop` (Falcon, GPT-2 qkv);
     - "expert": slice `expert` of a stacked [E, a, b] tensor (`transpose` if stored in x out);
     - "mxfp4": slice `expert` of `tensor` (blocks) and `scales_tensor`, decoded;
-    - "conv": the [:, :, kh, kw] slice `(row_start, row_stop)` = (kh, kw) of a 4-D kernel.
+    - "conv": the [:, :, kh, kw] slice `(row_start, row_stop)` = (kh, kw) of a 4-D kernel,
+      or the [:, :, k] slice `row_start` = k of a 3-D (Conv1d) kernel (`row_stop` None).
     FP8 weights name their `scales_tensor`, `scale_block` (rows, cols per scale) and
     `scale_dtype` (what the scale bytes decode as); the reader multiplies them in. `shape`
     is the matrix as audited, (out, in); `transpose` says the stored tensor is its
@@ -141,8 +159,27 @@ class Plan:
 
 
 def _expert_kind(base: str) -> str:
-    fused = ("gate_up_proj", "mlp1_weight", "input_linear.weight")
-    return "expert_gate_up" if base.endswith(fused) else "expert_down"
+    return "expert_gate_up" if base.endswith(_FUSED_GATE_UP) else "expert_down"
+
+
+def _hidden_sizes(config: Mapping[str, Any]) -> set[int]:
+    """config.json's hidden size, and its text model's (a multimodal config nests it)."""
+    sizes = set()
+    for where in (config, config.get("text_config")):
+        value = where.get("hidden_size") if isinstance(where, Mapping) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            sizes.add(value)
+    return sizes
+
+
+def _stored_in_out(name: str, shape: Sequence[int], hidden: set[int]) -> bool | None:
+    """Whether the expert stack `name` [E, a, b] is stored [E, in, out], from which side is
+    the hidden size (a gate_up stack's input, a down stack's output); None if both or
+    neither side is."""
+    a, b = shape[1] in hidden, shape[2] in hidden
+    if a == b:
+        return None
+    return a if name.endswith(_FUSED_GATE_UP) else b
 
 
 def _flat_experts(name: str, config: Mapping[str, Any], rows: int) -> int | None:
@@ -234,16 +271,29 @@ class _Planner:
             self.skip(name, f"empty tensor of shape {list(shape)}", weight=False)
         elif name.endswith(".A_log"):  # Mamba, Jamba: [d_inner, d_state] decay rates
             self.skip(name, "SSM state decay (A_log), not a linear map", weight=False)
+        elif _CONSTANTS.search(name):
+            self.skip(name, "attention decay constants (a buffer), not a linear map", weight=False)
         elif len(shape) == 3 and (transposed := _stacked_experts(name)) is not None:
-            self.visit_expert_stack(name, meta.dtype, shape, transposed)
+            self.visit_expert_stack(name, meta.dtype, shape, self.orientation(name, transposed))
         elif len(shape) == 2 and (experts := _flat_experts(name, self.config, shape[0])):
             self.visit_flat_experts(name, meta, shape, experts)
         elif len(shape) == 2:
             self.visit_matrix(name, meta, shape)
-        elif len(shape) == 4:
+        elif len(shape) == 4 or (len(shape) == 3 and _CONV_NAME.search(name)):
             self.visit_conv(name, meta.dtype, shape)
         else:
             self.skip(name, f"{len(shape)}-D tensor of shape {list(shape)} is not a known layout")
+
+    def orientation(self, name: str, default: bool) -> bool:
+        """Whether the expert stack `name` is stored [E, in, out] (see `_STACKED_EXPERTS`)."""
+        hidden = _hidden_sizes(self.config)
+        found = _stored_in_out(name, self.tensors[name].shape, hidden)
+        for down, gate_up in _GATE_UP_OF_DOWN:
+            if found is None and name.endswith(down):
+                sibling = self.tensors.get(name[: -len(down)] + gate_up)
+                if sibling is not None and len(sibling.shape) == 3:
+                    found = _stored_in_out(gate_up, sibling.shape, hidden)
+        return default if found is None else found
 
     def visit_matrix(self, name: str, meta: TensorMeta, shape: tuple[int, ...]) -> None:
         scales = fp8_scales(name, meta, self.tensors, self.config)
@@ -394,22 +444,28 @@ class _Planner:
             )  # fmt: skip
 
     def visit_conv(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
-        out, fan_in, kh, kw = shape
+        """Conv2d kernels [out, in, kh, kw] and Conv1d kernels [out, in, k]: one matrix
+        per kernel position."""
+        out, fan_in, *kernel = shape
         if self.too_small((out, fan_in)):
             self.skip(name, f"too small: conv kernel {list(shape)} slices are {out}x{fan_in}")
             return
-        self.units_cap(name, kh * kw)
+        positions = (
+            [(i, j) for i in range(kernel[0]) for j in range(kernel[1])]
+            if len(kernel) == 2
+            else [(i, None) for i in range(kernel[0])]
+        )
+        self.units_cap(name, len(positions))
         # The reader decodes the kernel once for all its positions: each slice costs its share.
         per_slice = out * fan_in * DTYPE_SIZES[dtype]
         layer = layer_of(name)
-        for i in range(kh):
-            for j in range(kw):
-                self.add(
-                    MatrixUnit(
-                        f"{name}[{i},{j}]", name, "conv", layer, None, (out, fan_in), dtype,
-                        per_slice, "conv", row_start=i, row_stop=j,
-                    )
-                )  # fmt: skip
+        for i, j in positions:
+            self.add(
+                MatrixUnit(
+                    f"{name}[{i}]" if j is None else f"{name}[{i},{j}]", name, "conv", layer,
+                    None, (out, fan_in), dtype, per_slice, "conv", row_start=i, row_stop=j,
+                )
+            )  # fmt: skip
 
 
 def build_plan(

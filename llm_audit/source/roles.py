@@ -33,7 +33,7 @@ ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 MLA_KINDS = ("q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 EXPERT_KINDS = ("expert_gate", "expert_up", "expert_down", "expert_gate_up")
-SHARED_KINDS = ("shared_gate", "shared_up", "shared_down")
+SHARED_KINDS = ("shared_gate", "shared_up", "shared_down", "shared_gate_up")
 KINDS = (
     *ATTENTION_KINDS,
     *MLA_KINDS,
@@ -51,7 +51,7 @@ KINDS = (
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt"})
 _CONV1D = re.compile(r"\.(?:c_attn|q_attn|c_proj|c_fc)\.weight$")
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks|encoders)\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _W = r"\.weight$"
 # an attention module's own projections: `self_attn.`, `attention.self.` (BERT),
@@ -70,8 +70,11 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.shared_experts?\.(?:gate_proj|w1)" + _W, "shared_gate"),
         (r"\.shared_experts?\.(?:up_proj|w3)" + _W, "shared_up"),
         (r"\.shared_experts?\.(?:down_proj|w2)" + _W, "shared_down"),
+        (r"\.shared_mlp\.input_linear" + _W, "shared_gate_up"),  # GraniteMoE-shared, hybrid
+        (r"\.shared_mlp\.output_linear" + _W, "shared_down"),
         (
-            r"\.(?:mlp|block_sparse_moe|moe|feed_forward|ffn)\.(?:gate|router)(?:\.layer)?" + _W,
+            r"\.(?:mlp|block_sparse_moe|moe|feed_forward|ffn|mixer)\.(?:gate|router)"
+            r"(?:\.layer|\.classifier)?" + _W,
             "router",
         ),
         # multi-head latent attention (DeepSeek-V2/V3)
@@ -90,11 +93,11 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (_ATTENTION + r"(?:key|k)" + _W, "k_proj"),
         (_ATTENTION + r"(?:value|v)" + _W, "v_proj"),
         (
-            _ATTENTION
-            + r"(?:o_proj|out_proj|dense|wo|c_proj|out|o|out_lin|output\.dense|output)"
-            + _W,
+            _ATTENTION + r"(?:o_proj|out_proj|dense|wo|c_proj|out|o|out_lin|output\.dense|output"
+            r"|projection_layer)" + _W,
             "o_proj",
         ),
+        (r"\.o_proj" + _W, "o_proj"),  # under any module name (NemotronH's mixer, ...)
         (r"\.(?:encoder_attn|cross_attn|crossattention)\.out_proj" + _W, "o_proj"),
         # dense MLP
         (r"\.gate_up_proj" + _W, "gate_up_proj"),
@@ -107,12 +110,17 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         # embeddings and output head
         (
             r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embedding"
-            r"|token_embedding|tokens_embed|embeddings|shared)" + _W,
+            r"|token_embedding|tokens_embed|embeddings|shared|embed_tokens_per_layer)" + _W,
             "embedding",
         ),
         (
             r"(?:^|\.)(?:wpe|embed_positions|position_embeddings|position_embedding"
             r"|positions_embed)" + _W,
+            "position_embedding",
+        ),
+        # Mllama's vision tower: a gated position table (an nn.Parameter) and tile positions
+        (
+            r"\.gated_positional_embedding\.(?:embedding|tile_embedding\.weight)$",
             "position_embedding",
         ),
         (r"(?:^|\.)(?:lm_head|unembedding|embed_out|shared_head\.head)" + _W, "lm_head"),
@@ -260,7 +268,10 @@ def _layout_of_fused_qkv(name: str, config: Mapping[str, Any], rows: int) -> Fus
     model_type = config.get("model_type")
     if model_type == "phi3" and name.endswith(".qkv_proj.weight"):
         return _row_blocks(config)
-    if name.endswith(".attn.qkv.weight"):
+    # Phi-4-multimodal's language model keeps Phi-3's [q; k; v] rows; its vision and
+    # audio towers have heads of their own, so like openai's `attn.qkv` below.
+    phi4 = model_type == "phi4_multimodal" and name.endswith(".qkv_proj.weight")
+    if phi4 or name.endswith(".attn.qkv.weight"):
         # openai's original/ layout, known by the name alone; but timm ViTs and the vision
         # towers of multimodal models (Qwen2-VL, ...) use the name too, with heads that
         # config.json does not give (or gives for the text model): where the config's
