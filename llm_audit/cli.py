@@ -1,8 +1,9 @@
 """The `llm-audit` command line: the parser and the dispatch, nothing else.
 
 Each stage owns its commands (`run.commands`, `report.commands`, `grok.cli`). User errors
-(a missing file, a bad option value) print one line on stderr and exit 2, with no
-traceback; results go to stdout, logs and progress to stderr.
+(a missing file, a bad option value) and what the file system refuses (a read-only or
+full disk) print one line on stderr and exit 2, with no traceback; results go to stdout,
+logs and progress to stderr.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # the file system refused: a read-only folder, a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"llm-audit: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

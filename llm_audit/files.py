@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .errors import AuditError
+
 
 def fsync_path(path: Path) -> None:
     """Flush `path` (a file or a folder) to stable storage."""
@@ -44,3 +46,18 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """`data` as indented JSON, atomically."""
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def output_path(path: str | Path, suffixes: tuple[str, ...], what: str) -> Path:
+    """`path` checked as where to write a new `what` (an HTML page, a JUnit file): its
+    folder exists, and it is not an existing file of another kind. `-o bc/manifest.json`
+    or `--junit layers.parquet` would otherwise replace a report's own file, or a shard."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise AuditError(f"{out}: no such folder {out.parent}")
+    if out.exists() and not (out.is_file() and out.suffix.lower() in suffixes):
+        raise AuditError(
+            f"{out}: exists and is not a {what} file ({', '.join(suffixes)}); refusing to "
+            "replace it"
+        )
+    return out

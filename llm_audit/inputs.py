@@ -7,6 +7,7 @@ rather than with a traceback or, worse, a silently wrong value (`true` taken as 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -15,6 +16,11 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import AuditError
+
+try:  # the regex parser `re` compiles with (named sre_parse before Python 3.11)
+    from re import _parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    import sre_parse as _parser  # type: ignore[no-redef]
 
 T = TypeVar("T")
 
@@ -25,14 +31,60 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+MAX_COUNT = 2**63 - 1  # what an int64 column, numpy's seeding and Ray's options hold
+
+
 def is_count(value: Any) -> bool:
-    """An integer >= 0 (True is not 1 here)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """An integer 0 <= value < 2^63 (True is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
 def is_number(value: Any) -> bool:
-    """A real number >= 0 (True is not 1 here)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    """A finite real number >= 0 (True is not 1 here)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    return 0 <= value < math.inf
+
+
+def slow_regex(pattern: str) -> bool:
+    """Whether `pattern` nests one unbounded repetition inside another (`(a+)+`,
+    `(.*.*)*`): Python's `re` has no time limit, and such a pattern takes exponential
+    time on a name it almost matches: an audit that hangs at 100% CPU, silently."""
+
+    def bodies(op: Any, arg: Any) -> list[Any]:
+        """The sub-patterns of a group, an alternation or a lookaround."""
+        if op is _parser.SUBPATTERN:
+            return [arg[3]]
+        if op is _parser.BRANCH:
+            return list(arg[1])
+        return [arg[1]] if op in (_parser.ASSERT, _parser.ASSERT_NOT) else []
+
+    def nested(items: Any, inside: bool) -> bool:
+        for op, arg in items:
+            if op in (_parser.MAX_REPEAT, _parser.MIN_REPEAT):
+                low, high, body = arg
+                if (inside and low != high) or nested(body, inside or high > 1):
+                    return True  # a variable count inside a repetition
+            elif any(nested(body, inside) for body in bodies(op, arg)):
+                return True
+        return False
+
+    return nested(_parser.parse(pattern), False)
+
+
+def compile_regex(pattern: str, where: str) -> re.Pattern[str]:
+    """`pattern` compiled, or a one-line AuditError naming `where`: a bad regex, or one
+    that can take exponential time (`slow_regex`)."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise AuditError(f"{where}: bad regex {shown(pattern)} ({err})") from None
+    if slow_regex(pattern):
+        raise AuditError(
+            f"{where}: regex {shown(pattern)} nests a repetition inside a repetition, which "
+            "can take exponential time on a tensor name; write it without the nesting"
+        )
+    return compiled
 
 
 MAX_YAML_BYTES = 2**20  # settings files are a few hundred bytes
@@ -61,6 +113,15 @@ class _NoAliases(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.1 (PyYAML) reads `1e9` and `1.0e9` as text, YAML 1.2 as numbers; a threshold
+# written so must be the number its author meant, not a type error or, worse, a string.
+_NoAliases.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content (safe loader, no aliases, at most 1 MB), or a one-line
     AuditError naming the file."""
@@ -83,10 +144,7 @@ def _check(name: str, kind: Any, value: Any, where: str) -> None:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("a list of regular expressions")
         for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise AuditError(f"{where}: {name}: bad regex {shown(pattern)} ({err})") from None
+            compile_regex(pattern, f"{where}: {name}")
     elif kind == "bool" and not isinstance(value, bool):
         raise bad("true or false")
     elif kind == "int" and not is_count(value):

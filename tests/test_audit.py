@@ -457,3 +457,104 @@ def test_an_audit_beside_another_local_ray_starts_its_own(model, tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+
+
+def test_resume_after_a_model_file_was_modified_is_refused(report, model, tmp_path):
+    """Five changed bytes keep a shard's size, header and (likely) its sampled blocks: the
+    modification time still tells, and the rows computed before are not trusted."""
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy)  # copytree keeps modification times
+    out = _partial_copy(report, tmp_path / "r")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model"]["files"] = [
+        f | {"modified_ns": (copy / f["name"]).stat().st_mtime_ns}
+        for f in manifest["model"]["files"]
+    ]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shard = sorted(copy.glob("*.safetensors"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    before = _snapshot(out)
+    with pytest.raises(AuditError, match=rf"{shard.name} was modified after this report"):
+        run_audit(str(copy), out, AuditConfig(seed=3), resume=True, quiet=True)
+    assert _snapshot(out) == before
+
+
+def test_refusals_before_ray_starts(model, tmp_path, monkeypatch, capsys):
+    """A folder another run is writing, a relative --out inside a Ray job's temporary
+    working dir, a selection of nothing, an --out the file system refuses: one line."""
+    from llm_audit.report.writer import lock_report
+
+    busy = tmp_path / "busy"
+    with lock_report(busy), pytest.raises(AuditError, match="another llm-audit run is writing"):
+        run_audit(str(model), busy, AuditConfig(), quiet=True)
+    with pytest.raises(AuditError, match="none of the 44 planned matrices"):
+        run_audit(str(model), tmp_path / "none", AuditConfig(include=["^nothing$"]), quiet=True)
+    job = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    job.mkdir(parents=True)
+    monkeypatch.chdir(job)
+    with pytest.raises(AuditError, match="give an absolute --out"):
+        run_audit(str(model), "rel-report", AuditConfig(), quiet=True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    assert main(["audit", str(model), "--out", "afile/sub"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llm-audit: error: afile") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seed: 100000000000000000000000000000000000000000000000000", "seed must be"),
+        ("max_retries: 100000000000000000000", "max_retries must be"),
+        ("cpus_per_task: .inf", "cpus_per_task must be"),
+        ("exclude: ['(.*.*)*Q']", "nests a repetition inside a repetition"),
+        ("kinds: [{pattern: '(a+)+$', kind: x}]", "nests a repetition inside a repetition"),
+    ],
+)
+def test_config_values_that_would_crash_or_hang_later_are_refused(tmp_path, text, message):
+    path = tmp_path / "audit.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(AuditError, match=message):
+        load_config(path)
+
+
+def test_an_unreachable_cluster_or_an_impossible_task_is_one_line(model, tmp_path, monkeypatch):
+    """Ray retries a dead address for minutes: refused in seconds, and the report folder
+    is finalized as failed (not left 'running', which would need --resume)."""
+    out = tmp_path / "r"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    start = time.monotonic()
+    with pytest.raises(AuditError, match=r"cannot reach the Ray cluster at '127.0.0.1:1' \(\$RAY"):
+        run_audit(str(model), out, AuditConfig(), quiet=True)
+    assert time.monotonic() - start < 60
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    monkeypatch.setenv("RAY_ADDRESS", "http://x:y:z")
+    with pytest.raises(AuditError, match="is not HOST:PORT"):
+        run_audit(str(model), tmp_path / "r2", AuditConfig(), quiet=True)
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(AuditError, match="cpus_per_task 1e\\+06 is more than any node"):
+        run_audit(str(model), tmp_path / "r3", AuditConfig(cpus_per_task=1e6), quiet=True)
+
+
+def test_sigterm_finalizes_a_partial_report_like_ctrl_c(model, tmp_path):
+    """What `timeout`, a cancelled CI job and `ray job stop` send: the run stops, the
+    report holds every finished matrix and says how many this run computed."""
+    out = tmp_path / "r"
+    proc = subprocess.Popen(
+        _audit_command(model, out, "--seed", "3", "--quiet"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list((out / "parts").glob("layers-*"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = pq.read_table(out / "layers.parquet").num_rows
+    assert manifest["status"] == "interrupted" and manifest["computed_this_run"] == rows
+    assert 1 <= rows < 44 and "complete it with --resume" in err

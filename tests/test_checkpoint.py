@@ -236,3 +236,21 @@ def test_conv_kernel_is_read_once_for_all_its_positions(tmp_path):
         i, j = unit.row_start, unit.row_stop
         assert np.array_equal(checkpoint.read_matrix(unit), kernel[:, :, i, j].numpy())
     assert checkpoint.bytes_read == kernel.numel() * 4
+
+
+def test_tensors_the_index_leaves_out_are_still_audited(tmp_path):
+    """transformers loads every tensor of an index's shards, listed or not: an index that
+    omits a (trapped) tensor must not hide it from the audit. A .safetensors file the
+    index does not name is not loaded by transformers, and is listed as not audited."""
+    hidden = torch.randn(16, 16)
+    save_file({"a.weight": torch.randn(16, 16), "hidden.weight": hidden},
+              tmp_path / "model-1.safetensors")  # fmt: skip
+    save_file({"stray.weight": torch.randn(16, 16)}, tmp_path / "extra.safetensors")
+    index = {"weight_map": {"a.weight": "model-1.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path)))
+    plan = checkpoint.plan(8)
+    assert [u.id for u in plan.units] == ["a.weight", "hidden.weight"]
+    assert np.array_equal(checkpoint.read_matrix(plan.units[1]), hidden.numpy())
+    skipped = {s.name: s.reason for s in plan.skipped}
+    assert "index does not name" in skipped["extra.safetensors"]

@@ -35,7 +35,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llm_audit"
 STAGES = ("source", "spectral", "run", "report", "grok")
 # what each stage may import from the package besides itself (top-level modules by name)
 ALLOWED = {
-    "source": {"errors"},
+    "source": {"errors", "inputs"},
     "spectral": {"errors"},
     "report": {"errors", "files", "inputs", "source", "spectral", "__init__"},
     "run": {"errors", "files", "inputs", "source", "spectral", "report", "__init__"},

@@ -376,3 +376,57 @@ def test_nan_or_infinite_numbers_are_refused(tmp_path, capsys):
     )
     with pytest.raises(AuditError, match="evals holds NaN or out-of-range values"):
         check_spectra(batch, folder / "spectra.parquet")
+
+
+def test_csv_output_escapes_what_would_drive_a_terminal(tmp_path, capsys):
+    folder = write_report(tmp_path / "r", [_row(ESC_NAME, kind="k\x1b[31m")])
+    for argv in (["report", "show"], ["diff", str(folder)]):
+        assert main([*argv, str(folder), "--format", "csv"]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, argv
+    assert main(["report", "show", str(folder), "--format", "csv"]) == 0
+    row = next(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert row["matrix"] == "model.layers.0.\\x1b[2J\\x1b]0;pwned\\x07mlp\\u202e.weight"
+
+
+def test_outputs_never_replace_a_reports_own_files_or_anything_else(tmp_path, capsys):
+    """`-o` and `--junit` name where a new page goes: a report's manifest, its layers
+    table or a checkpoint shard is not one, and is left as it was (exit 2, one line)."""
+    folder = write_report(tmp_path / "r", [_row("a")])
+    shard = tmp_path / "model.safetensors"
+    shard.write_bytes(b"weights")
+    before = {p: p.read_bytes() for p in (folder / "manifest.json", folder / "layers.parquet")}
+    for target in (folder / "manifest.json", shard):
+        _one_line_exit_2(capsys, ["report", "html", str(folder), "-o", str(target)], "refusing")
+    _one_line_exit_2(
+        capsys, ["check", str(folder), "--junit", str(folder / "layers.parquet")], "refusing"
+    )
+    _one_line_exit_2(
+        capsys, ["check", str(folder), "--junit", str(tmp_path / "no" / "j.xml")], "no such folder"
+    )
+    assert {p: p.read_bytes() for p in before} == before and shard.read_bytes() == b"weights"
+    assert main(["report", "html", str(folder), "-o", str(tmp_path / "page.html")]) == 0
+    assert main(["check", str(folder), "--junit", str(tmp_path / "j.xml")]) == 0
+
+
+def test_a_kind_typo_in_max_traps_per_kind_fails_the_gate(tmp_path, capsys):
+    rows = [
+        _row("a.experts.0.down_proj", kind="expert_down", rand_num_spikes=4, trap_ratios=[2.0] * 4)
+    ]
+    folder = write_report(tmp_path / "r", rows)
+    typo = _rules(tmp_path, max_traps_per_kind={"expert_dwn": 0})
+    assert main(["check", str(folder), "--rules", typo]) == 1
+    assert "FAIL max_traps_per_kind: expert_dwn: no matrix has this kind" in capsys.readouterr().out
+    # a known kind the model lacks (a shared rules file) checks nothing, and passes
+    shared = _rules(tmp_path, max_traps_per_kind={"router": 0})
+    assert main(["check", str(folder), "--rules", shared]) == 0
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path, capsys):
+    """YAML 1.1 reads `1e9` as text: a threshold written so is the number meant."""
+    folder = write_report(tmp_path / "r", [_row("a", rand_num_spikes=1, trap_ratios=[1.5])])
+    path = tmp_path / "rules.yaml"
+    path.write_text("min_trap_ratio: 2e0\nmax_total_traps: 0\n")
+    assert main(["check", str(folder), "--rules", str(path)]) == 0  # the trap is below 2.0
+    path.write_text("min_trap_ratio: 1e0\nmax_total_traps: 0\n")
+    assert main(["check", str(folder), "--rules", str(path)]) == 1

@@ -28,6 +28,7 @@ from xml.etree import ElementTree as ET
 
 from ..errors import AuditError
 from ..inputs import is_count, read_yaml, shown
+from ..source.roles import KINDS
 from ..spectral.analyze import SMALL_ESD, shuffle_replicas
 from .diff import diff_reports
 from .format import format_value, printable
@@ -263,7 +264,12 @@ def evaluate(report: Report, rules: Rules, baseline: Report | None = None) -> li
                     )
                 )
     if "max_traps_per_kind" in r:
+        present = {row["kind"] for row in rows}
         for kind, limit in r["max_traps_per_kind"].items():
+            if kind not in present and kind not in KINDS:  # a typo would check nothing
+                why = f"no matrix has this kind, and llm-audit has no such kind: {', '.join(KINDS)}"
+                out.append(Violation("max_traps_per_kind", kind, why))
+                continue
             total = sum(traps[row["matrix"]] for row in rows if row["kind"] == kind)
             if total > limit:
                 out.append(Violation("max_traps_per_kind", kind, f"{total} traps > {limit}"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from .format import (
@@ -43,16 +42,17 @@ DIFF_COLUMNS = (
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ..files import write_atomic
+    from ..files import output_path, write_atomic
     from .check import Rules, evaluate, junit_xml, load_rules
 
+    junit = output_path(args.junit, (".xml",), "JUnit XML") if args.junit else None
     rules = load_rules(args.rules) if args.rules else Rules()
     report = load_report(args.report)
     baseline = load_report(args.baseline) if args.baseline else None
     violations = evaluate(report, rules, baseline)
-    if args.junit:
+    if junit is not None:
         xml = junit_xml(report, rules, violations, baseline is not None)
-        write_atomic(Path(args.junit), lambda tmp: tmp.write_bytes(xml))
+        write_atomic(junit, lambda tmp: tmp.write_bytes(xml))
     verdict = "FAILED" if violations else "PASSED"
     checks = len(rules.checks(baseline is not None))
     if args.format == "json":

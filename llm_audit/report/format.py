@@ -59,13 +59,15 @@ _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_cell(value: Any) -> Any:
-    """A CSV cell that a spreadsheet will not run: text starting like a formula gets a
-    leading quote (OWASP's advice); numbers are kept as they are; lists and mappings
+    """A CSV cell that a spreadsheet will not run and a terminal will not obey: text
+    starting like a formula gets a leading quote (OWASP's advice), control and bidi
+    characters are escaped (`printable`); numbers are kept as they are; lists and mappings
     (`trap_entries`, `trap_ratios`) are written as JSON, which any reader can parse."""
     if isinstance(value, list | tuple | dict):
         value = json.dumps(value, default=_json_default)
-    if isinstance(value, str) and value.startswith(_FORMULA):
-        return "'" + value
+    if isinstance(value, str):
+        value = printable(value)
+        return "'" + value if value.startswith(_FORMULA) else value
     return value
 
 

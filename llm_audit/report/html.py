@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..errors import AuditError
-from ..files import write_atomic
+from ..files import output_path, write_atomic
 from .diff import COMPARED, diff_reports
 from .reader import Report, check_spectra, load_report
 from .schema import LAYERS_SCHEMA, REPORT_COLUMNS
@@ -221,9 +221,7 @@ def write_html_report(
     """Write the HTML page of report `folder` to `output` (default `folder`/report.html)."""
     report = load_report(folder)
     base = load_report(compare) if compare is not None else None
-    out = Path(output) if output is not None else report.folder / "report.html"
-    if not out.parent.is_dir():
-        raise AuditError(f"{out}: no such folder {out.parent}")
+    out = output_path(output or report.folder / "report.html", (".html", ".htm"), "HTML")
     page = render_html(report, base)
     write_atomic(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return out

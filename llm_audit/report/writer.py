@@ -20,11 +20,14 @@ Schema (`llm_audit.report.schema`, its version in every file's metadata and the 
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import sys
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +99,30 @@ def out_folder_state(folder: Path) -> str:
     return "report"
 
 
+@contextmanager
+def lock_report(folder: Path) -> Iterator[None]:
+    """Hold a lock on `folder` (creating it) while a run writes it: a second audit into
+    the same folder (`--overwrite` removing the first one's parts, or a `--resume`
+    computing everything again) is refused instead. The lock is on the folder itself, so
+    no file is left behind; where the file system has no such locks (some network
+    mounts), the run goes on unlocked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ReportError(
+                f"{folder}: another llm-audit run is writing this report; wait for it to "
+                "finish or choose another --out"
+            ) from None
+        except OSError:
+            pass  # no locks here: unlocked, as before there were locks
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def remove_report(folder: Path) -> None:
     """Delete what the report in `folder` owns, and nothing else (other files stay)."""
     _refuse_links(folder)
@@ -130,6 +157,7 @@ class ReportWriter:
         self.folder = Path(folder)
         self.parts = self.folder / PARTS
         self.parts.mkdir(parents=True, exist_ok=True)
+        self.rows_added = 0  # rows this writer wrote (a run's own count, not the report's)
 
     def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Write one task's rows (each with `evals` / `rand_evals` arrays, possibly None)."""
@@ -156,6 +184,7 @@ class ReportWriter:
         # spectra first: a layers part present means its spectra part is too
         write_atomic(self.parts / f"spectra-{name}.parquet", lambda t: pq.write_table(spectra, t))
         write_atomic(self.parts / f"layers-{name}.parquet", lambda t: pq.write_table(layers, t))
+        self.rows_added += len(rows)
 
     def _sources(self) -> tuple[pa.Table, pa.Table]:
         """Every readable (layers, spectra) pair — parts, then the final files — stacked.

@@ -14,7 +14,9 @@ cluster, and first checks that every node sees the checkpoint files at the same 
 with the same headers; otherwise it starts a local Ray sized to this machine.
 Faults: a task whose worker dies is re-run by Ray (`max_retries`); a matrix that cannot
 be read or analyzed is a row with status=error; a task that still fails, or runs past
-`task_timeout_s`, gives error rows for its matrices. Ctrl-C finalizes a partial report.
+`task_timeout_s`, gives error rows for its matrices. Ctrl-C or SIGTERM finalizes a
+partial report (a second one while it is written is ignored). One run writes a report
+folder at a time (`lock_report`).
 
 Why `--resume` compares before it writes: a report that is half one model (or seed) and
 half another, labelled `complete`, would pass a release gate it should fail. The old
@@ -29,8 +31,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +47,7 @@ from ..errors import AuditError, UsageError
 from ..files import write_json
 from ..inputs import shown
 from ..report.schema import SCHEMA_VERSION
-from ..report.writer import ReportWriter, out_folder_state, remove_report
+from ..report.writer import ReportWriter, lock_report, out_folder_state, remove_report
 from ..source.checkpoint import Checkpoint, open_checkpoint
 from ..source.plan import MatrixUnit, Plan
 from ..source.reference import resolve_model
@@ -54,12 +58,14 @@ from .tasks import run_tasks
 
 @dataclass(frozen=True)
 class AuditResult:
-    """What the CLI reports: where, how many, and whether anything failed."""
+    """What the CLI reports: where, how many, whether anything failed, and the run's
+    status ("complete", or "partial" when matrices are missing from the report)."""
 
     out: Path
     matrices: int
     failed: int
     summary: dict[str, Any]
+    status: str = "complete"
 
 
 def _select(units: list[MatrixUnit], config: AuditConfig) -> list[MatrixUnit]:
@@ -135,16 +141,35 @@ RESUME_KEYS = ("seed", "randomize", "rand_route", "min_evals", "include", "exclu
 
 def model_files(checkpoint: Checkpoint) -> list[dict[str, Any]]:
     """The model's files as a manifest fingerprints them: name, size, header and data
-    SHA-256 (what `--resume` and `ablate` compare before they use a report)."""
+    SHA-256 (what `--resume` and `ablate` compare before they use a report), and the
+    modification time (what `--resume` also compares: a sample cannot see every byte)."""
     return [
         {
             "name": path.name,
             "bytes": header.file_size,
             "header_sha256": header.header_sha256,
             "data_sample_sha256": data_sample_sha256(path, header.data_start, header.file_size),
+            "modified_ns": path.stat().st_mtime_ns,
         }
         for path, header in checkpoint.headers.items()
     ]
+
+
+def _modified(out: Path, old: Mapping[str, Any], files: list[dict[str, Any]]) -> None:
+    """Refuse to resume when a model file was modified since the report began: a change
+    of a few bytes (5 trap entries zeroed, or put back) keeps size, header and, most
+    likely, the sampled blocks; the rows computed before would not be of these weights."""
+    model = old.get("model")
+    recorded = model.get("files") if isinstance(model, dict) else None
+    when = {f.get("name"): f.get("modified_ns") for f in recorded or [] if isinstance(f, dict)}
+    for file in files:
+        before = when.get(file["name"])
+        if before is not None and before != file["modified_ns"]:  # None: an older report
+            raise AuditError(
+                f"{out}: {file['name']} was modified after this report was begun (same size "
+                "and header, new modification time): the matrices computed before may not be "
+                "its weights; refusing to resume (start a new report with another --out)"
+            )
 
 
 def _fingerprints(files: Any) -> list[tuple[str, ...]] | None:
@@ -187,6 +212,7 @@ def check_resumable(out: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -
             f"{out}: the report is of another model: {name} differs (size, header or "
             "data SHA-256); refusing to resume"
         )
+    _modified(out, old, new["model"]["files"])
     old_config = old.get("config")
     if not isinstance(old_config, dict):
         raise AuditError(f"{out}: manifest.json has no config; cannot resume")
@@ -198,6 +224,28 @@ def check_resumable(out: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -
                 f"{out}: the report was computed with {key}={shown(before)}, this run has "
                 f"{key}={shown(after)}; refusing to resume (use another --out)"
             )
+
+
+def _refuse_ray_job_relative(out: Path) -> None:
+    """Under `ray job submit --working-dir`, the job runs in Ray's temporary copy of that
+    folder, which Ray deletes: a relative --out would put the report there."""
+    if not out.is_absolute() and "_ray_pkg_" in str(Path.cwd()):
+        raise UsageError(
+            f"--out {out} is relative, and this job runs in Ray's temporary copy of its "
+            f"working dir ({Path.cwd()}), which Ray deletes: give an absolute --out"
+        )
+
+
+def _check_task_fits(config: AuditConfig) -> None:
+    """A task asking for more CPUs than any node has would wait forever, silently."""
+    import ray
+
+    cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if config.cpus_per_task > cpus:
+        raise AuditError(
+            f"cpus_per_task {config.cpus_per_task:g} is more than any node of this cluster "
+            f"has ({cpus:g}): no task could ever start"
+        )
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool, manifest: dict[str, Any]) -> int:
@@ -245,11 +293,17 @@ def run_audit(
         raise UsageError("--retry-failed goes with --resume")
     started, t0 = _now(), time.perf_counter()
     out = Path(out)
+    _refuse_ray_job_relative(out)
     out_folder_state(out)  # refuse a foreign folder before the model is even opened
     model = resolve_model(reference, revision)
     checkpoint = open_checkpoint(model)
     plan = checkpoint.plan(config.min_evals, config.kind_rules())
     units = _select(plan.units, config)
+    if plan.units and not units:
+        raise AuditError(
+            f"include/exclude leave none of the {len(plan.units)} planned matrices to audit "
+            "(`llm-audit plan MODEL --format json` lists their ids)"
+        )
     timings = {"plan_s": round(time.perf_counter() - t0, 3)}
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -268,25 +322,51 @@ def run_audit(
         "started": started,
         "driver": socket.gethostname(),
     }
-    resuming = _prepare_out(out, resume, overwrite, manifest)
-    writer = ReportWriter(out)
-    done = writer.done(retry_failed) if resuming else set()
-    todo = [u for u in units if u.id not in done]
-    manifest["resumed_from"] = len(done)
-    write_json(out / "manifest.json", manifest)
+    with lock_report(out):
+        resuming = _prepare_out(out, resume, overwrite, manifest)
+        writer = ReportWriter(out)
+        done = writer.done(retry_failed) if resuming else set()
+        todo = [u for u in units if u.id not in done]
+        manifest["resumed_from"] = len(done)
+        write_json(out / "manifest.json", manifest)
+        summary, status = _run(checkpoint, model, todo, units, plan, config, writer, manifest,
+                               address, quiet, timings, t0)  # fmt: skip
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return AuditResult(out, summary["matrices_in_report"], summary["failed"], summary, status)
 
+
+def _run(
+    checkpoint: Checkpoint,
+    model: Any,
+    todo: list[MatrixUnit],
+    units: list[MatrixUnit],
+    plan: Plan,
+    config: AuditConfig,
+    writer: ReportWriter,
+    manifest: dict[str, Any],
+    address: str | None,
+    quiet: bool,
+    timings: dict[str, float],
+    t0: float,
+) -> tuple[dict[str, Any], str]:
+    """Connect, run the tasks, and finalize the report whatever happens; (summary, status)."""
     import ray
 
+    out = writer.folder
     stats = {"bytes_read": 0, "bytes_on_disk": checkpoint.bytes_on_disk()}
-    t1 = time.perf_counter()
-    started_local = connect(address)
-    timings["connect_s"] = round(time.perf_counter() - t1, 3)
-    status = "failed"
+    status, started_local = "failed", False
+    handlers = _Handlers()
     try:
+        t1 = time.perf_counter()
+        started_local = connect(address)
+        timings["connect_s"] = round(time.perf_counter() - t1, 3)
+        handlers.set(signal.SIGTERM, _interrupt)  # after Ray's, which aborts the process
         manifest["cluster"] = {
             "address": "local" if started_local else "joined",
             "resources": ray.cluster_resources(),
         }
+        _check_task_fits(config)
         if not started_local:
             check_nodes(checkpoint)
         t2 = time.perf_counter()
@@ -296,6 +376,10 @@ def run_audit(
         status = "interrupted"
         print("llm-audit: interrupted; writing the partial report", file=sys.stderr)
     finally:
+        # a second Ctrl-C (or a SIGTERM) now would leave the report unwritten: ignored
+        # for the seconds the partial report takes
+        handlers.set(signal.SIGINT, signal.SIG_IGN)
+        handlers.set(signal.SIGTERM, signal.SIG_IGN)
         if started_local:
             shutdown_local()
         t3 = time.perf_counter()
@@ -312,9 +396,29 @@ def run_audit(
             timings=timings,
             io=stats,
             seconds=round(time.perf_counter() - t0, 3),
-            computed_this_run=len(todo),
+            computed_this_run=writer.rows_added,  # finished here, not merely scheduled
         )
         write_json(out / "manifest.json", manifest)
-    if status == "interrupted":
-        raise KeyboardInterrupt
-    return AuditResult(out, summary["matrices_in_report"], summary["failed"], summary)
+        handlers.restore()
+    return summary, status
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (timeout, a cancelled CI job, `ray job stop`) as Ctrl-C
+
+
+class _Handlers:
+    """Signal handlers set for a while and put back; only in the main thread, where
+    Python allows them (an API caller may run an audit in another thread)."""
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+
+    def set(self, signum: int, handler: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous.setdefault(signum, signal.signal(signum, handler))
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..source.checkpoint import Checkpoint
 from ..source.header import read_header
 
 OBJECT_STORE_BYTES = 256 * 2**20
+CONNECT_TIMEOUT_S = 10.0  # a cluster's head answers a TCP connect in well under a second
 LOOPBACK = "127.0.0.1"
 _SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray uses the loopback address
 _LOCAL_FOLDERS: list[Path] = []  # private temp folders of the local Rays we started
@@ -39,9 +41,17 @@ def connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given:
+        source = "--address" if address else "$RAY_ADDRESS"
+        _reachable(given, source)
+        try:
+            ray.init(address=given, log_to_driver=False)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise AuditError(
+                f"cannot join the Ray cluster at {given!r} ({source}): {first}"
+            ) from None
         return False
     # "local": a new cluster of our own. Without it ray.init() attaches to whatever local
     # cluster was started last (another audit, a grok run), and our sizing is refused.
@@ -75,6 +85,25 @@ def connect(address: str | None) -> bool:
             os.environ[_SINGLE_MACHINE] = previous[0]
     _LOCAL_FOLDERS.append(folder)
     return True
+
+
+def _reachable(address: str, source: str) -> None:
+    """Refuse, within seconds, a cluster address nothing answers at: Ray itself retries
+    a dead GCS address for minutes, printing only warnings."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdecimal() or not host or "/" in host:
+        if address in ("auto", "local"):
+            return  # Ray finds (or refuses) those itself
+        raise AuditError(
+            f"Ray cluster address {address!r} ({source}) is not HOST:PORT or ray://HOST:PORT"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise AuditError(
+            f"cannot reach the Ray cluster at {address!r} ({source}): {reason}"
+        ) from None
 
 
 def shutdown_local() -> None:

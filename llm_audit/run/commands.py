@@ -124,10 +124,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         )
         return 130
     summary = result.summary
+    # a failed matrix, or matrices missing from the report, is not a passing audit
+    code = 1 if result.failed or result.status != "complete" else 0
     if args.format == "json":
-        print_json({"report": str(result.out), **summary})
-        return 1 if result.failed else 0
+        print_json({"report": str(result.out), "status": result.status, **summary})
+        return code
     print(f"report: {result.out}")
+    if result.status != "complete":
+        print(f"status: {result.status} (matrices are missing from the report)")
     print(
         f"matrices: {summary['matrices_in_report']} of {summary['matrices_planned']} "
         f"(audited {summary['audited']}, skipped {summary['skipped']}, "
@@ -143,7 +147,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     )
     for kind, alpha in summary["mean_alpha_by_kind"].items():
         print(f"  mean alpha {kind:15s} {alpha:.3f}")
-    return 1 if result.failed else 0
+    return code
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from ..errors import CheckpointError, DecodeError
 from .dtypes import DTYPE_SIZES, decode
 from .header import Header, TensorInfo, read_header, read_tensor_bytes
 from .mxfp4 import decode_mxfp4
-from .plan import MatrixUnit, Plan, build_plan
+from .plan import MatrixUnit, Plan, SkippedTensor, build_plan
 from .reference import ResolvedModel, load_json_file
 from .roles import KindRule
 
@@ -46,8 +46,13 @@ class Checkpoint:
         return {name: self.headers[path].tensors[name] for name, path in self.where.items()}
 
     def plan(self, min_evals: int, kind_rules: Sequence[KindRule] = ()) -> Plan:
-        """The audit plan of this checkpoint (see `llm_audit.source.plan`)."""
-        return build_plan(self.tensors, self.config, min_evals=min_evals, kind_rules=kind_rules)
+        """The audit plan of this checkpoint (see `llm_audit.source.plan`); a .safetensors
+        file the index does not name is listed among the skipped, not read."""
+        plan = build_plan(self.tensors, self.config, min_evals=min_evals, kind_rules=kind_rules)
+        for path in self.model.unindexed:
+            reason = "a .safetensors file the index does not name (transformers does not load it)"
+            plan.skipped.append(SkippedTensor(path.name, reason))
+        return plan
 
     def bytes_on_disk(self) -> int:
         return sum(h.file_size for h in self.headers.values())
@@ -171,10 +176,12 @@ def open_checkpoint(model: ResolvedModel) -> Checkpoint:
             if name not in headers[path].tensors:
                 raise CheckpointError(path, "named in the index but not in this shard", name)
             where[name] = path
-    else:
-        for path, header in headers.items():
-            for name in header.tensors:
-                if name in where:
-                    raise CheckpointError(path, f"also in {where[name].name}", name)
-                where[name] = path
+    # every tensor of every shard, the index's or not: transformers loads a shard's
+    # tensors whatever its index lists, so one the index leaves out is still in the model
+    for path, header in headers.items():
+        for name in header.tensors:
+            if where.setdefault(name, path) != path:
+                if model.weight_map is not None and name in model.weight_map:
+                    continue  # also in another shard: the index says which one is read
+                raise CheckpointError(path, f"also in {where[name].name}", name)
     return Checkpoint(model, headers, where, _load_config(model))

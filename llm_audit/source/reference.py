@@ -48,7 +48,8 @@ class ResolvedModel:
     """Where a model's safetensors files are, and what the user called it.
 
     `weight_map` is the index's tensor -> shard file name mapping (None without an index);
-    `revision` is the commit id of a hub snapshot (None for local paths).
+    `revision` is the commit id of a hub snapshot (None for local paths); `unindexed` the
+    folder's .safetensors files its index does not name (transformers does not load them).
     """
 
     reference: str
@@ -57,6 +58,7 @@ class ResolvedModel:
     weight_map: dict[str, str] | None
     repo_id: str | None = None
     revision: str | None = None
+    unindexed: tuple[Path, ...] = ()
 
     @property
     def config_path(self) -> Path | None:
@@ -115,7 +117,8 @@ def _resolve_folder(reference: str, root: Path, **hub: str | None) -> ResolvedMo
         for path in files:
             if not path.is_file():
                 raise CheckpointError(path, f"shard named in {INDEX_NAME} is missing")
-        return ResolvedModel(reference, root, files, weight_map, **hub)
+        unindexed = tuple(p for p in sorted(root.glob("*.safetensors")) if p not in files)
+        return ResolvedModel(reference, root, files, weight_map, **hub, unindexed=unindexed)
     files = tuple(sorted(root.glob("*.safetensors")))
     if files:
         return ResolvedModel(reference, root, files, None, **hub)

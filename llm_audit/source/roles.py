@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AuditError
+from ..inputs import compile_regex
 
 ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 MLA_KINDS = ("q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")
@@ -206,10 +207,7 @@ def parse_kind_rules(value: Any, where: str) -> tuple[KindRule, ...]:
         pattern, kind, expert = item["pattern"], item["kind"], item.get("expert")
         if not isinstance(pattern, str):
             raise AuditError(f"{at}: pattern must be a string")
-        try:
-            compiled = re.compile(pattern)
-        except re.error as err:
-            raise AuditError(f"{at}: bad regex {pattern[:80]!r} ({err})") from None
+        compiled = compile_regex(pattern, at)
         if not isinstance(kind, str) or not _KIND_NAME.fullmatch(kind):
             raise AuditError(f"{at}: kind must be lower_snake_case, at most 40 characters")
         if expert is not None:
