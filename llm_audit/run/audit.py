@@ -357,11 +357,13 @@ def _run(
     stats = {"bytes_read": 0, "bytes_on_disk": checkpoint.bytes_on_disk()}
     status, started_local = "failed", False
     handlers = _Handlers()
+    sigterm = signal.getsignal(signal.SIGTERM)  # before Ray sets its own, which aborts
     try:
         t1 = time.perf_counter()
         started_local = connect(address)
         timings["connect_s"] = round(time.perf_counter() - t1, 3)
-        handlers.set(signal.SIGTERM, _interrupt)  # after Ray's, which aborts the process
+        if sigterm in (None, signal.SIG_DFL):  # nobody else handles it
+            handlers.set(signal.SIGTERM, _interrupt)
         manifest["cluster"] = {
             "address": "local" if started_local else "joined",
             "resources": ray.cluster_resources(),
@@ -378,8 +380,8 @@ def _run(
     finally:
         # a second Ctrl-C (or a SIGTERM) now would leave the report unwritten: ignored
         # for the seconds the partial report takes
-        handlers.set(signal.SIGINT, signal.SIG_IGN)
-        handlers.set(signal.SIGTERM, signal.SIG_IGN)
+        handlers.set(signal.SIGINT, signal.SIG_IGN, only_over=signal.default_int_handler)
+        handlers.set(signal.SIGTERM, signal.SIG_IGN, only_over=_interrupt)
         if started_local:
             shutdown_local()
         t3 = time.perf_counter()
@@ -408,15 +410,22 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 class _Handlers:
-    """Signal handlers set for a while and put back; only in the main thread, where
-    Python allows them (an API caller may run an audit in another thread)."""
+    """Signal handlers set for a while and put back. Only in the main thread, where Python
+    allows them (an API caller may run an audit in another thread); a caller with a
+    handler of its own keeps it (`llm-audit grok` stops its loop gracefully on the first
+    signal)."""
 
     def __init__(self) -> None:
         self.previous: dict[int, Any] = {}
 
-    def set(self, signum: int, handler: Any) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self.previous.setdefault(signum, signal.signal(signum, handler))
+    def set(self, signum: int, handler: Any, only_over: Any = None) -> None:
+        """Set `handler` for `signum` (only where the current one is `only_over`, if given)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signum)
+        if only_over is None or current is only_over:
+            signal.signal(signum, handler)
+            self.previous.setdefault(signum, signal.SIG_DFL if current is None else current)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
