@@ -56,16 +56,6 @@ FORMATS = {
         },
         "compressed-tensors pack-quantized I32 weight (not decoded)",
     ),
-    "gptq-down_proj": (  # `down_proj.scales` is also how gpt-oss names MXFP4 scales
-        {"quant_method": "gptq", "bits": 4, "group_size": 16},
-        {
-            f"{D}.qweight": _meta("I32", IN // 8, OUT),
-            f"{D}.qzeros": _meta("I32", GROUPS, OUT // 8),
-            f"{D}.scales": _meta("F16", GROUPS, OUT),
-            f"{D}.g_idx": _meta("I32", IN),
-        },
-        "GPTQ-packed I32 weight (not decoded)",
-    ),
     "compressed-tensors-nvfp4": (  # two FP4 values per byte, E4M3 scales per 16
         {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"},
         {
@@ -136,6 +126,12 @@ FORMATS = {
         "bitsandbytes int8 weight (not decoded)",
     ),
 }
+# the same GPTQ layer as a down_proj: `down_proj.scales` is also how gpt-oss names MXFP4 scales
+FORMATS["gptq-down_proj"] = (
+    FORMATS["gptq"][0],
+    {name.replace(P, D): meta for name, meta in FORMATS["gptq"][1].items()},
+    FORMATS["gptq"][2],
+)
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
