@@ -50,7 +50,7 @@ from ..report.schema import SCHEMA_VERSION
 from ..report.writer import ReportWriter, lock_report, out_folder_state, remove_report
 from ..source.checkpoint import Checkpoint, open_checkpoint
 from ..source.plan import MatrixUnit, Plan
-from ..source.reference import resolve_model
+from ..source.reference import ResolvedModel, resolve_model
 from .cluster import check_nodes, connect, shutdown_local
 from .config import AuditConfig
 from .tasks import run_tasks
@@ -338,7 +338,7 @@ def run_audit(
 
 def _run(
     checkpoint: Checkpoint,
-    model: Any,
+    model: ResolvedModel,
     todo: list[MatrixUnit],
     units: list[MatrixUnit],
     plan: Plan,
