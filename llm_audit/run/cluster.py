@@ -14,6 +14,7 @@ mode 0700, removed by `shutdown_local`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -71,6 +72,9 @@ def connect(address: str | None) -> bool:
             include_dashboard=False,
             log_to_driver=False,
             object_store_memory=OBJECT_STORE_BYTES,
+            # our own private cluster: Ray's start-up lines (token authentication, "Started
+            # a local Ray instance") are not the user's business; its errors still show
+            logging_level=logging.ERROR,
             _node_ip_address=LOOPBACK,
             _temp_dir=str(folder / "ray"),  # Ray opens its own folders to all: ours is closed
         )
