@@ -27,6 +27,8 @@ would give more than `MAX_UNITS_PER_TENSOR` units is an `AuditError`.
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -450,12 +452,12 @@ class _Planner:
         if self.too_small((out, fan_in)):
             self.skip(name, f"too small: conv kernel {list(shape)} slices are {out}x{fan_in}")
             return
+        self.units_cap(name, math.prod(kernel))  # before a position is listed
         positions = (
-            [(i, j) for i in range(kernel[0]) for j in range(kernel[1])]
+            itertools.product(range(kernel[0]), range(kernel[1]))
             if len(kernel) == 2
-            else [(i, None) for i in range(kernel[0])]
+            else ((i, None) for i in range(kernel[0]))
         )
-        self.units_cap(name, len(positions))
         # The reader decodes the kernel once for all its positions: each slice costs its share.
         per_slice = out * fan_in * DTYPE_SIZES[dtype]
         layer = layer_of(name)
