@@ -233,7 +233,7 @@ def test_conv_kernel_is_read_once_for_all_its_positions(tmp_path):
     units = checkpoint.plan(8).units
     assert len(units) == 9
     for unit in units:
-        i, j = unit.row_start, unit.row_stop
+        i, j = unit.position
         assert np.array_equal(checkpoint.read_matrix(unit), kernel[:, :, i, j].numpy())
     assert checkpoint.bytes_read == kernel.numel() * 4
 

@@ -304,8 +304,8 @@ def test_decay_buffers_and_conv1d_kernels():
         },
         min_evals=8,
     )
-    assert [(u.id, u.kind, u.shape, u.row_start, u.row_stop) for u in plan.units] == [
-        (f"model.encoder.conv1.weight[{k}]", "conv", (64, 80), k, None) for k in range(3)
+    assert [(u.id, u.kind, u.shape, u.position) for u in plan.units] == [
+        (f"model.encoder.conv1.weight[{k}]", "conv", (64, 80), (k,)) for k in range(3)
     ]
     skipped = {s.name: s for s in plan.skipped}
     decay = skipped["model.layers.0.self_attn.diagonal_decay"]

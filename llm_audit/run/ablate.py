@@ -62,7 +62,7 @@ from ..source.checkpoint import Checkpoint, open_checkpoint
 from ..source.dtypes import DTYPE_SIZES, decode
 from ..source.header import read_tensor_bytes
 from ..source.mxfp4 import BLOCK, BYTES_PER_BLOCK, decode_mxfp4
-from ..source.plan import MatrixUnit
+from ..source.plan import MatrixUnit, kernel_index
 from ..source.reference import resolve_model
 from ..spectral.ablation import ABLATIONS, ablate_traps
 from ..spectral.analyze import shuffle_replicas
@@ -189,12 +189,8 @@ def stored_index(unit: MatrixUnit, shape: tuple[int, ...], r: int, c: int) -> tu
         return (c, i) if unit.transpose else (i, c)
     if unit.layout == "expert":
         return (unit.expert, c, r) if unit.transpose else (unit.expert, r, c)
-    if unit.layout == "conv":  # Conv2d (kh, kw), Conv1d (k, None)
-        return (
-            (r, c, unit.row_start)
-            if unit.row_stop is None
-            else (r, c, unit.row_start, unit.row_stop)
-        )
+    if unit.layout == "conv":
+        return kernel_index(unit, r, c)
     if unit.layout == "mxfp4":
         return unit.expert, r, c // BLOCK, (c % BLOCK) // 2
     raise ValueError(f"unknown unit layout {unit.layout!r}")

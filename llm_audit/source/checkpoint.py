@@ -21,7 +21,7 @@ from ..errors import CheckpointError, DecodeError
 from .dtypes import DTYPE_SIZES, decode
 from .header import Header, TensorInfo, read_header, read_tensor_bytes
 from .mxfp4 import decode_mxfp4
-from .plan import MatrixUnit, Plan, SkippedTensor, build_plan
+from .plan import MatrixUnit, Plan, SkippedTensor, build_plan, kernel_matrix
 from .reference import ResolvedModel, load_json_file
 from .roles import KindRule
 
@@ -46,12 +46,17 @@ class Checkpoint:
         return {name: self.headers[path].tensors[name] for name, path in self.where.items()}
 
     def plan(self, min_evals: int, kind_rules: Sequence[KindRule] = ()) -> Plan:
-        """The audit plan of this checkpoint (see `llm_audit.source.plan`); a .safetensors
-        file the index does not name is listed among the skipped, not read."""
-        plan = build_plan(self.tensors, self.config, min_evals=min_evals, kind_rules=kind_rules)
-        for path in self.model.unindexed:
-            reason = "a .safetensors file the index does not name (transformers does not load it)"
-            plan.skipped.append(SkippedTensor(path.name, reason))
+        """The audit plan of this checkpoint (see `llm_audit.source.plan`); the folder's
+        .safetensors files that are not read are listed among the skipped, with why."""
+        formats = {
+            name: self.headers[path].metadata.get("format", "") for name, path in self.where.items()
+        }
+        plan = build_plan(
+            self.tensors, self.config, min_evals=min_evals, kind_rules=kind_rules, formats=formats
+        )
+        for path, reason in self.model.not_read:
+            name = path.relative_to(self.model.root).as_posix()
+            plan.skipped.append(SkippedTensor(name, reason))
         return plan
 
     def bytes_on_disk(self) -> int:
@@ -149,10 +154,7 @@ class Checkpoint:
         if unit.layout == "conv":
             if self._kernel is None or self._kernel[0] != name:
                 self._kernel = (name, decode(self._read(name, 0, info.nbytes), info.dtype, shape))
-            position = (
-                (unit.row_start,) if unit.row_stop is None else (unit.row_start, unit.row_stop)
-            )
-            return np.ascontiguousarray(self._kernel[1][(slice(None), slice(None), *position)])
+            return np.ascontiguousarray(kernel_matrix(unit, self._kernel[1]))
         raise ValueError(f"unknown unit layout {unit.layout!r}")
 
 

@@ -185,7 +185,8 @@ def read_header(path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES) -
         raise CheckpointError(path, f"header is not valid JSON ({reason})") from None
     if not isinstance(parsed, dict):
         raise CheckpointError(path, "header JSON is not an object")
-    metadata = parsed.pop("__metadata__", {})
+    # null is what MLX writes without metadata; safetensors reads it as none
+    metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

@@ -17,7 +17,12 @@ What becomes a unit (its kind, layer and expert from `roles`, user `kinds:` rule
 - stacked experts, one unit per expert: MXFP4 `*_blocks` (+ `*_scales`) [E, out, G, 16],
   or transformers' dense `mlp.experts.gate_up_proj` / `down_proj` stored [E, in, out];
 - conv kernels (out, in, kh, kw): one unit per (kh, kw) slice, as WeightWatcher does;
-  Conv1d kernels (out, in, k) (a 3-D tensor with `conv` in its name) one per k;
+  Conv1d kernels (out, in, k) (a 3-D tensor with `conv` in its name) one per k, Conv3d
+  kernels one per (kd, kh, kw); the file's header says how it stores them: MLX
+  (`format: mlx`) as (out, kh, kw, in), TF and Flax as (kh, kw, in, out), their dense
+  `kernel`s as [in, out] (audited as the transpose); anything else as PyTorch does;
+- PEFT LoRA factors (`lora_A`, `lora_B`) are skipped with the reason: a rank-r factor
+  is not a layer's weight, and its spectrum says nothing of the model's;
 Skipped, with the reason: vectors (norms, biases, sinks), empty tensors, scales and other
 quantization state (read with their weight or not at all), integer-packed weights (named
 by format), non-float tensors, and matrices with fewer than `min_evals` eigenvalues.
@@ -35,11 +40,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import AuditError
 from . import mxfp4
 from .dtypes import DTYPE_SIZES, FLOAT_DTYPES, TensorMeta, not_float_reason
 from .quantized import FP8_DTYPES, Fp8Scales, auxiliary_reason, fp8_scales, packed_reason
-from .roles import KINDS, KindRule, fused_qkv_split, layer_of, role_of, stored_transposed
+from .roles import (
+    KINDS,
+    KindRule,
+    fused_qkv_split,
+    layer_of,
+    role_of,
+    stored_transposed,
+    user_kind,
+)
 
 MAX_DIM = 2**40  # larger than any real weight dimension (2^40 elements of one row)
 MAX_UNITS_PER_TENSOR = 2**20  # experts x conv positions of one tensor
@@ -53,14 +68,15 @@ _LN = re.compile(r"(?:^|\.)ln(?:_\w+)?\.(?:weight|bias)$")  # GPT-2's ln_1, ln_f
 _STACK_SCALES = ("_scale", "_scale_inv", "_scales", "_weight_scale", "_weight_scale_inv")
 # Expert stacks [E, a, b], one matrix per expert: transformers' gpt-oss and Llama 4 store
 # [E, in, out] (used as x @ W[e]), and so do Aria's `experts.fc1/fc2`; GraniteMoE (and its
-# shared and hybrid variants) [E, out, in] (F.linear(x, W[e])). The flag: stored
-# transposed, as each family's checkpoints on the hub are. Where config.json's hidden size
-# tells a and b apart, it decides instead: transformers 5 saves Qwen3-VL-MoE's stacks in
-# its in-memory [E, out, in], the hub holds them [E, in, out], under the same names.
+# shared and hybrid variants) and mlx-lm's SwitchGLU [E, out, in] (F.linear(x, W[e])). The
+# flag: stored transposed, as each family's checkpoints on the hub are. Where config.json's
+# hidden size tells a and b apart, it decides instead: transformers 5 saves Qwen3-VL-MoE's
+# stacks in its in-memory [E, out, in], the hub holds them [E, in, out], under the same names.
 _STACKED_EXPERTS = (
     (re.compile(r"\.(?:mlp|feed_forward)\.experts\.(?:gate_up_proj|down_proj)$"), True),
     (re.compile(r"\.experts\.(?:fc1|fc2)\.weight$"), True),
     (re.compile(r"\.block_sparse_moe\.(?:input_linear|output_linear)\.weight$"), False),
+    (re.compile(r"\.switch_mlp\.(?:gate_proj|up_proj|down_proj)\.weight$"), False),  # mlx-lm
 )
 # Each stack's fused gate_up name and its down name, for the orientation of a down stack
 # whose two sides are both the hidden size.
@@ -70,10 +86,16 @@ _GATE_UP_OF_DOWN = (
     ("output_linear.weight", "input_linear.weight"),
 )
 _FUSED_GATE_UP = ("gate_up_proj", "mlp1_weight", "input_linear.weight", "fc1.weight")
+_STACK_PARTS = ((".gate_proj", "expert_gate"), (".up_proj", "expert_up"))  # mlx-lm's
 # Buffers saved beside the weights that are constants, not linear maps (MiniMax's
 # lightning attention decays).
 _CONSTANTS = re.compile(r"(?:^|\.)(?:diagonal_decay|query_decay|key_decay|slope_rate)$")
 _CONV_NAME = re.compile(r"conv", re.IGNORECASE)
+# the `format` a safetensors header's metadata gives, for how its kernels are stored
+_KERNEL_LAYOUTS = {"mlx": "mlx", "tf": "tf", "flax": "tf"}
+_TF_DENSE = re.compile(r"(?:^|[./])kernel(?::\d+)?$")  # TF/Flax Dense weights, [in, out]
+# PEFT LoRA factors: lora_A [r, in], lora_B [out, r], the embedding's lora_embedding_A/B
+_LORA = re.compile(r"(?:^|\.)lora_(?:A|B|embedding_A|embedding_B)(?:\.|$)")
 # DBRX flattens each layer's experts into 2-D [E * ffn, d]: expert e is rows e*ffn:(e+1)*ffn.
 # w1 (gate) and v1 (up) are (out, in) per expert; w2 (down) is used as h @ w2[e], so it is
 # stored (in, out). The expert count is config.json's ffn_config.moe_num_experts.
@@ -94,8 +116,9 @@ class MatrixUnit:
       of the stored tensor if `transpose`), rows `row_start:row_stop` (Falcon, GPT-2 qkv);
     - "expert": slice `expert` of a stacked [E, a, b] tensor (`transpose` if stored in x out);
     - "mxfp4": slice `expert` of `tensor` (blocks) and `scales_tensor`, decoded;
-    - "conv": the [:, :, kh, kw] slice `(row_start, row_stop)` = (kh, kw) of a 4-D kernel,
-      or the [:, :, k] slice `row_start` = k of a 3-D (Conv1d) kernel (`row_stop` None).
+    - "conv": the (out, in) slice at kernel `position` of a conv kernel, stored as
+      `kernel_layout` says: "pt" [out, in, *k], "mlx" [out, *k, in], "tf" [*k, in, out]
+      (TF and Flax); see `kernel_index`.
     FP8 weights name their `scales_tensor`, `scale_block` (rows, cols per scale) and
     `scale_dtype` (what the scale bytes decode as); the reader multiplies them in. `shape`
     is the matrix as audited, (out, in); `transpose` says the stored tensor is its
@@ -119,6 +142,24 @@ class MatrixUnit:
     row_period: int | None = None
     scale_block: tuple[int, int] | None = None
     scale_dtype: str | None = None
+    position: tuple[int, ...] = ()
+    kernel_layout: str = "pt"
+
+
+def kernel_index(unit: MatrixUnit, row: int | slice, col: int | slice) -> tuple[int | slice, ...]:
+    """Where entry (row, col) of a conv unit's matrix is in its stored kernel (slices for
+    the whole matrix): [out, in, *k] (PyTorch), [out, *k, in] (MLX), [*k, in, out] (TF)."""
+    if unit.kernel_layout == "mlx":
+        return (row, *unit.position, col)
+    if unit.kernel_layout == "tf":
+        return (*unit.position, col, row)
+    return (row, col, *unit.position)
+
+
+def kernel_matrix(unit: MatrixUnit, kernel: np.ndarray) -> np.ndarray:
+    """The conv unit's (out, in) matrix, from its whole decoded kernel."""
+    whole = kernel[kernel_index(unit, slice(None), slice(None))]
+    return whole.T if unit.kernel_layout == "tf" else whole
 
 
 @dataclass(frozen=True)
@@ -160,8 +201,12 @@ class Plan:
         return [{"name": s.name, "reason": s.reason} for s in self.skipped]
 
 
-def _expert_kind(base: str) -> str:
-    return "expert_gate_up" if base.endswith(_FUSED_GATE_UP) else "expert_down"
+def _expert_kind(name: str) -> str:
+    """The kind of the expert stack `name` (or of an MXFP4 pair's base name)."""
+    if name.endswith(_FUSED_GATE_UP):
+        return "expert_gate_up"
+    stem = name.removesuffix(".weight")
+    return next((kind for part, kind in _STACK_PARTS if stem.endswith(part)), "expert_down")
 
 
 def _hidden_sizes(config: Mapping[str, Any]) -> set[int]:
@@ -176,12 +221,12 @@ def _hidden_sizes(config: Mapping[str, Any]) -> set[int]:
 
 def _stored_in_out(name: str, shape: Sequence[int], hidden: set[int]) -> bool | None:
     """Whether the expert stack `name` [E, a, b] is stored [E, in, out], from which side is
-    the hidden size (a gate_up stack's input, a down stack's output); None if both or
+    the hidden size (a gate_up, gate or up stack's input, a down stack's output); None if both or
     neither side is."""
     a, b = shape[1] in hidden, shape[2] in hidden
     if a == b:
         return None
-    return a if name.endswith(_FUSED_GATE_UP) else b
+    return b if _expert_kind(name) == "expert_down" else a
 
 
 def _flat_experts(name: str, config: Mapping[str, Any], rows: int) -> int | None:
@@ -219,12 +264,22 @@ class _Planner:
         config: Mapping[str, Any],
         min_evals: int,
         rules: Sequence[KindRule],
+        formats: Mapping[str, str],
     ) -> None:
         self.tensors = tensors
         self.config = config
         self.min_evals = min_evals
         self.rules = rules
+        self.formats = formats
         self.plan = Plan()
+
+    def kind(self, name: str, default: str) -> str:
+        """The user's `kinds:` rule's kind for `name` if one matches, else `default`."""
+        return user_kind(name, self.rules) or default
+
+    def kernel_layout(self, name: str) -> str:
+        """How the file of `name` stores kernels and dense weights (`_KERNEL_LAYOUTS`)."""
+        return _KERNEL_LAYOUTS.get(self.formats.get(name, ""), "pt")
 
     def skip(self, name: str, reason: str, weight: bool = True) -> None:
         self.plan.skipped.append(SkippedTensor(name, reason, weight))
@@ -265,12 +320,15 @@ class _Planner:
             self.check_scales_have_blocks(name)
         elif packed:
             self.skip(name, packed)
-        elif meta.dtype not in FLOAT_DTYPES:
-            self.skip(name, not_float_reason(meta.dtype))
+        elif meta.dtype not in FLOAT_DTYPES:  # a counter (BatchNorm's) is not a weight
+            self.skip(name, not_float_reason(meta.dtype), weight=len(shape) >= 2)
         elif len(shape) <= 1 or name.endswith("bias"):  # stacked expert biases are 2-D
             self.skip(name, _vector_reason(name), weight=False)
         elif 0 in shape:
             self.skip(name, f"empty tensor of shape {list(shape)}", weight=False)
+        elif _LORA.search(name):
+            rank = f" (rank {min(shape)})" if len(shape) == 2 else ""
+            self.skip(name, f"LoRA factor{rank} of a PEFT adapter: audit the model merged with it")
         elif name.endswith(".A_log"):  # Mamba, Jamba: [d_inner, d_state] decay rates
             self.skip(name, "SSM state decay (A_log), not a linear map", weight=False)
         elif _CONSTANTS.search(name):
@@ -281,7 +339,7 @@ class _Planner:
             self.visit_flat_experts(name, meta, shape, experts)
         elif len(shape) == 2:
             self.visit_matrix(name, meta, shape)
-        elif len(shape) == 4 or (len(shape) == 3 and _CONV_NAME.search(name)):
+        elif len(shape) in (4, 5) or (len(shape) == 3 and _CONV_NAME.search(name)):
             self.visit_conv(name, meta.dtype, shape)
         else:
             self.skip(name, f"{len(shape)}-D tensor of shape {list(shape)} is not a known layout")
@@ -303,7 +361,9 @@ class _Planner:
             self.skip(name, scales)
             return
         role = role_of(name, self.rules)
-        transpose = stored_transposed(name, self.config)
+        transpose = stored_transposed(name, self.config) or (
+            self.kernel_layout(name) == "tf" and bool(_TF_DENSE.search(name))
+        )
         out, fan_in = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
         split = fused_qkv_split(name, self.config, out) if role.kind == "qkv_proj" else None
         dtype = scales.label if scales else meta.dtype
@@ -370,7 +430,7 @@ class _Planner:
             return
         self.units_cap(name, experts)
         per_expert = rows * groups * (mxfp4.BYTES_PER_BLOCK + 1)
-        kind, layer = _expert_kind(base), layer_of(name)
+        kind, layer = self.kind(name, _expert_kind(base)), layer_of(name)
         for e in range(experts):
             self.add(
                 MatrixUnit(
@@ -410,6 +470,7 @@ class _Planner:
         per, width = shape[0] // experts, shape[1]
         part = _FLAT_EXPERTS.search(name).group(1)  # type: ignore[union-attr]
         transpose = part == "w2"
+        kind = self.kind(name, _FLAT_EXPERT_KINDS[part])
         matrix = (width, per) if transpose else (per, width)
         if self.too_small(matrix):
             self.skip_stack(name, experts, matrix)
@@ -418,7 +479,7 @@ class _Planner:
         for e in range(experts):
             self.add(
                 MatrixUnit(
-                    f"{name}[{e}]", name, _FLAT_EXPERT_KINDS[part], layer_of(name), e, matrix,
+                    f"{name}[{e}]", name, kind, layer_of(name), e, matrix,
                     meta.dtype, self.read_cost(meta, None, e * per, (e + 1) * per), "rows",
                     transpose=transpose, row_start=e * per, row_stop=(e + 1) * per,
                 )
@@ -436,7 +497,7 @@ class _Planner:
             return
         self.units_cap(name, experts)
         per_expert = fan_in * fan_out * DTYPE_SIZES[dtype]
-        kind, layer = _expert_kind(name), layer_of(name)
+        kind, layer = self.kind(name, _expert_kind(name)), layer_of(name)
         for e in range(experts):
             self.add(
                 MatrixUnit(
@@ -446,26 +507,28 @@ class _Planner:
             )  # fmt: skip
 
     def visit_conv(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
-        """Conv2d kernels [out, in, kh, kw] and Conv1d kernels [out, in, k]: one matrix
-        per kernel position."""
-        out, fan_in, *kernel = shape
+        """Conv kernels of 1 to 3 spatial dimensions: one (out, in) matrix per kernel
+        position, wherever the file's layout puts out and in (`kernel_index`)."""
+        layout = self.kernel_layout(name)
+        if layout == "tf":
+            *kernel, fan_in, out = shape
+        elif layout == "mlx":
+            out, *kernel, fan_in = shape
+        else:
+            out, fan_in, *kernel = shape
         if self.too_small((out, fan_in)):
             self.skip(name, f"too small: conv kernel {list(shape)} slices are {out}x{fan_in}")
             return
         self.units_cap(name, math.prod(kernel))  # before a position is listed
-        positions = (
-            itertools.product(range(kernel[0]), range(kernel[1]))
-            if len(kernel) == 2
-            else ((i, None) for i in range(kernel[0]))
-        )
         # The reader decodes the kernel once for all its positions: each slice costs its share.
         per_slice = out * fan_in * DTYPE_SIZES[dtype]
-        layer = layer_of(name)
-        for i, j in positions:
+        kind, layer = self.kind(name, "conv"), layer_of(name)
+        for position in itertools.product(*(range(k) for k in kernel)):
             self.add(
                 MatrixUnit(
-                    f"{name}[{i}]" if j is None else f"{name}[{i},{j}]", name, "conv", layer,
-                    None, (out, fan_in), dtype, per_slice, "conv", row_start=i, row_stop=j,
+                    f"{name}[{','.join(map(str, position))}]", name, kind, layer, None,
+                    (out, fan_in), dtype, per_slice, "conv", position=position,
+                    kernel_layout=layout,
                 )
             )  # fmt: skip
 
@@ -476,16 +539,19 @@ def build_plan(
     *,
     min_evals: int,
     kind_rules: Sequence[KindRule] = (),
+    formats: Mapping[str, str] | None = None,
 ) -> Plan:
     """Map every tensor (name -> dtype and shape) to audit units or a skip reason.
 
     `config` (the model's config.json) gives the architecture (fused qkv layouts, GPT-2's
     Conv1D) and the quantization (FP8 block size, packed formats); `kind_rules` are the
-    user's `kinds:` rules (`roles.parse_kind_rules`), tried before the naming table.
+    user's `kinds:` rules (`roles.parse_kind_rules`), tried before the naming table;
+    `formats` the `format` each tensor's file header gives (how MLX, TF and Flax files
+    store kernels).
     Raises `AuditError` for inconsistent MXFP4 pairs, fused qkv weights that the config
     does not describe, and absurd shapes: those are broken checkpoints.
     """
-    planner = _Planner(tensors, config or {}, min_evals, kind_rules)
+    planner = _Planner(tensors, config or {}, min_evals, kind_rules, formats or {})
     for name, meta in tensors.items():
         planner.visit(name, meta)
     return planner.plan

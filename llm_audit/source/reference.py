@@ -6,9 +6,13 @@ one message saying where we looked and the command that would fetch it. Pickle-b
 checkpoints are refused by name, before anything opens them: loading them runs code.
 
 Accepted references:
-- a folder with `model.safetensors.index.json` (its `weight_map` names the shards), or
-  with `*.safetensors` files (all of them, sorted);
-- one `.safetensors` file;
+- a folder with an index (`model.safetensors.index.json`, diffusers'
+  `diffusion_pytorch_model.safetensors.index.json`: its `weight_map` names the shards), or
+  with `*.safetensors` files (all of them, sorted). The plain files are read, not a
+  variant beside them (`model.fp16.safetensors`); a PEFT adapter beside a model is not
+  read with it; models in subfolders (sentence-transformers modules, a diffusers
+  pipeline's components) are audited each on its own. What is not read is listed, with why;
+- one `.safetensors` file, or one index file (a variant's);
 - a hub repo id `owner/name` (optional revision: a branch, a tag, a full commit hash, or
   an unambiguous prefix of one) found in the Hugging Face cache.
 
@@ -35,12 +39,29 @@ from typing import Any
 
 from ..errors import AuditError, CheckpointError
 
-INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_INDEX_BYTES = 64 * 2**20
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SHORT_COMMIT = re.compile(r"^[0-9a-f]{4,39}$")
+# transformers' and diffusers' variants: model.fp16.safetensors, its shards
+# model.fp16-00001-of-00002.safetensors, their index model.safetensors.index.fp16.json
+_VARIANT_FILE = re.compile(
+    r"^[^.]+\.(?P<variant>[A-Za-z][\w-]*?)(?:-\d{5}-of-\d{5})?\.safetensors$"
+)
+_VARIANT_INDEX = re.compile(r"^[^.]+\.safetensors\.index\.(?P<variant>[A-Za-z][\w-]*)\.json$")
+_INDEX_FILE = re.compile(r"^[^.]+\.safetensors\.index(?:\.[A-Za-z][\w-]*)?\.json$")
+# a PEFT adapter's weights (adapter_model.safetensors), and why one beside a model is not read
+_ADAPTER = "adapter_model"
+_ADAPTER_REASON = (
+    "a PEFT adapter beside the model: audit the model merged with it (peft's "
+    "merge_and_unload), or the adapter on its own"
+)
+# files that say what a folder's subfolders are
+_SUBFOLDER_OWNERS = (
+    ("model_index.json", "a diffusers pipeline"),
+    ("modules.json", "a sentence-transformers model"),
+)
 
 
 @dataclass(frozen=True)
@@ -48,8 +69,10 @@ class ResolvedModel:
     """Where a model's safetensors files are, and what the user called it.
 
     `weight_map` is the index's tensor -> shard file name mapping (None without an index);
-    `revision` is the commit id of a hub snapshot (None for local paths); `unindexed` the
-    folder's .safetensors files its index does not name (transformers does not load them).
+    `revision` is the commit id of a hub snapshot (None for local paths); `not_read` the
+    folder's other .safetensors files (and those one folder down), each with why it is
+    not part of the model read (an index leaves it out, another variant, a subfolder's
+    model, a PEFT adapter beside the model).
     """
 
     reference: str
@@ -58,7 +81,7 @@ class ResolvedModel:
     weight_map: dict[str, str] | None
     repo_id: str | None = None
     revision: str | None = None
-    unindexed: tuple[Path, ...] = ()
+    not_read: tuple[tuple[Path, str], ...] = ()
 
     @property
     def config_path(self) -> Path | None:
@@ -109,25 +132,104 @@ def _load_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
+def _variant(path: Path) -> str | None:
+    """The variant a weights file belongs to (`fp16` of `model.fp16.safetensors` or
+    `diffusion_pytorch_model.fp16-00001-of-00002.safetensors`, of the index
+    `model.safetensors.index.fp16.json`), None for the plain files."""
+    match = _VARIANT_FILE.match(path.name) or _VARIANT_INDEX.match(path.name)
+    return match.group("variant") if match else None
+
+
+def _owner(root: Path) -> str:
+    """What the folder is, as the file that lists its subfolders says (or nothing)."""
+    found = ((name, what) for name, what in _SUBFOLDER_OWNERS if (root / name).is_file())
+    return next((f" ({name}: {what})" for name, what in found), "")
+
+
+def _subfolder_files(root: Path) -> list[tuple[Path, str]]:
+    """The .safetensors files one folder down, with why they are not read: they are other
+    models (a sentence-transformers module such as `2_Dense/`, a diffusers pipeline's
+    `unet/`, gpt-oss's `original/`), each audited on its own."""
+    found = []
+    for path in sorted(root.glob("*/*.safetensors")):
+        sub = path.parent.name
+        found.append((path, f"in the subfolder {sub}/{_owner(root)}: audit that folder on its own"))
+    return found
+
+
+def _choose_files(root: Path) -> tuple[Path | None, list[Path]]:
+    """The index (or None) and the .safetensors files of the model in `root`: the plain
+    index, else the plain files, else the one variant there is (its index or its files);
+    several indexes or variants to choose from are refused."""
+    indexes = sorted(root.glob("*.safetensors.index*.json"))
+    files = sorted(root.glob("*.safetensors"))
+    plain_indexes = [p for p in indexes if _variant(p) is None]
+    plain_files = [p for p in files if _variant(p) is None]
+    variants = sorted({v for p in [*indexes, *files] if (v := _variant(p)) is not None})
+    if len(plain_indexes) > 1:
+        names = ", ".join(p.name for p in plain_indexes)
+        raise CheckpointError(root, f"holds several indexes ({names}): pass the one to audit")
+    if plain_indexes or plain_files:
+        return (plain_indexes[0] if plain_indexes else None), plain_files
+    if len(variants) > 1:
+        raise CheckpointError(
+            root, f"holds the variants {', '.join(variants)} and no plain files: pass one"
+        )
+    return (indexes[0] if indexes else None), files
+
+
+def _not_read(root: Path, chosen: tuple[Path, ...]) -> list[tuple[Path, str]]:
+    """Every .safetensors file of the folder (and one folder down) that is not read, and why."""
+    reading = _variant(chosen[0]) if chosen else None
+    adapter_beside = any(not p.name.startswith(_ADAPTER) for p in chosen)
+    left = []
+    for path in sorted(root.glob("*.safetensors")):
+        variant = _variant(path)
+        if path in chosen:
+            continue
+        if variant is not None and variant != reading:
+            reason = f"variant {variant!r} of the weights (to audit it, pass its file or index)"
+        elif path.name.startswith(_ADAPTER) and adapter_beside:
+            reason = _ADAPTER_REASON
+        else:
+            reason = "a .safetensors file the index does not name (transformers does not load it)"
+        left.append((path, reason))
+    return left + _subfolder_files(root)
+
+
 def _resolve_folder(reference: str, root: Path, **hub: str | None) -> ResolvedModel:
-    index = root / INDEX_NAME
-    if index.is_file():
-        weight_map = _load_index(index)
-        files = tuple(root / name for name in sorted(set(weight_map.values())))
-        for path in files:
-            if not path.is_file():
-                raise CheckpointError(path, f"shard named in {INDEX_NAME} is missing")
-        unindexed = tuple(p for p in sorted(root.glob("*.safetensors")) if p not in files)
-        return ResolvedModel(reference, root, files, weight_map, **hub, unindexed=unindexed)
-    files = tuple(sorted(root.glob("*.safetensors")))
+    index, files = _choose_files(root)
+    if index is not None:
+        return _resolve_index(reference, index, **hub)
     if files:
-        return ResolvedModel(reference, root, files, None, **hub)
+        adapters = [p for p in files if p.name.startswith(_ADAPTER)]
+        chosen = tuple(p for p in files if p not in adapters) or tuple(adapters)
+        not_read = _not_read(root, chosen)
+        return ResolvedModel(reference, root, chosen, None, **hub, not_read=tuple(not_read))
     pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         _refuse_pickle(root / pickles[0])
-    ggufs = sorted(p.name for p in root.glob("*.gguf"))
-    held = f" (it holds GGUF files, e.g. {ggufs[0]}: {_GGUF})" if ggufs else ""
-    raise CheckpointError(root, f"no {INDEX_NAME} and no *.safetensors file in this folder{held}")
+    held = ""
+    if subfolders := sorted({p.parent.name + "/" for p, _ in _subfolder_files(root)}):
+        held = (
+            f"; its subfolders {', '.join(subfolders)} hold models{_owner(root)}: "
+            "audit each on its own"
+        )
+    elif ggufs := sorted(p.name for p in root.glob("*.gguf")):
+        held = f" (it holds GGUF files, e.g. {ggufs[0]}: {_GGUF})"
+    raise CheckpointError(root, f"no *.safetensors file or index in this folder{held}")
+
+
+def _resolve_index(reference: str, index: Path, **hub: str | None) -> ResolvedModel:
+    """The model an index describes: its shards, each checked to be there."""
+    root = index.parent
+    weight_map = _load_index(index)
+    files = tuple(root / name for name in sorted(set(weight_map.values())))
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(path, f"shard named in {index.name} is missing")
+    not_read = tuple(_not_read(root, files))
+    return ResolvedModel(reference, root, files, weight_map, **hub, not_read=not_read)
 
 
 _GGUF = "llama.cpp's format is not read; audit the model's safetensors release"
@@ -231,6 +333,8 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
         if path.is_dir():
             return _resolve_folder(reference, path)
         _refuse_pickle(path)
+        if _INDEX_FILE.match(path.name):
+            return _resolve_index(reference, path)
         if path.suffix.lower() == ".gguf":
             raise CheckpointError(path, f"a GGUF file: {_GGUF}")
         if path.suffix != ".safetensors":

@@ -6,8 +6,8 @@ roles in a handful of ways (`q_proj` / `query` / `wq`, `gate_proj` / `w1` / `c_f
 `dense_h_to_4h`, `experts.7.w2`, `layers.N` / `h.N` / `blocks.N`). One table maps them to
 the kinds reports group by; everything it does not know is `linear`, and users can add
 their own rules (`kinds:` in the audit config: a regex, a kind, and the regex group that
-holds the expert index) without a code change. User rules are tried first, on 2-D weight
-tensors (stacked experts keep their expert kinds).
+holds the expert index) without a code change. User rules are tried first, on every
+weight (a stack's experts and a kernel's positions take the rule's kind).
 
 Why not transformers' meta-device skeleton: a skeleton names modules as the model holds
 them, not as the checkpoint stores them (transformers 5 fuses Mixtral's and Qwen-MoE's
@@ -52,7 +52,13 @@ KINDS = (
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt"})
 _CONV1D = re.compile(r"\.(?:c_attn|q_attn|c_proj|c_fc)\.weight$")
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks|encoders)\.(\d+)\.")
+# The layer is the index of a name's first numbered component, when that component is a
+# stack of blocks: `model.layers.3.`, `h.3.`, `transformer_blocks.3.` (DiT, Flux); nested
+# stages (`stages.1.blocks.3.`, a UNet's `down_blocks.1.`) have no single depth.
+_FIRST_NUMBERED = re.compile(r"(?:^|\.)(\w+)\.(\d+)\.")
+_LAYER_STACKS = frozenset(
+    {"layers", "layer", "h", "block", "blocks", "encoders", "transformer_blocks"}
+)
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _W = r"\.weight$"
 # an attention module's own projections: `self_attn.`, `attention.self.` (BERT),
@@ -90,12 +96,17 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.(?:q_proj|wq|query_proj|q_lin)" + _W, "q_proj"),
         (r"\.(?:k_proj|wk|key_proj|k_lin)" + _W, "k_proj"),
         (r"\.(?:v_proj|wv|value_proj|v_lin)" + _W, "v_proj"),
+        # diffusers' attention (and its context stream's add_*_proj, to_add_out)
+        (r"\.(?:to_q|add_q_proj)" + _W, "q_proj"),
+        (r"\.(?:to_k|add_k_proj)" + _W, "k_proj"),
+        (r"\.(?:to_v|add_v_proj)" + _W, "v_proj"),
+        (r"\.(?:to_out\.0|to_add_out)" + _W, "o_proj"),
         (_ATTENTION + r"(?:query|q)" + _W, "q_proj"),
         (_ATTENTION + r"(?:key|k)" + _W, "k_proj"),
         (_ATTENTION + r"(?:value|v)" + _W, "v_proj"),
         (
             _ATTENTION + r"(?:o_proj|out_proj|dense|wo|c_proj|out|o|out_lin|output\.dense|output"
-            r"|projection_layer)" + _W,
+            r"|projection_layer|proj)" + _W,
             "o_proj",
         ),
         (r"\.o_proj" + _W, "o_proj"),  # under any module name (NemotronH's mixer, ...)
@@ -108,6 +119,8 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.(?:intermediate\.dense|feed_forward\.key)" + _W, "up_proj"),  # BERT, RWKV
         (r"\.(?:down_proj|w2|dense_4h_to_h|fc2|fc_out|lin2|DenseReluDense\.wo)" + _W, "down_proj"),
         (r"\.(?:mlp\.c_proj|output\.dense|feed_forward\.value)" + _W, "down_proj"),
+        (r"\.ff(?:_context)?\.net\.0\.proj" + _W, "up_proj"),  # diffusers' FeedForward
+        (r"\.ff(?:_context)?\.net\.2" + _W, "down_proj"),
         # embeddings and output head
         (
             r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embedding"
@@ -151,9 +164,10 @@ class KindRule:
 
 
 def layer_of(name: str) -> int | None:
-    """The block index of a tensor name (`layers.N`, `layer.N`, `h.N`, `block(s).N`)."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
+    """The block index of a tensor name (`layers.N`, `layer.N`, `h.N`, `block(s).N`, ...:
+    `_LAYER_STACKS`), None when its first numbered component is not one of those."""
+    match = _FIRST_NUMBERED.search(name)
+    return int(match.group(2)) if match and match.group(1) in _LAYER_STACKS else None
 
 
 def stored_transposed(name: str, config: Mapping[str, Any]) -> bool:
@@ -173,8 +187,15 @@ def _rule_expert(rule: KindRule, match: re.Match[str], name: str) -> int | None:
     return int(text)
 
 
+def user_kind(name: str, rules: Sequence[KindRule]) -> str | None:
+    """The kind of the first user rule matching `name` (any weight: a stack, a kernel)."""
+    return next((rule.kind for rule in rules if rule.pattern.search(name)), None)
+
+
 def role_of(name: str, rules: Sequence[KindRule] = ()) -> Role:
-    """The role of the 2-D weight `name`: user rules first, then the naming table."""
+    """The role of the 2-D weight `name`: user rules first, then the naming table (a PEFT
+    model's `base_layer` is the module it wraps)."""
+    name = name.replace(".base_layer.", ".")
     layer = layer_of(name)
     for rule in rules:
         match = rule.pattern.search(name)

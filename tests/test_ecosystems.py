@@ -1,0 +1,272 @@
+"""Checkpoints from outside transformers' language models, laid out as their libraries
+save them: diffusers (its own index name, fp16 variants, pipeline folders),
+sentence-transformers (modules in subfolders), PEFT adapters, MLX and TF/Flax kernels,
+BatchNorm counters. Each must be audited, or listed with why it is not: never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from llm_audit import analyze_matrix
+from llm_audit.errors import CheckpointError
+from llm_audit.run.ablate import stored_index
+from llm_audit.source.checkpoint import open_checkpoint
+from llm_audit.source.header import read_header
+from llm_audit.source.plan import build_plan
+from llm_audit.source.reference import resolve_model
+from llm_audit.source.roles import layer_of, parse_kind_rules, role_of
+
+RNG = np.random.default_rng(0)
+
+
+def _gauss(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _skipped(folder) -> dict[str, str]:
+    plan = open_checkpoint(resolve_model(str(folder))).plan(8)
+    return {s.name: s.reason for s in plan.skipped}
+
+
+def _diffusers_shards(folder, variant: str = "") -> None:
+    """Two shards and their index, named as diffusers' save_pretrained names them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"diffusion_pytorch_model{'.' + variant if variant else ''}"
+    shards = {f"{stem}-0000{i}-of-00002.safetensors": f"block{i}.to_q.weight" for i in (1, 2)}
+    for shard, tensor in shards.items():
+        save_file({tensor: _gauss(16, 16)}, folder / shard)
+    index = f"diffusion_pytorch_model.safetensors.index{'.' + variant if variant else ''}.json"
+    weight_map = {tensor: shard for shard, tensor in shards.items()}
+    (folder / index).write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_diffusers_index_is_read_and_a_missing_shard_refused(tmp_path):
+    _diffusers_shards(tmp_path / "unet")
+    model = resolve_model(str(tmp_path / "unet"))
+    assert [p.name for p in model.files] == [
+        "diffusion_pytorch_model-00001-of-00002.safetensors",
+        "diffusion_pytorch_model-00002-of-00002.safetensors",
+    ]
+    assert model.weight_map is not None and model.not_read == ()
+    (tmp_path / "unet" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"shard named in diffusion_pytorch_model\.saf"):
+        resolve_model(str(tmp_path / "unet"))
+
+
+def test_a_variant_beside_the_plain_files_is_listed_and_read_when_asked(tmp_path):
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    save_file({"conv_in.weight": _gauss(16, 16)}, unet / "diffusion_pytorch_model.safetensors")
+    save_file({"conv_in.weight": _gauss(16, 16)}, unet / "diffusion_pytorch_model.fp16.safetensors")
+    model = resolve_model(str(unet))  # was refused: the same tensor in two files
+    assert [p.name for p in model.files] == ["diffusion_pytorch_model.safetensors"]
+    assert "variant 'fp16'" in _skipped(unet)["diffusion_pytorch_model.fp16.safetensors"]
+    alone = resolve_model(str(unet / "diffusion_pytorch_model.fp16.safetensors"))
+    assert [p.name for p in alone.files] == ["diffusion_pytorch_model.fp16.safetensors"]
+    # a sharded variant beside the plain model: its index, passed as the model, reads it
+    _diffusers_shards(unet, "fp16")
+    (unet / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    index = unet / "diffusion_pytorch_model.safetensors.index.fp16.json"
+    assert all(".fp16-" in p.name for p in resolve_model(str(index)).files)
+    assert resolve_model(str(unet)).files == (unet / "diffusion_pytorch_model.safetensors",)
+    # only variants, and more than one: which to read is the user's choice
+    two = tmp_path / "two"
+    two.mkdir()
+    for variant in ("fp16", "bf16"):
+        save_file({"w": _gauss(16, 16)}, two / f"model.{variant}.safetensors")
+    with pytest.raises(CheckpointError, match="holds the variants bf16, fp16 and no plain"):
+        resolve_model(str(two))
+
+
+def test_models_in_subfolders_are_listed_and_a_pipeline_is_named(tmp_path):
+    # sentence-transformers: the transformer in the root, a Dense module in 2_Dense/
+    st = tmp_path / "st"
+    (st / "2_Dense").mkdir(parents=True)
+    save_file(
+        {"encoder.layer.0.attention.self.query.weight": _gauss(16, 16)}, st / "model.safetensors"
+    )
+    save_file({"linear.weight": _gauss(16, 32)}, st / "2_Dense" / "model.safetensors")
+    (st / "modules.json").write_text(json.dumps([{"idx": 2, "path": "2_Dense"}]))
+    reason = _skipped(st)["2_Dense/model.safetensors"]
+    assert reason == (
+        "in the subfolder 2_Dense/ (modules.json: a sentence-transformers model): "
+        "audit that folder on its own"
+    )
+    # a diffusers pipeline: components only
+    pipe = tmp_path / "pipe"
+    for component in ("unet", "vae"):
+        (pipe / component).mkdir(parents=True)
+        save_file({"w": _gauss(16, 16)}, pipe / component / "diffusion_pytorch_model.safetensors")
+    (pipe / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet"]}))
+    with pytest.raises(CheckpointError, match=r"subfolders unet/, vae/ hold models \(model_index"):
+        resolve_model(str(pipe))
+
+
+def test_peft_adapters(tmp_path):
+    """An adapter's rank-r factors are not layers: skipped with the reason, whether the
+    adapter is audited alone or sits beside its model (which is then read alone)."""
+    adapter = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": _gauss(16, 64),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": _gauss(64, 16),
+        "base_model.model.model.embed_tokens.lora_embedding_A": _gauss(16, 100),
+        "base_model.model.model.embed_tokens.base_layer.weight": _gauss(100, 64),
+    }
+    (tmp_path / "lora").mkdir()
+    save_file(adapter, tmp_path / "lora" / "adapter_model.safetensors")
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "lora")))
+    plan = checkpoint.plan(8)
+    assert [(u.tensor, u.kind) for u in plan.units] == [
+        ("base_model.model.model.embed_tokens.base_layer.weight", "embedding")
+    ]
+    reasons = {s.name: s.reason for s in plan.skipped}
+    assert reasons["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] == (
+        "LoRA factor (rank 16) of a PEFT adapter: audit the model merged with it"
+    )
+    assert len(reasons) == 3
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": _gauss(64, 16)},
+        tmp_path / "lora" / "model.safetensors",
+    )
+    assert resolve_model(str(tmp_path / "lora")).files == (tmp_path / "lora" / "model.safetensors",)
+    assert (
+        "PEFT adapter beside the model" in _skipped(tmp_path / "lora")["adapter_model.safetensors"]
+    )
+
+
+def test_null_metadata_as_mlx_writes_it(tmp_path):
+    """mx.save_safetensors without metadata writes "__metadata__": null; safetensors reads it."""
+    header = json.dumps(
+        {"__metadata__": None, "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+    )
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(16))
+    assert read_header(path).metadata == {}
+
+
+def _planted(matrix: np.ndarray, row: int, col: int, value: float = 50.0) -> np.ndarray:
+    matrix[row, col] = value
+    return matrix
+
+
+@pytest.mark.parametrize(
+    ("fmt", "axes"),
+    [("pt", "oihw"), ("mlx", "ohwi"), ("tf", "hwio"), ("flax", "hwio")],
+)
+def test_conv_kernels_in_each_libraries_layout(tmp_path, fmt, axes):
+    """A kernel with a trap planted at out 10, in 20, position (1, 2), stored as each
+    library stores kernels (the header's `format` says which): the unit at (1, 2) reads
+    the (out, in) matrix, its trap is found there, and the ablation maps it back."""
+    per_position = _gauss(3, 3, 64, 32)  # [kh, kw, out, in]
+    per_position[1, 2] = _planted(per_position[1, 2], 10, 20)
+    order = {"o": 2, "i": 3, "h": 0, "w": 1}
+    kernel = np.ascontiguousarray(per_position.transpose([order[a] for a in axes]))
+    (tmp_path / fmt).mkdir()
+    save_file(
+        {"conv2.weight": kernel}, tmp_path / fmt / "model.safetensors", metadata={"format": fmt}
+    )
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / fmt)))
+    units = {u.id: u for u in checkpoint.plan(8).units}
+    assert len(units) == 9 and all(u.shape == (64, 32) for u in units.values())
+    unit = units["conv2.weight[1,2]"]
+    assert np.array_equal(checkpoint.read_matrix(unit), per_position[1, 2])
+    row = analyze_matrix(checkpoint.read_matrix(unit), seed=0, matrix_id=unit.id)
+    assert row["rand_num_spikes"] >= 1
+    assert row["trap_entries"][0] | {"value": 50.0} == {"row": 10, "col": 20, "value": 50.0}
+    assert kernel[stored_index(unit, kernel.shape, 10, 20)] == 50.0
+
+
+def test_tf_dense_kernels_are_audited_as_out_by_in(tmp_path):
+    weights = {"dense.kernel": _planted(_gauss(32, 64), 20, 10)}  # [in, out]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "tf"})
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "model.safetensors")))
+    (unit,) = checkpoint.plan(8).units
+    assert unit.shape == (64, 32) and unit.transpose
+    assert checkpoint.read_matrix(unit)[10, 20] == 50.0
+
+
+def test_conv3d_and_mlx_conv1d_kernels(tmp_path):
+    conv3d = _gauss(16, 8, 2, 3, 2)  # [out, in, kd, kh, kw]
+    conv1d = _gauss(16, 4, 8)  # MLX [out, k, in]
+    save_file({"conv3d.weight": conv3d}, tmp_path / "video.safetensors")
+    save_file({"conv1d.weight": conv1d}, tmp_path / "mlx.safetensors", metadata={"format": "mlx"})
+    video = open_checkpoint(resolve_model(str(tmp_path / "video.safetensors")))
+    units = video.plan(8).units
+    assert len(units) == 12 and units[-1].id == "conv3d.weight[1,2,1]"
+    assert np.array_equal(video.read_matrix(units[-1]), conv3d[:, :, 1, 2, 1])
+    mlx = open_checkpoint(resolve_model(str(tmp_path / "mlx.safetensors")))
+    units = mlx.plan(8).units
+    assert [u.id for u in units] == [f"conv1d.weight[{k}]" for k in range(4)]
+    assert np.array_equal(mlx.read_matrix(units[3]), conv1d[:, 3, :])
+
+
+def test_mlx_switch_mlp_expert_stacks(tmp_path):
+    """mlx-lm's SwitchGLU stores each expert [out, in]; the kinds follow the part."""
+    hidden, ffn = 32, 48
+    stacks = {
+        "model.layers.0.mlp.switch_mlp.gate_proj.weight": _gauss(4, ffn, hidden),
+        "model.layers.0.mlp.switch_mlp.up_proj.weight": _gauss(4, ffn, hidden),
+        "model.layers.0.mlp.switch_mlp.down_proj.weight": _gauss(4, hidden, ffn),
+    }
+    save_file(stacks, tmp_path / "model.safetensors", metadata={"format": "mlx"})
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": hidden}))
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path)))
+    units = checkpoint.plan(8).units
+    kinds = {(u.kind, u.shape) for u in units}
+    assert kinds == {
+        ("expert_gate", (ffn, hidden)),
+        ("expert_up", (ffn, hidden)),
+        ("expert_down", (hidden, ffn)),
+    }
+    down = next(u for u in units if u.kind == "expert_down" and u.expert == 3)
+    assert np.array_equal(checkpoint.read_matrix(down), stacks[down.tensor][3])
+
+
+def test_user_kind_rules_reach_stacks_and_kernels():
+    tensors = {
+        "model.layers.0.mlp.experts.down_proj": type(
+            "M", (), {"dtype": "F32", "shape": (2, 16, 16)}
+        )(),
+        "encoder.conv.weight": type("M", (), {"dtype": "F32", "shape": (16, 16, 1, 1)})(),
+    }
+    rules = parse_kind_rules(
+        [
+            {"pattern": r"experts\.down_proj", "kind": "my_down"},
+            {"pattern": "conv", "kind": "my_conv"},
+        ],
+        "rules.yaml",
+    )
+    plan = build_plan(tensors, min_evals=8, kind_rules=rules)
+    assert plan.counts_by_kind() == {"my_conv": 1, "my_down": 2}
+
+
+def test_batchnorm_counters_are_not_unaudited_weights():
+    tensors = {"bn1.num_batches_tracked": type("M", (), {"dtype": "I64", "shape": ()})()}
+    (skip,) = build_plan(tensors, min_evals=8).skipped
+    assert not skip.weight
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "layer"),
+    [
+        ("transformer_blocks.3.attn.to_q.weight", "q_proj", 3),  # DiT, SD3, Flux double
+        ("transformer_blocks.3.attn.add_k_proj.weight", "k_proj", 3),
+        ("transformer_blocks.3.attn.to_out.0.weight", "o_proj", 3),
+        ("transformer_blocks.3.attn.to_add_out.weight", "o_proj", 3),
+        ("transformer_blocks.3.ff.net.0.proj.weight", "up_proj", 3),
+        ("transformer_blocks.3.ff_context.net.2.weight", "down_proj", 3),
+        ("single_transformer_blocks.7.attn.to_v.weight", "v_proj", None),
+        ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight", "k_proj", None),
+        ("blocks.5.attn.proj.weight", "o_proj", 5),  # timm ViT
+        ("stages.1.blocks.2.mlp.fc1.weight", "up_proj", None),  # ConvNeXt: no single depth
+        ("model.layers.4.mlp.experts.7.w2.weight", "expert_down", 4),
+        ("transformer.h.11.attn.c_proj.weight", "o_proj", 11),
+    ],
+)
+def test_kinds_and_layers_of_diffusers_and_vision_names(name, kind, layer):
+    assert (role_of(name).kind, layer_of(name)) == (kind, layer)
