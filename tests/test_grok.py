@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import struct
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,10 @@ from llm_audit.errors import AuditError, UsageError
 from llm_audit.grok import measures
 from llm_audit.grok.compare import divergence, separation, twin_mismatch
 from llm_audit.grok.mnist import NO_MNIST, load_idx_folder, load_mnist
-from llm_audit.grok.models import MLP, ModAddTransformer
-from llm_audit.grok.settings import load_grok_config
-from llm_audit.grok.tasks import build_task
+from llm_audit.grok.models import MLP, ModAddTransformer, weight_matrices
+from llm_audit.grok.run import run_grok
+from llm_audit.grok.settings import RULES, GrokConfig, load_grok_config
+from llm_audit.grok.tasks import build_task, matrix_names
 from llm_audit.grok.timeline import phases, write_timeline
 from llm_audit.grok.train import checkpoint_steps, load_state, read_metrics, train
 
@@ -103,10 +105,114 @@ def test_bad_settings_are_named(tmp_path):
     bad.write_text("lr: 0.001\nwieght_decay: 1\n")
     with pytest.raises(AuditError, match=r"bad.yaml: unknown key 'wieght_decay'"):
         load_grok_config(bad, "modadd")
-    with pytest.raises(AuditError, match="lr must be a non-negative number"):
+    with pytest.raises(AuditError, match="--lr must be a finite number > 0, got 'fast'"):
         load_grok_config(None, "modadd", lr="fast")
     with pytest.raises(AuditError, match="for task 'modadd', not 'mlp-mnist'"):
         load_grok_config(ROOT / "configs" / "grok-modadd.yaml", "mlp-mnist")
+
+
+BAD_CONFIGS = [
+    ("p: 0", "p must be a whole number >= 2"),
+    ("p: 1", "p must be a whole number >= 2"),
+    ("p: 2\ntrain_fraction: 0.1", "p=2 and train_fraction=0.1 leave 0 of the 4 pairs"),
+    ("circuit_layer: nope", "circuit_layer must be one of modadd's weight matrices"),
+    ("circuit_layer: fc1.weight", "circuit_layer must be one of modadd's weight matrices"),
+    ("circuit_layer: 3", "circuit_layer must be the name of a weight matrix"),
+    ("width: 0", "width must be a whole number >= 1"),
+    ("n_train: 0", "n_train must be a multiple of 10"),
+    ("n_train: 105", "n_train must be a multiple of 10"),
+    ("lr: .nan", "lr must be a finite number > 0, got nan"),
+    ("lr: .inf", "lr must be a finite number > 0, got inf"),
+    ("lr: 1e400", "lr must be a finite number > 0, got inf"),
+    ("lr: " + "9" * 400, "lr must be a finite number > 0"),
+    ("lr: 0", "lr must be a finite number > 0"),
+    ("weight_decay: .nan", "weight_decay must be a finite number >= 0"),
+    ("weight_decay: -1", "weight_decay must be a finite number >= 0"),
+    ("init_scale: 0", "init_scale must be a finite number > 0"),
+    ("beta1: 1.0", "beta1 must be a number in [0, 1)"),
+    ("beta2: .nan", "beta2 must be a number in [0, 1)"),
+    ("eps: 0", "eps must be a finite number > 0"),
+    ("train_fraction: 1", "train_fraction must be a number in (0, 1)"),
+    ("steps: 0", "steps must be a whole number >= 1"),
+    ("batch_size: -1", "batch_size must be a whole number >= 0"),
+    ("warmup_steps: true", "warmup_steps must be a whole number >= 0"),
+    ("seed: 1.5", "seed must be a whole number >= 0"),
+    ("checkpoints_per_decade: 0", "checkpoints_per_decade must be a whole number from 1"),
+    ("checkpoints_per_decade: 1000000000", "checkpoints_per_decade must be a whole number from"),
+    ("dtype: float16", "dtype must be one of float32, float64"),
+    ("task: [modadd]", "task must be one of mlp-mnist, modadd"),
+    ("1: 2\nfoo: 3", "unknown key 1"),  # keys of mixed types: sorted as text
+    ("0", "a grok config is a mapping"),
+]
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("a bad setting reached training")
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS, ids=[t for t, _ in BAD_CONFIGS])
+def test_a_bad_config_value_stops_grok_in_one_line(tmp_path, capsys, monkeypatch, text, message):
+    """Every setting is checked before anything is built: exit 2, one line naming the file
+    and the key, no traceback, nothing written (training would fail the test)."""
+    monkeypatch.setattr("llm_audit.grok.run.run_grok", _no_training)
+    config, out = tmp_path / "bad.yaml", tmp_path / "out"
+    config.write_text(text + "\n")
+    assert main(["grok", "modadd", "--config", str(config), "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"llm-audit: error: {config}: ")
+    assert message in err[0]
+    assert not out.exists()
+
+
+def test_circuit_layer_is_checked_against_the_task_before_mnist_is_read(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("circuit_layer: fc1\n")  # modadd's name, not the MLP's
+    args = ["grok", "mlp-mnist", "--config", str(config), "--data", str(tmp_path / "none")]
+    assert main([*args, "--steps", "2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"{config}: circuit_layer must be one of mlp-mnist's" in err[0]
+    assert "(fc1.weight, fc2.weight, fc3.weight), got 'fc1'" in err[0]
+
+
+BAD_FLAGS = [
+    (["--threads", "0"], "--threads must be a whole number from 1 to 1024, got 0"),
+    (["--threads", "1000000"], "--threads must be a whole number from 1 to 1024"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+    (["--init-scale", "-1"], "--init-scale must be a finite number > 0, got -1.0"),
+    (["--steps", "0"], "--steps must be a whole number >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be a whole number >= 0, got -1"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_a_bad_flag_stops_grok_in_one_line(tmp_path, capsys, monkeypatch, flags, message):
+    """Named by its flag, even with a valid config file beside it."""
+    monkeypatch.setattr("llm_audit.grok.run.run_grok", _no_training)
+    out = tmp_path / "out"
+    config = ROOT / "configs" / "grok-modadd.yaml"
+    args = ["grok", "modadd", "--config", str(config), "--steps", "2", "--out", str(out)]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"llm-audit: error: {message}")
+    assert not out.exists()
+
+
+def test_every_setting_has_a_rule_and_the_api_checks_threads(tmp_path):
+    assert set(RULES) == {f.name for f in fields(GrokConfig)}
+    with pytest.raises(AuditError, match="--threads must be"):
+        run_grok(load_grok_config(None, "modadd", steps=2), tmp_path / "out", threads=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_circuit_layer_names_are_the_models_own(idx_folder):
+    config, task = _tiny(idx_folder)
+    names = matrix_names(config)
+    assert names == list(weight_matrices(task.model)) == ["fc1.weight", "fc2.weight", "fc3.weight"]
+    config = load_grok_config(None, "modadd", p=7)
+    model = build_task(config, None, Path("unused")).model
+    assert matrix_names(config) == list(weight_matrices(model)) and "W_Q" in matrix_names(config)
 
 
 def test_checkpoints_are_log_spaced():
@@ -119,7 +225,7 @@ def test_checkpoints_are_log_spaced():
 
 def test_modadd_tables_compute_the_plain_transformer():
     torch.manual_seed(1)
-    m = ModAddTransformer(p=13, d_model=16, n_heads=2, d_mlp=32)
+    m = ModAddTransformer(p=13, d_model=16, n_heads=2, d_mlp=32, init_scale=1.0)
     tokens = torch.stack(
         [torch.randint(0, 13, (20,)), torch.randint(0, 13, (20,)), torch.full((20,), 13)], 1
     )
@@ -135,15 +241,15 @@ def test_modadd_tables_compute_the_plain_transformer():
 
 def test_init_scale_multiplies_every_parameter():
     torch.manual_seed(0)
-    base = MLP(init_scale=1.0)
+    base = MLP(784, 200, 2, 10, init_scale=1.0)
     torch.manual_seed(0)
-    scaled = MLP(init_scale=4.0)
+    scaled = MLP(784, 200, 2, 10, init_scale=4.0)
     for a, b in zip(base.parameters(), scaled.parameters(), strict=True):
         torch.testing.assert_close(4 * a, b)
 
 
 def test_measures_match_their_definitions():
-    model = MLP(d_in=4, width=3, n_out=2, init_scale=1.0)
+    model = MLP(d_in=4, width=3, depth=2, n_out=2, init_scale=1.0)
     with torch.no_grad():
         for i, w in enumerate(measures.weight_matrices(model).values()):
             w.fill_(0.5 * (i + 1))
@@ -506,7 +612,7 @@ def test_each_trapped_layer_is_ablated_against_a_random_control(tmp_path):
     assert np.count_nonzero(control != fc1) == 2 and control[5, 7] == 40.0
 
 
-def accuracy_with_replaced_matrices_puts_the_model_back(idx_folder, tmp_path):
+def test_accuracy_with_replaced_matrices_puts_the_model_back(idx_folder, tmp_path):
     from llm_audit.grok.train import accuracy_with
 
     _, task = _tiny(idx_folder)

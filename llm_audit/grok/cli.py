@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..report.format import print_json
-from .settings import TASKS, load_grok_config
+from .settings import MAX_THREADS, TASKS, check_threads, load_grok_config
 
 GROK_EXTRAS = ("torch", "matplotlib")
 NO_EXTRAS = (
@@ -55,6 +55,7 @@ def cmd_grok(args: argparse.Namespace) -> int:
             found["divergence"] = divergence(rows, twin, measure_keys(rows))
         return _print_found(out, found, args.format)
 
+    check_threads(args.threads)
     config = load_grok_config(
         args.config,
         args.task,
@@ -168,7 +169,9 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
         "another dtype or on another device: each run's phases and how far each measure "
         "lies from RUN's at the checkpoints both have",
     )
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--threads", type=int, default=1, help=f"torch CPU threads, 1 to {MAX_THREADS} (default 1)"
+    )
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if seen"
     )

@@ -14,16 +14,11 @@ from torch import nn
 
 
 class MLP(nn.Module):
-    """784 -> 200 -> 200 -> 10 with ReLU; every weight and bias scaled by `init_scale`."""
+    """d_in -> width (x depth) -> n_out with ReLU (the paper's 784 -> 200 -> 200 -> 10);
+    every weight and bias scaled by `init_scale`. No defaults: a run's sizes and scale
+    are its settings (grok/settings.py)."""
 
-    def __init__(
-        self,
-        d_in: int = 784,
-        width: int = 200,
-        depth: int = 2,
-        n_out: int = 10,
-        init_scale: float = 8.0,
-    ) -> None:
+    def __init__(self, d_in: int, width: int, depth: int, n_out: int, init_scale: float) -> None:
         super().__init__()
         dims = [d_in] + [width] * depth + [n_out]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
@@ -52,17 +47,19 @@ class ModAddTransformer(nn.Module):
     """One-layer attention + MLP transformer on [a, b, =] (Nanda et al. 2023).
 
     No LayerNorm, no attention biases; only the last position's output is computed,
-    since the loss reads only it.
+    since the loss reads only it. `p` and `init_scale` are settings (grok/settings.py,
+    no defaults here); the other sizes are the architecture's.
     """
 
     def __init__(
         self,
-        p: int = 113,
+        p: int,
         d_model: int = 128,
         n_heads: int = 4,
         d_mlp: int = 512,
         n_ctx: int = 3,
-        init_scale: float = 1.0,
+        *,
+        init_scale: float,
     ) -> None:
         super().__init__()
         d_vocab = p + 1

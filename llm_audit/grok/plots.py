@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .timeline import layers_of
+from .timeline import ABLATED_ACC, CONTROL_ACC, layers_of
 
 MEASURES = ("l2_norm", "abs_weight_entropy", "activation_sparsity", "circuit_complexity")
 
@@ -57,8 +57,9 @@ def plot_timeline(
     ax = axes[4]
     ax.plot(step, series("test_acc"), "k", lw=1.5, label="test accuracy")
     for layer in layers:
-        (line,) = ax.plot(step, series(f"ablated_acc.{layer}"), "o", ms=3, label=f"{layer} traps 0")
-        control = series(f"control_acc.{layer}")
+        ablated = series(f"{ABLATED_ACC}{layer}")
+        (line,) = ax.plot(step, ablated, "o", ms=3, label=f"{layer} traps 0")
+        control = series(f"{CONTROL_ACC}{layer}")
         ax.plot(step, control, "x", ms=3, color=line.get_color(), label=f"{layer} random 0")
     ax.set_ylabel("test accuracy,\nentries zeroed")
     ax = axes[5]

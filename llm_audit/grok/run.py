@@ -23,7 +23,7 @@ from ..errors import AuditError
 from ..files import write_atomic, write_json
 from ..run.cluster import connect, shutdown_local
 from .plots import plot_timeline
-from .settings import GrokConfig, first_difference
+from .settings import GrokConfig, check_threads, first_difference
 from .tasks import build_task
 from .timeline import (
     audit_checkpoint,
@@ -106,6 +106,7 @@ def run_grok(
     instead of a fresh initialization: how a grokked model is trained on under other
     settings (e.g. without weight decay).
     """
+    check_threads(threads)
     out = Path(out)
     run_file = out / "run.json"
     origin = None

@@ -6,7 +6,7 @@ measures are the same for both setups; only these differ.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,10 @@ from torch.nn import functional as F
 
 from ..errors import UsageError
 from .mnist import load_mnist
-from .models import MLP, ModAddTransformer
-from .settings import GrokConfig
+from .models import MLP, ModAddTransformer, weight_matrices
+from .settings import MNIST_CLASSES, GrokConfig
+
+MLP_DEPTH = 2  # hidden layers of the MNIST MLP
 
 
 @dataclass
@@ -78,13 +80,30 @@ def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return rng.permutation(np.concatenate(picks))
 
 
+def _model(config: GrokConfig, d_in: int) -> nn.Module:
+    """The task's model, freshly initialized (`d_in`: the MLP's input size; modadd has
+    none)."""
+    if config.task == "mlp-mnist":
+        return MLP(d_in, config.width, MLP_DEPTH, MNIST_CLASSES, config.init_scale)
+    return ModAddTransformer(config.p, init_scale=config.init_scale)
+
+
+def matrix_names(config: GrokConfig) -> list[str]:
+    """The names of the weight matrices `config`'s model has (what circuit_layer may
+    name): its model built on the meta device (no memory, no random numbers drawn), at
+    the smallest size, since the names do not depend on the sizes."""
+    with torch.device("meta"):
+        model = _model(replace(config, width=1, p=2), d_in=1)
+    return list(weight_matrices(model))
+
+
 def mlp_mnist(config: GrokConfig, data: str | Path | None, cache: Path) -> Task:
     """MLP on 1,000 stratified MNIST training images, tested on the full test set."""
     digits = load_mnist(data, cache)
     dtype = getattr(torch, config.dtype)
     idx = _stratified(digits.train_y, config.n_train, config.seed)
     torch.manual_seed(config.seed)
-    model = MLP(digits.train_x.shape[1], config.width, 2, 10, config.init_scale).to(dtype)
+    model = _model(config, digits.train_x.shape[1]).to(dtype)
     return Task(
         model,
         torch.from_numpy(digits.train_x[idx]).to(dtype),
@@ -108,7 +127,7 @@ def modadd(config: GrokConfig) -> Task:
     tokens, labels = torch.from_numpy(tokens[order]), torch.from_numpy((a + b)[order] % p)
     torch.manual_seed(config.seed)
     dtype = getattr(torch, config.dtype)
-    model = ModAddTransformer(p, init_scale=config.init_scale).to(dtype)
+    model = _model(config, d_in=0).to(dtype)
     return Task(
         model,
         tokens[:cut],

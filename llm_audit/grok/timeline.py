@@ -39,6 +39,7 @@ from ..spectral.ablation import ablate_random, ablate_traps
 from ..spectral.analyze import shuffle_replicas
 
 ABLATED_ACC = "ablated_acc."  # + layer: test accuracy with its trap entries zeroed
+CONTROL_ACC = "control_acc."  # + layer: with as many random entries of it zeroed
 # test accuracy of the checkpoint's model with some of its matrices replaced
 Accuracy = Callable[[Mapping[str, np.ndarray]], float]
 
@@ -73,7 +74,11 @@ _RATIO = ("max_rand_eval", "rand_bulk_max")  # a version-1 report has no trap_ra
 
 
 def trap_ratio(row: dict[str, Any]) -> float | None:
-    """max_rand_eval / rand_bulk_max, the report's `trap_ratio`, from its two parts."""
+    """max_rand_eval / rand_bulk_max, the report's `trap_ratio`, from its two parts.
+
+    Why not the report's own column: most committed grok audits are schema version 1,
+    which has none (the report reader gives null there); where a report has it, the two
+    are equal for every row of reports/grok-*."""
     top, edge = row.get("max_rand_eval"), row.get("rand_bulk_max")
     return None if top is None or not edge else top / edge
 
@@ -94,7 +99,7 @@ def ablation_columns(
             rng = np.random.default_rng([seed, step, zlib.crc32(name.encode())])
             cols[f"{ABLATED_ACC}{name}"] = accuracy({r["tensor"]: ablate_traps(matrix, r)})
             control = ablate_random(matrix, len(r["trap_entries"]), rng)
-            cols[f"control_acc.{name}"] = accuracy({r["tensor"]: control})
+            cols[f"{CONTROL_ACC}{name}"] = accuracy({r["tensor"]: control})
     return cols
 
 
