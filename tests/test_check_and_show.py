@@ -284,6 +284,46 @@ def test_the_gate_counts_traps_per_shuffle():
         assert trap_count(row, 1e9) == 0
 
 
+def test_every_command_counts_traps_as_the_gate_does(tmp_path, capsys):
+    """A router of 32 experts (32 eigenvalues: rand_num_spikes pools 5 shuffles) and a
+    256x128 matrix, one planted entry each: the audit's summary, report show, diff and
+    the HTML page count 1 trap each, 2 in all, as check does (they said 6)."""
+    from safetensors.numpy import save_file
+
+    from llm_audit.report.diff import diff_reports
+    from llm_audit.report.html import build_payload
+    from llm_audit.report.reader import load_report
+
+    rng = np.random.default_rng(2)
+    weights = {
+        "layers.0.mlp.router.weight": rng.standard_normal((32, 256), np.float32),
+        "layers.0.mlp.up_proj.weight": rng.standard_normal((256, 128), np.float32),
+    }
+    for w in weights.values():
+        w[7, 3] = 40.0
+    (tmp_path / "m").mkdir()
+    save_file(weights, str(tmp_path / "m" / "model.safetensors"))
+    out = tmp_path / "report"
+    assert main(["audit", str(tmp_path / "m"), "--out", str(out), "--quiet"]) == 0
+    assert "correlation traps: 2 in 2 matrices" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["total_traps"], summary["matrices_with_traps"]) == (2, 2)
+    report = load_report(out)
+    assert [r["rand_num_spikes"] for r in report.rows] == [5, 1]  # WeightWatcher's, kept
+    assert build_payload(report)["rows"]["traps"] == [1, 1]
+    assert main(["report", "show", str(out)]) == 0
+    assert "traps 2 in 2 matrices" in capsys.readouterr().out
+    assert main(["check", str(out), "--rules", _rules(tmp_path, max_total_traps=1)]) == 1
+    assert "2 traps > 1" in capsys.readouterr().out
+    clean = [
+        _row(r["matrix"], r["kind"], N=r["N"], M=r["M"], num_evals=r["num_evals"])
+        for r in report.rows
+    ]
+    base = load_report(write_report(tmp_path / "base", clean))
+    assert [c["new_traps"] for c in diff_reports(base, report)] == [1, 1]
+    assert build_payload(report, base)["compare"]["base_traps"] == [0, 0]
+
+
 def test_weights_the_plan_leaves_out_are_in_the_summary_and_shown(tmp_path, capsys):
     """A weight the plan cannot read (here a 3-D stack of an unknown layout) is not a
     matrix of the report, so 'skipped 0' alone would hide it: summary.json counts every

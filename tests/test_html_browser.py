@@ -152,7 +152,7 @@ def test_filter_narrows_the_table_and_headers_sort_it(browser, pages):
     ]
     assert browser.find_element(By.ID, "row-count").text == "2 of 44 matrices"
     _filter(browser, "")
-    browser.find_element(By.CSS_SELECTOR, "th[data-key=rand_num_spikes]").click()
+    browser.find_element(By.CSS_SELECTOR, "th[data-key=traps]").click()
     assert _rows(browser)[:3] == [
         "model.layers.1.mlp.experts.down_proj[5]",  # 4 traps, then 3, then 2
         "model.layers.1.self_attn.o_proj.weight",

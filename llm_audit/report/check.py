@@ -29,7 +29,7 @@ from xml.etree import ElementTree as ET
 from ..errors import AuditError
 from ..inputs import is_count, read_yaml, shown
 from ..source.roles import KINDS
-from ..spectral.analyze import SMALL_ESD, shuffle_replicas
+from ..spectral.analyze import traps_per_shuffle
 from .diff import diff_reports
 from .format import format_value, printable
 from .reader import Report
@@ -138,13 +138,13 @@ def trap_count(row: dict[str, Any], min_ratio: float | None) -> int:
     shuffled bulk edge is at least that (a version-1 report has no ratios: every trap
     counts). WeightWatcher's `rand_num_spikes` pools 5 shuffles below 100 eigenvalues, so
     one trap in a router of 32 experts is 5 there; the gate counts ceil(pooled / 5), the
-    number of entries behind them (`trap_entries`)."""
+    number of entries behind them (`trap_entries`): `traps_per_shuffle`."""
     ratios = row.get("trap_ratios")
     if min_ratio is None or ratios is None:
-        pooled = row["rand_num_spikes"] or 0
+        pooled = row["rand_num_spikes"]
     else:
         pooled = sum(r is not None and r >= min_ratio for r in ratios)
-    return -(-pooled // shuffle_replicas(row["num_evals"] or SMALL_ESD))
+    return traps_per_shuffle(pooled, row["num_evals"])
 
 
 def _nothing_audited(report: Report) -> str:

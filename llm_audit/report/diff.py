@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import AuditError
 from ..inputs import shown
+from ..spectral.analyze import traps_per_shuffle
 from .reader import Report
 
 COMPARED = (
@@ -23,6 +24,10 @@ COMPARED = (
     "stable_rank",
     "trap_ratio",
 )
+
+
+def _traps(row: dict[str, Any]) -> int:
+    return traps_per_shuffle(row["rand_num_spikes"], row["num_evals"])
 
 
 def _delta(a: Any, b: Any) -> float | None:
@@ -64,7 +69,7 @@ def diff_reports(a: Report, b: Report) -> list[dict[str, Any]]:
         for col in COMPARED:
             row[f"{col}_a"], row[f"{col}_b"] = ra[col], rb[col]
             row[f"d_{col}"] = _delta(ra[col], rb[col])
-        row["new_traps"] = max(0, (rb["rand_num_spikes"] or 0) - (ra["rand_num_spikes"] or 0))
+        row["new_traps"] = max(0, _traps(rb) - _traps(ra))
         out.append(row)
     out.sort(key=lambda r: (-r["new_traps"], -abs(r["d_alpha"] or 0.0)))
     return out

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..errors import AuditError
 from ..files import output_path, write_atomic
+from ..spectral.analyze import traps_per_shuffle
 from .diff import COMPARED, diff_reports
 from .reader import Report, check_spectra, load_report
 from .schema import LAYERS_SCHEMA, REPORT_COLUMNS
@@ -159,6 +160,10 @@ def _compare(report: Report, base: Report) -> dict[str, Any]:
         "base": {col: [_round(c[f"{col}_a"], TABLE_DIGITS) for c in ordered] for col in COMPARED},
         "delta": {col: [_round(c[f"d_{col}"], TABLE_DIGITS) for c in ordered] for col in COMPARED},
         "new_traps": [c["new_traps"] for c in ordered],
+        "base_traps": [
+            traps_per_shuffle(c["rand_num_spikes_a"], row.get("num_evals"))
+            for c, row in zip(ordered, report.rows, strict=True)
+        ],
     }
 
 
@@ -180,7 +185,8 @@ def build_payload(report: Report, base: Report | None = None) -> dict[str, Any]:
         "rows": {
             name: [_round(row.get(name), TABLE_DIGITS) for row in report.rows]
             for name in _SCALAR_FIELDS
-        },
+        }
+        | {"traps": [traps_per_shuffle(r["rand_num_spikes"], r["num_evals"]) for r in report.rows]},
         "compare": _compare(report, base) if base is not None else None,
         "caps": {"top": TOP, "traps": MAX_TRAPS},
     }

@@ -51,6 +51,7 @@ from ..report.writer import ReportWriter, lock_report, out_folder_state, remove_
 from ..source.checkpoint import Checkpoint, open_checkpoint
 from ..source.plan import MatrixUnit, Plan
 from ..source.reference import ResolvedModel, resolve_model
+from ..spectral.analyze import traps_per_shuffle
 from .cluster import check_nodes, connect, shutdown_local
 from .config import AuditConfig
 from .tasks import run_tasks
@@ -80,13 +81,13 @@ def _select(units: list[MatrixUnit], config: AuditConfig) -> list[MatrixUnit]:
 
 
 def _summary(table: Any, planned: int, plan: Plan) -> dict[str, Any]:
-    columns = ["kind", "status", "error_kind", "alpha", "rand_num_spikes", "warning"]
+    columns = ["kind", "status", "error_kind", "alpha", "rand_num_spikes", "num_evals", "warning"]
     rows = table.select(columns).to_pylist()
     by_kind: dict[str, list[float]] = {}
     for r in rows:
         if r["alpha"] is not None:
             by_kind.setdefault(r["kind"], []).append(r["alpha"])
-    traps = [r["rand_num_spikes"] or 0 for r in rows]
+    traps = [traps_per_shuffle(r["rand_num_spikes"], r["num_evals"]) for r in rows]
     failed: dict[str, int] = {}
     for r in rows:
         if r["status"] == "error":

@@ -171,6 +171,14 @@ def shuffle_replicas(num_evals: int) -> int:
     return SMALL_ESD_REPLICAS if num_evals < SMALL_ESD else 1
 
 
+def traps_per_shuffle(pooled: int | None, num_evals: int | None) -> int:
+    """A matrix's traps as every summary and the gate count them: `pooled` (its
+    `rand_num_spikes`, over `shuffle_replicas` shuffles) per shuffle, rounded up — the
+    number of entries behind them (`trap_entries`), so one planted entry in a router of
+    32 experts is 1 trap, not 5. None counts as 0 (a matrix not analyzed)."""
+    return -(-(pooled or 0) // shuffle_replicas(num_evals or SMALL_ESD))
+
+
 def _stack(matrices: list[np.ndarray]) -> np.ndarray:
     """[B, n, m] stack; a view, not a 30 MB copy, for the usual single matrix."""
     return matrices[0][None] if len(matrices) == 1 else np.stack(matrices)

@@ -395,7 +395,7 @@
         const key = `${R.layer[i]},${R.expert[i]}`;
         if (!cells.has(key)) cells.set(key, { layer: R.layer[i], expert: R.expert[i], traps: 0, members: [] });
         const cell = cells.get(key);
-        cell.traps += R.rand_num_spikes[i] || 0;
+        cell.traps += R.traps[i];
         cell.members.push(i);
         maxExpert = Math.max(maxExpert, R.expert[i]);
       }
@@ -423,12 +423,12 @@
         t.textContent = String(e);
       }
       for (const cell of cells.values()) {
-        const best = cell.members.reduce((a, b) => ((R.rand_num_spikes[b] || 0) > (R.rand_num_spikes[a] || 0) ? b : a));
+        const best = cell.members.reduce((a, b) => (R.traps[b] > R.traps[a] ? b : a));
         const rect = svgEl("rect", {
           class: "cell", x: left + cell.expert * cw, y: top + row.get(cell.layer) * ch,
           width: cw, height: ch, fill: trapColor(cell.traps, max), "data-open": best,
         }, svg);
-        const parts = cell.members.map((i) => `${R.kind[i]} ${fmt(R.rand_num_spikes[i])}`).join(", ");
+        const parts = cell.members.map((i) => `${R.kind[i]} ${fmt(R.traps[i])}`).join(", ");
         svgTitle(rect, `layer ${cell.layer}, expert ${cell.expert}: ${cell.traps} traps (${parts})`);
       }
       const legendY = top + layers.length * ch + 12;
@@ -467,7 +467,10 @@
     },
     { key: "alpha", label: "\u03b1", num: true },
     { key: "num_spikes", label: "spikes", num: true },
-    { key: "rand_num_spikes", label: "traps", num: true },
+    {
+      key: "traps", label: "traps", num: true,
+      title: "Correlation traps per shuffle: rand_num_spikes (pooled over 5 shuffles below 100 eigenvalues) divided back, rounded up: the entries behind them, as llm-audit check counts them.",
+    },
     { key: "trap_ratio", label: "trap ratio", num: true },
     { key: "max_abs_entry", label: "max |w|", num: true },
     { key: "entry_kurtosis", label: "kurtosis", num: true },
@@ -481,7 +484,7 @@
       { key: "d_alpha", label: "\u0394\u03b1", num: true, title: "alpha here minus alpha in the baseline.",
         value: (i) => CMP.delta.alpha[i] },
       { key: "traps_base", label: "traps base", num: true, title: "Traps in the baseline report.",
-        value: (i) => CMP.base.rand_num_spikes[i] },
+        value: (i) => CMP.base_traps[i] },
       { key: "new_traps", label: "new traps", num: true, title: "Traps here beyond the baseline's.",
         value: (i) => CMP.new_traps[i] },
     );
@@ -541,7 +544,7 @@
     const aMax = parseFloat($("alpha-max").value);
     table.view = BASE_ORDER.filter((i) => {
       if (kind && R.kind[i] !== kind) return false;
-      if (trapsOnly && !(R.rand_num_spikes[i] > 0)) return false;
+      if (trapsOnly && !(R.traps[i] > 0)) return false;
       const a = R.alpha[i];
       if (!Number.isNaN(aMin) && !(a !== null && a >= aMin)) return false;
       if (!Number.isNaN(aMax) && !(a !== null && a <= aMax)) return false;
@@ -568,7 +571,7 @@
     for (const col of COLUMNS) {
       const td = el("td", col.num ? "num" : "", col.text(i));
       if (col.key === "matrix") td.setAttribute("title", R.matrix[i]);
-      if ((col.key === "rand_num_spikes" && R.rand_num_spikes[i] > 0) ||
+      if ((col.key === "traps" && R.traps[i] > 0) ||
           (col.key === "new_traps" && CMP.new_traps[i] > 0)) {
         td.className += col.key === "new_traps" ? " gained" : " has-traps";
       }
