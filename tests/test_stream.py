@@ -99,11 +99,20 @@ def test_equal_entries_rank_by_row_then_column_on_both_routes():
 
 
 def test_streamed_bad_input():
+    """Refused or skipped as the in-memory route refuses it, in the same words."""
     bad = np.ones((100, 10), np.float32)
-    bad[50, 3] = np.inf
-    assert analyze_streamed(_chunker(bad, 30), bad.shape)["status"] == "error"
+    bad[50, 3], bad[60, 1], bad[70, 2] = np.inf, np.nan, -np.inf
     zeros = np.zeros((100, 10), np.float32)
-    assert analyze_streamed(_chunker(zeros, 30), zeros.shape)["reason"] == "all entries are zero"
+    for matrix in (bad, zeros, np.ones((100, 4), np.float32)):
+        streamed = analyze_streamed(_chunker(matrix, 30), matrix.shape)
+        in_memory = analyze_matrix(matrix)
+        assert (streamed["status"], streamed["reason"]) == (
+            in_memory["status"],
+            in_memory["reason"],
+        )
+    assert analyze_streamed(_chunker(bad, 30), bad.shape)["reason"] == (
+        "matrix has 1 NaN and 2 Inf entries"
+    )
     with pytest.raises(ValueError, match="rows >= columns"):
         analyze_streamed(_chunker(bad, 30), (10, 100))
     huge = np.random.default_rng(3).standard_normal((300, 20)).astype(np.float32)

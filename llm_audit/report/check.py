@@ -30,6 +30,7 @@ from ..errors import AuditError
 from ..inputs import is_count, read_yaml, shown
 from ..source.roles import KINDS
 from ..spectral.analyze import traps_per_shuffle
+from ..spectral.columns import OVER_TRAINED, UNDER_TRAINED
 from .diff import diff_reports
 from .format import format_value, printable
 from .reader import Report
@@ -56,7 +57,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "max_traps_per_matrix": 0,
     "max_traps_per_kind": {},
     "max_total_traps": 0,
-    "alpha_range": [2.0, 6.0],
+    "alpha_range": [OVER_TRAINED, UNDER_TRAINED],
     "max_share_alpha_outside": 0.5,
     "max_failed": 0,
     "max_alpha_drift_per_kind": 0.5,

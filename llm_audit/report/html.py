@@ -42,6 +42,7 @@ from .. import __version__
 from ..errors import AuditError
 from ..files import output_path, write_atomic
 from ..spectral.analyze import traps_per_shuffle
+from ..spectral.columns import OVER_TRAINED, UNDER_TRAINED
 from .diff import COMPARED, diff_reports
 from .reader import Report, check_spectra, load_report
 from .schema import LAYERS_SCHEMA, REPORT_COLUMNS
@@ -189,6 +190,7 @@ def build_payload(report: Report, base: Report | None = None) -> dict[str, Any]:
         | {"traps": [traps_per_shuffle(r["rand_num_spikes"], r["num_evals"]) for r in report.rows]},
         "compare": _compare(report, base) if base is not None else None,
         "caps": {"top": TOP, "traps": MAX_TRAPS},
+        "alpha_limits": [OVER_TRAINED, UNDER_TRAINED],
     }
 
 

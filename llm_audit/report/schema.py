@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..source.plan import MatrixUnit
+from ..spectral.analyze import empty_row
 from ..spectral.columns import COLUMNS
 from ..spectral.settings import AnalysisSettings
 
@@ -158,18 +159,8 @@ def failure_row(
     Like every row refused before its ESD, it names no backend."""
     if error_kind not in ERROR_KINDS:
         raise ValueError(f"error_kind must be one of {ERROR_KINDS}, got {error_kind!r}")
-    failed = dict.fromkeys(COLUMNS)
-    failed.update(
-        status="error",
-        reason=message,
-        seed=settings.seed,
-        rand_route=settings.rand_route,
-        matrix_id=unit.id,
-        trap_evals=[],
-        trap_ratios=[],
-        trap_entries=[],
-        warning="",
-    )
+    failed = empty_row(settings.seed, unit.id, None, settings.rand_route)
+    failed.update(status="error", reason=message)
     return report_row(unit, failed, seconds=seconds, error_kind=error_kind)
 
 

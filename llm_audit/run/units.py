@@ -29,10 +29,14 @@ from ..report.schema import failure_row, report_row
 from ..source.checkpoint import Checkpoint
 from ..source.plan import MatrixUnit
 from ..spectral.analyze import analyze_batch, analyze_streamed
-from ..spectral.backends import Backend, is_out_of_memory, release_memory, select_backend
+from ..spectral.backends import (
+    ROW_CHUNK,
+    Backend,
+    is_out_of_memory,
+    release_memory,
+    select_backend,
+)
 from ..spectral.settings import AnalysisSettings
-
-STREAM_ROWS = 16384  # rows per chunk read from a streamed matrix
 
 
 def streams(unit: MatrixUnit, settings: AnalysisSettings) -> bool:
@@ -110,7 +114,7 @@ def analyze_units(
         start = time.perf_counter()
         try:
             analysis = analyze_streamed(
-                lambda u=unit: checkpoint.iter_rows(u, STREAM_ROWS),
+                lambda u=unit: checkpoint.iter_rows(u, ROW_CHUNK),
                 unit.shape,
                 matrix_id=unit.id,
                 settings=settings,

@@ -22,8 +22,8 @@ import numpy as np
 import scipy.linalg
 from scipy.spatial.distance import jensenshannon
 
-from .backends import Backend, NumpyBackend, gram_upper, select_backend
-from .columns import COLUMN_NAMES
+from .backends import ROW_CHUNK, Backend, NumpyBackend, gram_upper, select_backend
+from .columns import COLUMN_NAMES, OVER_TRAINED, UNDER_TRAINED
 from .entries import EntryAccumulator, EntrySummary, largest_abs, summarize
 from .marchenko_pastur import MPFit, fit_mp, mp_edge_from_entries
 from .powerlaw import EVALS_THRESH, fit_powerlaw
@@ -33,7 +33,6 @@ from .shuffle import BucketShuffle, shuffle_generator, shuffled
 SMALL_ESD = 100  # below this many eigenvalues WeightWatcher pools 5 shuffles
 SMALL_ESD_REPLICAS = 5
 TOPK_START = 16
-OVER_TRAINED, UNDER_TRAINED = 2.0, 6.0
 # BF16 and F32 hold entries up to 3.4e38, whose squares overflow float32 and whose fourth
 # powers (the kurtosis) overflow float64. Above MAX_ENTRY a matrix is an error row; below
 # it the shuffled ESD is computed in float32 only while its Gram's entries (at most
@@ -77,18 +76,28 @@ def _prepare(matrix: Any, min_evals: int) -> _Prepared:
     finite = np.isfinite(arr)
     if not finite.all():
         nan = int(np.isnan(arr).sum())
-        inf = arr.size - int(finite.sum()) - nan
-        return _Prepared(None, None, "error", f"matrix has {nan} NaN and {inf} Inf entries")
+        return _Prepared(None, None, "error", _not_finite(nan, arr.size - int(finite.sum()) - nan))
     if min(rows, cols) < min_evals:
-        reason = f"shape {rows}x{cols} gives {min(rows, cols)} eigenvalues, fewer than {min_evals}"
-        return _Prepared(None, None, "skipped", reason)
+        return _Prepared(None, None, "skipped", _too_few(rows, cols, min_evals))
     largest = float(max(arr.max(), -arr.min()))  # max |w| without an |arr| copy
     if largest > MAX_ENTRY:
         return _Prepared(None, None, "error", _too_large(largest))
     if largest == 0:
-        return _Prepared(None, None, "skipped", "all entries are zero")
+        return _Prepared(None, None, "skipped", ALL_ZERO)
     oriented = arr if rows >= cols else arr.T
     return _Prepared(arr, oriented, "ok", "", largest)
+
+
+# Why a matrix gets no analysis: one wording for the in-memory and the streamed routes.
+ALL_ZERO = "all entries are zero"
+
+
+def _not_finite(nan: int, inf: int) -> str:
+    return f"matrix has {nan} NaN and {inf} Inf entries"
+
+
+def _too_few(rows: int, cols: int, min_evals: int) -> str:
+    return f"shape {rows}x{cols} gives {min(rows, cols)} eigenvalues, fewer than {min_evals}"
 
 
 def _too_large(largest: float) -> str:
@@ -100,9 +109,9 @@ def _fast_gram(largest: float, rows: int) -> bool:
     return largest * largest * rows < FAST_GRAM_LIMIT
 
 
-def _empty_row(seed: int, matrix_id: str, backend: str | None, rand_route: str) -> dict[str, Any]:
+def empty_row(seed: int, matrix_id: str, backend: str | None, rand_route: str) -> dict[str, Any]:
     """A row before any eigenvalue: `backend` names the one that computes them (None for a
-    matrix refused or skipped before its ESD)."""
+    matrix refused or skipped before its ESD, or that failed: `report.schema.failure_row`)."""
     row: dict[str, Any] = dict.fromkeys(COLUMN_NAMES)
     row.update(seed=seed, matrix_id=matrix_id, backend=backend, rand_route=rand_route)
     row.update(trap_evals=[], trap_ratios=[], trap_entries=[], warning="", status="ok", reason="")
@@ -243,7 +252,7 @@ class _Analyzer:
         """One report row from W's ESD, its shuffled ESDs (None: top-k route, which needs
         the in-memory `prep`) and its entry statistics."""
         n, m = shape
-        row = _empty_row(self.seed, matrix_id, self.backend.name, self.rand_route)
+        row = empty_row(self.seed, matrix_id, self.backend.name, self.rand_route)
         row.update(_scale_columns(evals, n, m))
         row.update(entries.columns())
         if keep_spectra:
@@ -363,7 +372,7 @@ def analyze_batch(
         if prep.status == "ok":
             groups.setdefault(prep.oriented.shape, []).append(i)
         else:  # its shape is known, as in WeightWatcher's rows of skipped layers
-            row = _empty_row(cfg.seed, ids[i], None, cfg.rand_route)
+            row = empty_row(cfg.seed, ids[i], None, cfg.rand_route)
             shape = np.shape(matrix)
             row.update(N=max(shape), M=min(shape), status=prep.status, reason=prep.reason)
             rows[i] = row
@@ -429,7 +438,7 @@ def analyze_streamed(
     *,
     matrix_id: str = "",
     settings: AnalysisSettings | None = None,
-    rows_per_bucket: int = 16384,
+    rows_per_bucket: int = ROW_CHUNK,
     keep_spectra: bool = False,
     **options: Any,
 ) -> Mapping[str, Any]:
@@ -449,13 +458,10 @@ def analyze_streamed(
         raise ValueError(f"streamed analysis needs rows >= columns, got {rows}x{cols}")
     backend = NumpyBackend()
     analyzer = _Analyzer(backend, cfg)
-    row = _empty_row(cfg.seed, matrix_id, None, "full")  # for a refusal before the ESD
+    row = empty_row(cfg.seed, matrix_id, None, "full")  # for a refusal before the ESD
     row.update(N=rows, M=cols)
     if cols < cfg.min_evals:
-        row.update(
-            status="skipped",
-            reason=f"shape {rows}x{cols} gives {cols} eigenvalues, fewer than {cfg.min_evals}",
-        )
+        row.update(status="skipped", reason=_too_few(rows, cols, cfg.min_evals))
         return row
     replicas = shuffle_replicas(cols) if cfg.randomize else 0
     rng = shuffle_generator(cfg.seed, matrix_id)
@@ -466,20 +472,21 @@ def analyze_streamed(
     try:
         acc = EntryAccumulator()
         gram = np.zeros((cols, cols), order="F")
-        bad = 0
+        nan = inf = 0
         for chunk in chunks():  # one read of the matrix feeds W's Gram and every shuffle
             chunk = _to_numpy(chunk)
-            bad += chunk.size - int(np.isfinite(chunk).sum())
-            if not bad:
+            chunk_nan = int(np.isnan(chunk).sum())
+            nan, inf = nan + chunk_nan, inf + chunk.size - int(np.isfinite(chunk).sum()) - chunk_nan
+            if not nan + inf:
                 acc.add(chunk)
                 gram += gram_upper(chunk)
                 for shuffle in shuffles:
                     shuffle.add(chunk)
-        if bad or acc.n != rows * cols:
+        if nan + inf or acc.n != rows * cols:
             reason = (
-                f"matrix has {bad} NaN or Inf entries"
-                if bad
-                else (f"streamed {acc.n} entries for shape {rows}x{cols}")
+                _not_finite(nan, inf)
+                if nan + inf
+                else f"streamed {acc.n} entries for shape {rows}x{cols}"
             )
             row.update(status="error", reason=reason)
             return row
@@ -488,7 +495,7 @@ def analyze_streamed(
             row.update(status="error", reason=_too_large(entries.max_abs))
             return row
         if entries.max_abs == 0:
-            row.update(status="skipped", reason="all entries are zero")
+            row.update(status="skipped", reason=ALL_ZERO)
             return row
         evals = _eigvalsh_upper(gram)
         rand = []

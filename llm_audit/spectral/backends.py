@@ -46,7 +46,9 @@ from scipy.sparse.linalg import eigsh
 
 from ..errors import BackendError
 
-GRAM_ROW_CHUNK = 16384  # rows upcast to float64 at a time when forming a Gram
+# Rows handled at a time wherever a matrix is too large to copy whole: upcast to float64
+# when forming a Gram, read from a streamed matrix, in a bucket of its streamed shuffle.
+ROW_CHUNK = 16384
 BACKEND_NAMES = ("auto", "numpy", "torch", "cuda", "cupy")
 GPU_BACKENDS = ("cuda", "cupy")
 TORCH_BATCHED_MAX_N = 32  # torch's own batched-eigvalsh bound on CUDA; above: one per matrix
@@ -82,8 +84,8 @@ def gram_upper(matrix: np.ndarray, fast: bool = False) -> np.ndarray:
     """
     m = matrix.shape[1]
     gram = np.zeros((m, m), dtype=np.float64, order="F")
-    for start in range(0, matrix.shape[0], GRAM_ROW_CHUNK):
-        chunk = matrix[start : start + GRAM_ROW_CHUNK]
+    for start in range(0, matrix.shape[0], ROW_CHUNK):
+        chunk = matrix[start : start + ROW_CHUNK]
         if fast:
             # chunk.T is Fortran-ordered without a copy; syrk(a) = a @ a.T
             gram += ssyrk(1.0, chunk.astype(np.float32, copy=False).T, trans=0, lower=0)
@@ -162,8 +164,8 @@ class TorchBackend:
         t = torch.from_numpy(np.ascontiguousarray(stack)).to(self.device)
         b, n, m = t.shape
         gram = torch.zeros((b, m, m), dtype=torch.float64, device=self.device)
-        for start in range(0, n, GRAM_ROW_CHUNK):
-            chunk = t[:, start : start + GRAM_ROW_CHUNK]
+        for start in range(0, n, ROW_CHUNK):
+            chunk = t[:, start : start + ROW_CHUNK]
             chunk = chunk.to(torch.float32 if fast else torch.float64)
             gram += chunk.transpose(1, 2) @ chunk
         return gram
@@ -215,8 +217,8 @@ class CupyBackend:
         cp = self._cp
         gram = cp.zeros((matrix.shape[1], matrix.shape[1]), dtype=cp.float64)
         dtype = cp.float32 if fast else cp.float64
-        for start in range(0, matrix.shape[0], GRAM_ROW_CHUNK):
-            chunk = matrix[start : start + GRAM_ROW_CHUNK].astype(dtype)
+        for start in range(0, matrix.shape[0], ROW_CHUNK):
+            chunk = matrix[start : start + ROW_CHUNK].astype(dtype)
             gram += chunk.T @ chunk
         return gram
 

@@ -7,6 +7,10 @@ another. Names follow WeightWatcher 0.7.7 wherever the quantity is WeightWatcher
 
 from __future__ import annotations
 
+# HTSR's reading of alpha: below over-trained, above under-trained (the `warning` column,
+# the gate's default alpha_range, the HTML page's guide lines).
+OVER_TRAINED, UNDER_TRAINED = 2.0, 6.0
+
 # name -> (arrow-ish type, meaning). Types: int, float, str, list<float>, list<entry>.
 COLUMNS: dict[str, tuple[str, str]] = {
     "N": ("int", "Larger dimension of W (WeightWatcher orients W so that N >= M)."),
@@ -21,7 +25,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "alpha": (
         "float",
         "HTSR power-law exponent of the ESD tail (continuous MLE at the KS-best xmin); "
-        "about 2 is well trained, below 2 over-trained, above 6 under-trained.",
+        f"about 2 is well trained, below {OVER_TRAINED:g} over-trained, above "
+        f"{UNDER_TRAINED:g} under-trained.",
     ),
     "xmin": ("float", "Start of the power-law tail chosen by the smallest KS distance."),
     "D": ("float", "Kolmogorov-Smirnov distance of the fitted power law to the tail."),
@@ -31,7 +36,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "log_alpha_norm": ("float", "log10 of the sum of lambda^alpha (Schatten alpha-norm)."),
     "warning": (
         "str",
-        "'over-trained' if alpha < 2, 'under-trained' if alpha > 6, else empty.",
+        f"'over-trained' if alpha < {OVER_TRAINED:g}, 'under-trained' if alpha > "
+        f"{UNDER_TRAINED:g}, else empty.",
     ),
     "num_spikes": (
         "int",

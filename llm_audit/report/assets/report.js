@@ -320,7 +320,7 @@
       x: { domain: [lo - 0.5, hi + 0.5], label: "layer", ticks: xTicks },
       y: { domain: [0, Math.max(7, aMax * 1.05)], label: "\u03b1" },
     });
-    for (const ref of [2, 6]) {
+    for (const ref of DATA.alpha_limits) {
       svgEl("line", { class: "ref", x1: p.left, x2: p.right, y1: p.y(ref), y2: p.y(ref) }, p.g);
     }
     const offset = Math.min(0.08, 0.6 / kinds.length);
@@ -356,7 +356,8 @@
       legend.appendChild(item);
     });
     fig.appendChild(legend);
-    const note = "Dashed: \u03b1 = 2 and 6 (HTSR: below 2 over-trained, above 6 under-trained).";
+    const [over, under] = DATA.alpha_limits;
+    const note = `Dashed: \u03b1 = ${over} and ${under} (HTSR: below ${over} over-trained, above ${under} under-trained).`;
     fig.appendChild(el("p", "muted", noLayer
       ? `${note} ${noLayer} matrices without a layer number (embedding, lm_head, ...) are in the table only.`
       : note));
