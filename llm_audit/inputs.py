@@ -7,6 +7,7 @@ rather than with a traceback or, worse, a silently wrong value (`true` taken as 
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from dataclasses import fields
@@ -32,6 +33,18 @@ def shown(value: Any, limit: int = 80) -> str:
 
 
 MAX_COUNT = 2**63 - 1  # what an int64 column, numpy's seeding and Ray's options hold
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (`--top -3` would drop the last 3 rows,
+    `--min-evals -5` audit every matrix)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"want a whole number >= 1, got {text!r}")
+    return value
 
 
 def is_count(value: Any) -> bool:

@@ -343,6 +343,9 @@ def test_top_wants_a_positive_count(folder, capsys, top):
             main([*argv, "--top", top])
         assert done.value.code == 2
         assert "--top: want a whole number >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:  # the same type: plan --min-evals -5 planned all
+        main(["plan", str(folder), "--min-evals", top])
+    assert "--min-evals: want a whole number >= 1" in capsys.readouterr().err
 
 
 def test_table_csv_and_json_print_the_same_columns(folder, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..inputs import at_least_one
 from .format import (
     CORE_COLUMNS,
     human_bytes,
@@ -164,15 +165,16 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_least_one(text: str) -> int:
-    """--top's value: a whole number >= 1 (`--top -3` would otherwise drop the last 3)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"want a whole number >= 1, got {text!r}")
-    return value
+def _add_rows_args(p: argparse.ArgumentParser, default_columns: tuple[str, ...]) -> None:
+    """--top, --format and --columns of the commands that print matrix rows."""
+    p.add_argument("--top", type=at_least_one, metavar="N", help="at most N rows")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument(
+        "--columns",
+        metavar="COL,COL,...|all",
+        help="comma-separated columns to print, the same in every format, or 'all' "
+        "(default: " + ", ".join(default_columns) + ")",
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -230,14 +232,7 @@ without alpha.""",
         "(see below)",
     )
     p.add_argument("--kind", help="only this kind")
-    p.add_argument("--top", type=_at_least_one, metavar="N", help="at most N rows")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument(
-        "--columns",
-        metavar="COL,COL,...|all",
-        help="comma-separated columns to print, the same in every format, or 'all' "
-        "(default: " + ", ".join(SHOW_COLUMNS) + ")",
-    )
+    _add_rows_args(p, SHOW_COLUMNS)
     p.set_defaults(func=cmd_show)
     p = report_sub.add_parser(
         "html",
@@ -268,12 +263,5 @@ without alpha.""",
     )
     p.add_argument("a", help="report folder (before: base model, earlier checkpoint)")
     p.add_argument("b", help="report folder (after)")
-    p.add_argument("--top", type=_at_least_one, metavar="N", help="at most N rows")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument(
-        "--columns",
-        metavar="COL,COL,...|all",
-        help="comma-separated columns to print, the same in every format, or 'all' "
-        "(default: " + ", ".join(DIFF_COLUMNS) + ")",
-    )
+    _add_rows_args(p, DIFF_COLUMNS)
     p.set_defaults(func=cmd_diff)

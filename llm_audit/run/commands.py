@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError
+from ..inputs import at_least_one
 from ..report.format import CORE_COLUMNS, human_bytes, not_planned_line, print_json, print_table
 from ..source.synth import SIZE_FIELDS
 from ..spectral.ablation import ABLATIONS
@@ -261,6 +262,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 _SYNTH_OPTIONS = (*SIZE_FIELDS, "seed", "dtype", "trap_scale")
 
 
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
+    p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
@@ -302,7 +312,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=AnalysisSettings.seed, help="seed for the shuffles")
     p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_quiet(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -316,10 +326,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
   ray job submit --address http://HEAD:8265 --working-dir . -- \\
       llm-audit audit org/model --out /shared/reports/model""",
     )
-    p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
+    _add_model(p)
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--config", help="YAML config (see configs/default.yaml)")
-    p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
     p.add_argument("--seed", type=int, help="run seed (overrides the config)")
     p.add_argument(
         "--include",
@@ -351,7 +360,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace the report in --out (only its own files are removed)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_quiet(p)
     p.add_argument("--format", choices=("table", "json"), default="table", help="the summary")
     p.set_defaults(func=cmd_audit)
 
@@ -363,10 +372,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
   llm-audit plan openai/gpt-oss-20b          # matrices by kind, bytes to read, skipped
   llm-audit plan ./checkpoint --format json  # every unit and every skipped tensor""",
     )
-    p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
-    p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
+    _add_model(p)
     p.add_argument(
-        "--min-evals", type=int, default=AnalysisSettings.min_evals, help="skip smaller matrices"
+        "--min-evals",
+        type=at_least_one,
+        default=AnalysisSettings.min_evals,
+        help="skip smaller matrices",
     )
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_plan)
@@ -416,7 +427,7 @@ in its format (listed with the reason, left as they are).""",
   llm-audit ablate ./checkpoint --report report --out copy --mode clip --min-trap-ratio 2
   llm-audit ablate ./checkpoint --report report --out copy --format json | jq '.matrices'""",
     )
-    p.add_argument("model", help="folder, .safetensors file, or hub repo id in the local cache")
+    _add_model(p)
     p.add_argument("--report", required=True, help="report folder of an audit of MODEL")
     p.add_argument("--out", required=True, help="new or empty folder for the copy")
     p.add_argument(
@@ -431,7 +442,6 @@ in its format (listed with the reason, left as they are).""",
         metavar="R",
         help="only the entries of traps whose own trap_ratio is at least R",
     )
-    p.add_argument("--revision", help="hub branch, tag or commit (repo ids only)")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_quiet(p)
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_ablate)
