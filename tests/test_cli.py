@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,41 @@ def test_every_command_has_examples_and_json_output(capsys):
         assert "examples:\n  llm-audit" in capsys.readouterr().out, path
         formats = [a for a in parser._actions if "--format" in a.option_strings]
         assert formats and "json" in formats[0].choices, f"{path}: no --format json"
+
+
+def _synopses() -> dict[str, str]:
+    """The README's synopsis of each command: `llm-audit CMD ...` lines of its text
+    blocks with their indented continuations, joined per command."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found: dict[str, str] = {}
+    for block in re.findall(r"```text\n(.*?)```", readme, re.S):
+        command = None
+        for line in block.splitlines():
+            if line.startswith("llm-audit "):
+                words = line.split()[1:3]
+                command = " ".join(w for w in words if re.fullmatch(r"[a-z]+", w))
+                found[command] = found.get(command, "") + " " + line
+            elif line.startswith("  ") and command:
+                found[command] += " " + line
+            else:
+                command = None
+    return found
+
+
+def test_every_option_is_in_the_readme_synopsis():
+    """The README's synopses list every option `--help` shows (they fell behind)."""
+    synopses = _synopses()
+    for path, parser in _commands():
+        name = " ".join(path)
+        key = next((k for k in (name, path[0]) if k in synopses), None)
+        assert key is not None, f"no synopsis of {name} in README.md"
+        options = [a.option_strings for a in parser._actions if a.option_strings]
+        missing = [
+            o[-1]
+            for o in options
+            if o[-1] != "--help" and not any(re.search(rf"{s}\b", synopses[key]) for s in o)
+        ]
+        assert not missing, f"{name}: README synopsis lacks {missing}"
 
 
 def test_synth_bundled_is_the_demo_model(tmp_path, capsys):
