@@ -95,10 +95,17 @@ def test_parity_with_weightwatcher(which):
     )
     assert list(ours.longname) == list(ref.longname)
     assert list(ours.layer_type) == [str(t) for t in ref.layer_type]
-    for col in ("N", "M", "rf", "num_evals", "num_spikes"):
+    for col in ("N", "M", "rf", "num_evals", "num_spikes", "status"):
         assert list(ours[col]) == list(ref[col]), col
-    for col in ("alpha", "log_norm", "lambda_max", "stable_rank", "sv_max"):
+    assert set(ours.status) == {"success"} and set(ours.audit_status) == {"ok"}
+    for col in ("alpha", "log_norm", "lambda_max", "stable_rank", "sv_max", "xmax", "W_scale"):
         np.testing.assert_allclose(ours[col], ref[col], rtol=RTOL, err_msg=col)
+    # rand_W_scale is W_scale (a shuffle keeps the norm); rand_bulk_min / rand_bulk_max is
+    # a function of Q alone, so it is comparable though the two shuffles differ
+    np.testing.assert_allclose(ours.rand_W_scale, ref.rand_W_scale, rtol=RTOL)
+    np.testing.assert_allclose(
+        ours.rand_bulk_min / ours.rand_bulk_max, ref.rand_bulk_min / ref.rand_bulk_max, rtol=RTOL
+    )
 
     other = _ww(model, 1)[0].rand_num_spikes
     clear = [other[i] == ref.rand_num_spikes[i] for i in range(len(ref))]
@@ -145,7 +152,13 @@ def test_state_dict_rows_match_weightwatcher():
 
 def test_layer_filters_and_limits_as_weightwatcher():
     model = _mlp_with_trap()
-    for options in ({"layers": [3]}, {"layers": [-1]}, {"layers": ["-4"]}, {"min_evals": 20}):
+    for options in (
+        {"layers": [3]},
+        {"layers": [-1]},
+        {"layers": ["-4"]},
+        {"min_evals": 20},
+        {"max_evals": 0},  # no limit, as any falsy max_evals
+    ):
         ref, _ = _ww(model, 0, randomize=False, **options)
         ours = WeightWatcher(model=model).analyze(**options)
         assert list(ours.layer_id) == list(ref.layer_id), options
@@ -169,18 +182,76 @@ def test_unsupported_options_are_refused():
         watcher.analyze(colour="red")
     with pytest.raises(UsageError, match=r"must be a torch nn\.Module"):
         WeightWatcher(model=42).analyze()
+    # WeightWatcher's own svd_method names change nothing in our eigenvalues; others it
+    # refuses, and so do we
+    assert len(watcher.analyze(svd_method="accurate")) == 3
+    with pytest.raises(UsageError, match=r"svd_method='bogus' is not supported \(only 'fast', "):
+        watcher.analyze(svd_method="bogus")
+    # tolerance sets WeightWatcher's weak_rank_loss, pl_package its fitter: not ours
+    with pytest.raises(UsageError, match=r"tolerance=0\.5 is not supported"):
+        watcher.analyze(tolerance=0.5)
+    with pytest.raises(UsageError, match="pl_package='powerlaw' is not supported"):
+        watcher.analyze(pl_package="powerlaw")
+    assert len(WeightWatcher(model=_mlp_with_trap(), framework="pytorch").analyze()) == 3
+    with pytest.raises(UsageError, match="framework='keras' is not supported"):
+        WeightWatcher(model=_mlp_with_trap(), framework="keras")
+    with pytest.raises(UsageError, match="log_level=20 is not supported"):
+        WeightWatcher(model=_mlp_with_trap(), log_level=logging.INFO)
 
 
 def test_a_skipped_layer_keeps_its_shape():
-    """A zeroed layer is skipped, but like WeightWatcher's its row has N and M, so the
-    frame's integer columns stay integers."""
+    """A zeroed layer is skipped ('failed' in WeightWatcher's `status`), but like
+    WeightWatcher's its row has N and M, so the frame's integer columns stay integers."""
     model = torch.nn.Sequential(torch.nn.Linear(64, 200), torch.nn.Linear(200, 10))
     with torch.no_grad():
         model[1].weight.zero_()
     details = WeightWatcher(model=model).analyze()
     zeroed = details.set_index("longname").loc["1"]
-    assert (zeroed.N, zeroed.M, zeroed.status) == (200, 10, "skipped")
+    assert (zeroed.N, zeroed.M, zeroed.status, zeroed.audit_status) == (
+        200,
+        10,
+        "failed",
+        "skipped",
+    )
+    assert list(details.status) == ["success", "failed"]
     assert details.N.dtype == details.M.dtype == np.int64
+
+
+class _NotMatrices(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.bil = torch.nn.Bilinear(16, 24, 12)  # weight [12, 16, 24]
+        self.conv = torch.nn.Conv1d(8, 16, 9)  # weight [16, 8, 9]
+        self.fc = torch.nn.Linear(32, 20)
+
+
+def test_a_weight_that_is_not_a_matrix_gets_a_failed_row():
+    """WeightWatcher gives nn.Bilinear and nn.Conv1d (3-D weights) a row, fitting the
+    largest singular values of the slices pooled; ours is the same row, not analyzed."""
+    model = _NotMatrices()
+    ref, _ = _ww(model, 0, randomize=False)
+    ours = WeightWatcher(model=model).analyze()
+    for col in ("layer_id", "name", "layer_type", "N", "M"):
+        assert list(ours[col]) == list(ref[col]), col
+    assert list(ours.status) == ["failed", "failed", "success"]
+    assert list(ours.audit_status) == ["skipped", "skipped", "ok"]
+    assert ours.reason[0].startswith("its weight is 3-D [12, 16, 24], not a matrix")
+    assert ours.alpha[2] == pytest.approx(ref.alpha[2], rel=RTOL)
+
+
+def test_conv2d_with_fewer_outputs_than_inputs_keeps_n_above_m():
+    """Where out < in and out + in < kh + kw, WeightWatcher's channels-flip branch reports
+    N = out < M = in (Q < 1) and fits MP with that Q; the ESD is the same, ours keeps
+    N >= M (a documented difference: README, "What is computed")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 2, 7))
+    ref, _ = _ww(model, 0, randomize=False)
+    ours = WeightWatcher(model=model).analyze()
+    assert (ref.N[0], ref.M[0], ours.N[0], ours.M[0]) == (2, 8, 8, 2)
+    assert (ours.rf[0], ours.num_evals[0]) == (ref.rf[0], ref.num_evals[0]) == (49, 98)
+    for col in ("alpha", "log_norm", "lambda_max"):
+        assert ours[col][0] == pytest.approx(ref[col][0], rel=RTOL), col
 
 
 def test_weightwatcher_methods_not_provided_are_refused_by_name():
@@ -196,3 +267,47 @@ def test_module_only_options_are_refused_for_a_folder(tmp_path):
         WeightWatcher(model=str(tmp_path)).analyze(start_ids=1)
     with pytest.raises(UsageError, match="start_ids and conv2d_norm"):
         WeightWatcher(model=tmp_path).analyze(conv2d_norm=False)
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt2")
+    _tiny_gpt2().save_pretrained(folder)  # model.safetensors, lm_head tied to wte
+    return folder
+
+
+def test_a_folder_filters_by_weightwatcher_type_and_module_name(gpt2_folder, monkeypatch):
+    """On a folder the rows are the audit's (c_attn split into q, k, v): `layer_type` is
+    the type WeightWatcher's folder walk gives the tensor, a name matches the module, and
+    integer ids, which would name other layers than WeightWatcher's, are refused."""
+    from llm_audit.run import api
+
+    real, reports = api.audit, []
+
+    def audit_once(reference, out, **settings):  # one real audit, reused by the filters
+        if not reports:
+            reports.append(real(reference, out, **settings))
+        return reports[0]
+
+    monkeypatch.setattr(api, "audit", audit_once)
+    folder = str(gpt2_folder)
+    full = WeightWatcher(model=folder).analyze()
+    assert len(full) == 8 and set(full.layer_type) == {"dense"}
+    assert set(full.status) == {"success"} and set(full.audit_status) == {"ok"}
+    assert list(full.kind[:3]) == ["q_proj", "k_proj", "v_proj"]
+    for options in (
+        {"layers": ["dense"]},
+        {"layers": ["transformer.h.0.attn.c_attn", "transformer.wte"]},
+        {"layers": ["-transformer.wte"]},
+    ):
+        ref, _ = _ww(folder, 0, randomize=False, **options)
+        ours = WeightWatcher(model=folder).analyze(**options)
+        modules = ours.tensor.str.removesuffix(".weight")
+        assert len(ref) and set(modules) == set(ref.name), options
+        whole = ref.set_index("name").alpha  # a tensor that is one row has WeightWatcher's
+        for module, alpha in zip(modules, ours.alpha, strict=True):
+            if (modules == module).sum() == 1:
+                assert alpha == pytest.approx(whole[module], rel=RTOL), module
+    assert len(reports) == 1
+    with pytest.raises(UsageError, match=r"layers=\[1, 2\]: on a folder or hub id the rows"):
+        WeightWatcher(model=folder).analyze(layers=[1, 2])

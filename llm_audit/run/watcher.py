@@ -4,25 +4,35 @@ Why: WeightWatcher users switch by changing one import. `WeightWatcher(model=m)
 .analyze(randomize=True)` returns a pandas DataFrame with WeightWatcher's rows — the
 same `layer_id` numbering and `name`s, found by walking the model the way WeightWatcher
 0.7.7 does — and its columns, computed by `llm_audit.spectral` (WeightWatcher's fits,
-tested against its code), plus ours (traps, trap entries, entry statistics, status).
-The shuffles are seeded from (`seed`, the layer's long name), so trap counts repeat from
-run to run, where WeightWatcher's use numpy's global generator.
+tested against its code), plus ours (traps, trap entries, entry statistics). `status` is
+WeightWatcher's ('success', or 'failed' for a layer not analyzed); ours ('ok', 'skipped',
+'error') is `audit_status`, with `reason`. The shuffles are seeded from (`seed`, the
+layer's long name), so trap counts repeat from run to run, where WeightWatcher's use
+numpy's global generator.
 
 What is walked, as WeightWatcher 0.7.7 walks it:
 - a torch `nn.Module`: every module of `named_modules()` gets a `layer_id` (the root is
   0, or `start_ids`); a module's type comes from its class (`Linear`, `Conv1d` —
   transformers' GPT-2 `Conv1D` too —, `Conv2d`, `Embedding`, norms) or, failing that,
   from those words in its class name; `name` is the last component of the module's
-  dotted name. Norms, modules without a `weight` and unknown types give no row.
+  dotted name. Norms, modules without a `weight` and unknown types give no row. A weight
+  of 3 or more dimensions in a dense-like module (`nn.Bilinear`, `nn.Conv1d`) is not a
+  matrix: its row (WeightWatcher's N = largest, M = smallest dimension) is 'failed',
+  with the reason.
 - a state dict: each `*.weight` key in order gets a `layer_id` from 1; `name` is the key
   without `.weight`; 2-D tensors are dense, 4-D ones Conv2D, others give no row.
 - Conv2D kernels [out, in, kh, kw] become kh·kw slices whose eigenvalues are pooled into
   one ESD (WeightWatcher's `pool=True`), each slice times √½ (its `conv2d_norm`).
 - a layer whose pooled ESD has fewer than `min_evals` or more than `max_evals`
-  eigenvalues, or whose N exceeds `max_N`, gives no row.
+  eigenvalues (a falsy limit is none, as in WeightWatcher), or whose N exceeds `max_N`,
+  gives no row.
 - a checkpoint path or a hub id in the local cache goes through the real audit
   (`llm_audit.audit`: plan, Ray tasks, report) in a temporary folder; its rows are the
-  report's rows, `layer_id` counting from 1 in plan order.
+  report's rows (a fused qkv is three), `layer_id` counting from 1 in plan order, so
+  integer `layers=` ids are refused there. `layer_type` is the type WeightWatcher's
+  folder walk gives the tensor (`dense` for every 2-D one, embeddings included; a conv
+  kernel position `conv1d` or `conv2d`), the audit's role is `kind`; a name in `layers=`
+  matches the module (the tensor's name without `.weight`) or the row's `name`.
 
 Only WeightWatcher's analysis options that change nothing here or that we compute are
 accepted; any other (plots, FFT, intra-layer, ...) is refused by name rather than
@@ -105,8 +115,15 @@ _ACCEPTED_DEFAULTS: dict[str, Any] = {
     "finger_thresh": 1.0,
     "xmin_max": None,
 }
-# WeightWatcher options whose every value is fine: they change nothing in our numbers
-_IGNORED = ("savefig", "svd_method", "tolerance", "pl_package", "sparsify")
+# WeightWatcher options whose every value is fine: `savefig` names plots (plot=True is
+# refused), `sparsify` acts on intra-layer products (intra=True is refused)
+_IGNORED = ("savefig", "sparsify")
+# options with more than one accepted value: any SVD method gives the same eigenvalues
+# (ours come from the Gram matrix), but WeightWatcher refuses names outside its list
+_CHOICES: dict[str, tuple[Any, ...]] = {"svd_method": ("fast", "accurate")}
+# the frameworks WeightWatcher names whose models we read (its `framework=` is otherwise
+# unused: it infers the framework from the model)
+_FRAMEWORKS = ("pytorch", "pystatedict", "pystatedict_dir")
 _FILTER_TYPES = ("conv2d", "conv1d", "dense", "embedding", "norm")  # its LAYER_TYPES_SUPPORTED
 _LEAD = ("layer_id", "name", "longname", "layer_type", "N", "M", "rf", "Q")
 
@@ -114,7 +131,8 @@ _LEAD = ("layer_id", "name", "longname", "layer_type", "N", "M", "rf", "Q")
 @dataclass
 class _Layer:
     """One WeightWatcher layer: its matrix (in the module's layout, so trap_entries
-    coordinates index its weight) or a Conv2D's slices (rows >= columns)."""
+    coordinates index its weight) or a Conv2D's slices (rows >= columns), with
+    WeightWatcher's N and M; no matrices for a weight that is not one (`reason` says so)."""
 
     layer_id: int
     name: str
@@ -122,14 +140,54 @@ class _Layer:
     layer_type: str
     mats: list[np.ndarray]
     rf: int
+    n: int
+    m: int
+    reason: str = ""
 
-    @property
-    def n(self) -> int:
-        return max(self.mats[0].shape)
 
-    @property
-    def m(self) -> int:
-        return min(self.mats[0].shape)
+@dataclass(frozen=True)
+class _LayerFilter:
+    """WeightWatcher's `layers=` filter: layer types, ids to keep (or, all negative, to
+    drop), names to keep (or, all starting with '-', to drop); as in WeightWatcher, the
+    later kinds override the earlier for a layer."""
+
+    types: frozenset[str]
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, layers: Sequence[int | str] | int | str) -> _LayerFilter:
+        items = list(layers) if isinstance(layers, list | tuple) else [layers]
+        types = frozenset(x for x in items if isinstance(x, str) and x in _FILTER_TYPES)
+        ids = tuple(int(x) for x in items if isinstance(x, int | np.integer))
+        names = tuple(x for x in items if isinstance(x, str) and x not in types)
+        if len({n.startswith("-") for n in names}) > 1:
+            raise UsageError("layers: give names to keep or names ('-name') to skip, not both")
+        return cls(types, ids, names)
+
+    def keep(self, layer_id: int, layer_type: str, names: Sequence[str]) -> bool:
+        """Whether the layer with this id, type and names (any of which may match) stays."""
+        ok = True
+        if self.types:
+            ok = layer_type in self.types
+        if self.ids:
+            ok = layer_id in self.ids if min(self.ids) >= 0 else -layer_id not in self.ids
+        if self.names:
+            if self.names[0].startswith("-"):
+                ok = not any(f"-{name}" in self.names for name in names)
+            else:
+                ok = any(name in self.names for name in names)
+        return ok
+
+
+def _size_ok(num_evals: int, n: int, min_evals: int, max_evals: int, max_n: int) -> bool:
+    """WeightWatcher's `layer_supported` size tests; a falsy min_evals or max_evals is no
+    limit there, and so here."""
+    return (
+        (not min_evals or num_evals >= min_evals)
+        and (not max_evals or num_evals <= max_evals)
+        and n <= max_n
+    )
 
 
 def _oriented(matrix: np.ndarray) -> np.ndarray:
@@ -137,8 +195,11 @@ def _oriented(matrix: np.ndarray) -> np.ndarray:
 
 
 def _conv2d_slices(kernel: np.ndarray, conv2d_norm: bool) -> tuple[list[np.ndarray], int]:
-    """WeightWatcher's `conv2D_Wmats` for a torch kernel [out, in, kh, kw]: one matrix per
-    kernel position (its "channels first" branch slices the same way), rf = kh·kw."""
+    """The matrices of WeightWatcher's `conv2D_Wmats` for a torch kernel [out, in, kh, kw]:
+    the (out, in) slice at each kernel position, oriented rows >= columns (both of its
+    branches take these slices), rf = kh·kw. Its N and M differ where out < in and
+    out + in < kh + kw: its channels-flip branch then reports N = out < M = in (Q < 1),
+    which its MP fits use; ours keep N >= M (README, "What is computed")."""
     _, _, kh, kw = kernel.shape
     scale = CONV2D_NORM if conv2d_norm else 1.0
     mats = [_oriented(kernel[:, :, i, j] * scale) for i in range(kh) for j in range(kw)]
@@ -157,12 +218,21 @@ def _module_type(module: Any) -> str:
 def _layer(
     layer_id: int, name: str, longname: str, kind: str, weight: np.ndarray, conv2d_norm: bool
 ) -> _Layer | None:
-    if kind in ("dense", "conv1d", "embedding") and weight.ndim == 2:
-        return _Layer(layer_id, name, longname, kind, [weight], 1)
-    if kind == "conv2d" and weight.ndim == 4:
+    if kind == "conv2d":
+        if weight.ndim != 4:
+            return None
         mats, rf = _conv2d_slices(weight, conv2d_norm)
-        return _Layer(layer_id, name, longname, kind, mats, rf)
-    return None
+        return _Layer(layer_id, name, longname, kind, mats, rf, *mats[0].shape)
+    if weight.ndim < 2:
+        return None
+    n, m = max(weight.shape), min(weight.shape)
+    if weight.ndim == 2:
+        return _Layer(layer_id, name, longname, kind, [weight], 1, n, m)
+    reason = (
+        f"its weight is {weight.ndim}-D {list(weight.shape)}, not a matrix: not analyzed "
+        f"(WeightWatcher 0.7.7 fits the {m} largest singular values of its slices pooled)"
+    )
+    return _Layer(layer_id, name, longname, kind, [], 1, n, m, reason)
 
 
 def _pandas() -> Any:
@@ -217,27 +287,18 @@ def _state_dict_layers(state: Mapping[str, Any], conv2d_norm: bool) -> Iterator[
         layer_id += 1
 
 
-def _filter(layers: Sequence[int | str]) -> Any:
-    """WeightWatcher's `layers=` filter: ids to keep (or, all negative, to drop), names to
-    keep (or, all starting with '-', to drop), or layer types."""
-    items = list(layers) if isinstance(layers, list | tuple) else [layers]
-    types = {x for x in items if isinstance(x, str) and x in _FILTER_TYPES}
-    ids = [int(x) for x in items if isinstance(x, int | np.integer)]
-    names = [x for x in items if isinstance(x, str) and x not in types]
-    if names and any(n.startswith("-") for n in names) != all(n.startswith("-") for n in names):
-        raise UsageError("layers: give names to keep or names ('-name') to skip, not both")
+def _missing(value: Any) -> bool:
+    """None, or the NaN pandas puts for a null number."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
-    def keep(layer: _Layer) -> bool:
-        ok = True
-        if types:
-            ok = layer.layer_type in types
-        if ids:
-            ok = layer.layer_id in ids if min(ids) >= 0 else -layer.layer_id not in ids
-        if names:
-            ok = f"-{layer.name}" not in names if names[0].startswith("-") else layer.name in names
-        return ok
 
-    return keep
+def _folder_type(row: Mapping[str, Any]) -> str:
+    """The type WeightWatcher's folder walk gives a report row's tensor (2-D: dense; a conv
+    kernel: by its dimensions): a conv kernel position's id is `tensor[i,j]`."""
+    position = row["matrix"][len(row["tensor"]) :]
+    if not _missing(row.get("expert")) or not position.startswith("["):
+        return "dense"
+    return {1: "conv1d", 2: "conv2d"}.get(position.count(",") + 1, "conv3d")
 
 
 class WeightWatcher:
@@ -254,6 +315,17 @@ class WeightWatcher:
     ) -> None:
         if base_model is not None:
             raise UsageError("WeightWatcher: base_model (weight deltas) is not supported")
+        if framework is not None and framework not in _FRAMEWORKS:
+            raise UsageError(
+                f"WeightWatcher: framework={framework!r} is not supported (llm-audit reads "
+                f"torch modules, state dicts and checkpoint folders: None or "
+                f"{', '.join(map(repr, _FRAMEWORKS))})"
+            )
+        if log_level:  # WeightWatcher sets its logger's level; the drop-in has no log
+            raise UsageError(
+                f"WeightWatcher: log_level={log_level!r} is not supported "
+                "(llm-audit's drop-in writes no log)"
+            )
         self.model = model
         self.details: pd.DataFrame | None = None
         self._mp_fit = False
@@ -284,10 +356,11 @@ class WeightWatcher:
         for key, value in options.items():
             if key not in _ACCEPTED_DEFAULTS:
                 raise UsageError(f"WeightWatcher.analyze: unknown option {key!r}")
-            if key not in _IGNORED and value != _ACCEPTED_DEFAULTS[key]:
+            allowed = _CHOICES.get(key, (_ACCEPTED_DEFAULTS[key],))
+            if key not in _IGNORED and value not in allowed:
                 raise UsageError(
                     f"WeightWatcher.analyze: {key}={value!r} is not supported "
-                    f"(only {_ACCEPTED_DEFAULTS[key]!r})"
+                    f"(only {', '.join(map(repr, allowed))})"
                 )
         model = self.model if model is None else model
         if model is None:
@@ -296,17 +369,24 @@ class WeightWatcher:
         settings = AnalysisSettings(
             seed=seed, randomize=randomize, min_evals=min_evals, backend=backend
         )
+        keep = _LayerFilter.parse(layers)
+        sizes = (min_evals, max_evals, max_N)
         if isinstance(model, str | Path):
             if start_ids != 0 or not conv2d_norm:  # the report's rows, as the audit plans them
                 raise UsageError(
                     "WeightWatcher.analyze: start_ids and conv2d_norm apply to an nn.Module "
                     "or a state dict; a folder or hub id gives the audit's rows"
                 )
-            frame = self._audit(str(model), settings, max_evals, max_N, layers)
+            if keep.ids:
+                raise UsageError(
+                    f"WeightWatcher.analyze: layers={list(keep.ids)}: on a folder or hub id "
+                    "the rows are the audit report's (a fused qkv is three), so integer ids "
+                    "are not WeightWatcher's; filter by name or type (e.g. layers=['dense'])"
+                )
+            frame = self._audit(str(model), settings, keep, sizes)
         else:
-            frame = self._analyze_layers(
-                self._walk(model, start_ids, conv2d_norm), settings, max_evals, max_N, layers
-            )
+            walked = self._walk(model, start_ids, conv2d_norm)
+            frame = self._analyze_layers(walked, settings, keep, sizes)
         self.details = frame if len(frame) else pd.DataFrame()
         return self.details
 
@@ -334,20 +414,17 @@ class WeightWatcher:
     def _analyze_layers(
         walked: Iterator[_Layer],
         settings: AnalysisSettings,
-        max_evals: int,
-        max_N: int,
-        layers: Sequence[int | str],
+        keep: _LayerFilter,
+        sizes: tuple[int, int, int],
     ) -> pd.DataFrame:
         pd = _pandas()
-        keep = _filter(layers)
         chosen = [
             layer
             for layer in walked
-            if keep(layer)
-            and settings.min_evals <= layer.m * layer.rf <= max_evals
-            and layer.n <= max_N
+            if keep.keep(layer.layer_id, layer.layer_type, (layer.name,))
+            and _size_ok(layer.m * layer.rf, layer.n, *sizes)
         ]
-        single = [layer for layer in chosen if layer.rf == 1]
+        single = [layer for layer in chosen if layer.mats and layer.rf == 1]
         rows = dict(
             zip(
                 (id(layer) for layer in single),
@@ -361,9 +438,13 @@ class WeightWatcher:
         )
         records = []
         for layer in chosen:
-            row = rows.get(id(layer)) or analyze_pooled(
-                layer.mats, matrix_id=layer.longname, settings=settings
-            )
+            if not layer.mats:
+                row = {"N": layer.n, "M": layer.m, "Q": layer.n / layer.m}
+                row |= {"status": "skipped", "reason": layer.reason}
+            else:
+                row = rows.get(id(layer)) or analyze_pooled(
+                    layer.mats, matrix_id=layer.longname, settings=settings
+                )
             records.append(
                 {
                     "layer_id": layer.layer_id,
@@ -380,12 +461,12 @@ class WeightWatcher:
         self,
         reference: str,
         settings: AnalysisSettings,
-        max_evals: int,
-        max_N: int,
-        layers: Sequence[int | str],
+        keep: _LayerFilter,
+        sizes: tuple[int, int, int],
     ) -> pd.DataFrame:
         from .api import audit
 
+        pd = _pandas()
         with tempfile.TemporaryDirectory(prefix="llm-audit-ww-") as tmp:
             report = audit(
                 reference,
@@ -395,20 +476,23 @@ class WeightWatcher:
                 min_evals=settings.min_evals,
                 backend=settings.backend,
             )
-            frame = report.to_pandas()
-        frame.insert(0, "layer_id", np.arange(1, len(frame) + 1))
-        frame.insert(1, "name", frame["matrix"])
-        frame.insert(2, "longname", frame["matrix"])
-        frame.insert(3, "layer_type", frame["kind"])
-        frame.insert(4, "rf", 1)
-        keep = _filter(layers)
-        mask = [
-            keep(_Layer(int(r.layer_id), r.name, r.longname, r.layer_type, [], 1))
-            and (r.M is None or np.isnan(r.M) or r.M <= max_evals)
-            and (r.N is None or np.isnan(r.N) or r.N <= max_N)
-            for r in frame.itertuples()
-        ]
-        return _ordered(frame[mask].reset_index(drop=True))
+            rows = report.to_pandas().to_dict("records")
+        records = []
+        for layer_id, row in enumerate(rows, start=1):
+            lead = {
+                "layer_id": layer_id,
+                "name": row["matrix"],
+                "longname": row["matrix"],
+                "layer_type": _folder_type(row),
+                "rf": 1,
+            }
+            names = (row["tensor"].removesuffix(".weight"), row["matrix"])
+            shape = (row["M"], row["N"])
+            if keep.keep(layer_id, lead["layer_type"], names) and (
+                any(_missing(x) for x in shape) or _size_ok(*shape, *sizes)
+            ):
+                records.append(lead | _ww_columns(row))
+        return _ordered(pd.DataFrame.from_records(records))
 
     def get_details(self) -> pd.DataFrame | None:
         """The DataFrame of the last `analyze`."""
@@ -434,14 +518,31 @@ class WeightWatcher:
         return {m: float(details[m].mean()) for m in metrics if m in details.columns}
 
 
-def _ww_columns(row: dict[str, Any]) -> dict[str, Any]:
-    """Our row plus the WeightWatcher columns that follow from it."""
+def _ww_columns(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Our row plus the WeightWatcher columns that are exact functions of it, computed as
+    WeightWatcher computes them; `status` becomes its 'success' / 'failed', ours is kept
+    as `audit_status`."""
     out = dict(row)
-    lam = row.get("lambda_max")
-    out["has_esd"] = lam is not None
-    out["sv_max"] = float(np.sqrt(lam)) if lam is not None else None
+    lam, alpha, norm = (row.get(k) for k in ("lambda_max", "alpha", "norm"))
+    fitted, rand_fitted = (not _missing(row.get(k)) for k in ("bulk_max", "rand_bulk_max"))
+    out["has_esd"] = not _missing(lam)
+    out["sv_max"] = None if _missing(lam) else float(np.sqrt(lam))
     out["spectral_norm"] = lam
+    # its power-law fit's xmax is the largest eigenvalue it fitted: lambda_max
+    out["xmax"] = None if _missing(alpha) else lam
+    # its MP fits rescale the ESD to mean 1 by W_scale**2 = num_evals / norm; a shuffle
+    # keeps the norm (and the pooled shuffles' count), so rand_W_scale is W_scale
+    w_scale = float(np.sqrt(row["num_evals"] / norm)) if fitted else None
+    out["W_scale"] = w_scale
     out["num_traps"] = row.get("rand_num_spikes")
+    out["rand_W_scale"] = w_scale if rand_fitted else None
+    # one MP fit's bulk_min / bulk_max: (sigma (1 - 1/sqrt Q))^2 / (sigma (1 + 1/sqrt Q))^2
+    out["rand_bulk_min"] = None
+    if rand_fitted:
+        root = 1.0 / np.sqrt(row["Q"])
+        out["rand_bulk_min"] = float(row["rand_bulk_max"] * ((1 - root) / (1 + root)) ** 2)
+    out["audit_status"] = row["status"]
+    out["status"] = "success" if row["status"] == "ok" else "failed"
     return out
 
 
