@@ -57,8 +57,7 @@ from ..spectral.settings import AnalysisSettings
 if TYPE_CHECKING:  # pandas and torch are needed only by the calls that use them
     import pandas as pd
 
-DEFAULT_MIN_EVALS = 8  # WeightWatcher 0.7.7's constants
-DEFAULT_MAX_EVALS = 15000
+DEFAULT_MAX_EVALS = 15000  # WeightWatcher 0.7.7's constants (min_evals: AnalysisSettings')
 DEFAULT_MAX_N = 50000
 CONV2D_NORM = np.sqrt(0.5)  # WeightWatcher scales each Conv2D slice by sqrt(conv2d_count / 2)
 SUMMARY_METRICS = (
@@ -334,7 +333,7 @@ class WeightWatcher:
         self,
         model: Any = None,
         layers: Sequence[int | str] = (),
-        min_evals: int = DEFAULT_MIN_EVALS,
+        min_evals: int = AnalysisSettings.min_evals,
         max_evals: int = DEFAULT_MAX_EVALS,
         max_N: int = DEFAULT_MAX_N,
         randomize: bool = False,

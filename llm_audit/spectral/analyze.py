@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
-from scipy.spatial.distance import jensenshannon
+from scipy.special import rel_entr
 
 from .backends import ROW_CHUNK, Backend, NumpyBackend, gram_upper, select_backend
 from .columns import COLUMN_NAMES, OVER_TRAINED, UNDER_TRAINED
@@ -98,6 +98,17 @@ def _not_finite(nan: int, inf: int) -> str:
 
 def _too_few(rows: int, cols: int, min_evals: int) -> str:
     return f"shape {rows}x{cols} gives {min(rows, cols)} eigenvalues, fewer than {min_evals}"
+
+
+def js_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """scipy's `jensenshannon(p, q)` (WeightWatcher's rand_distance), its divergence
+    clamped at 0 before the square root: for spectra equal but for round-off (a depthwise
+    conv's one-eigenvalue slices, which a shuffle leaves as they are) the sum came out
+    -1e-17, and its root NaN, half the time."""
+    p, q = p / p.sum(), q / q.sum()
+    mid = (p + q) / 2
+    divergence = (rel_entr(p, mid).sum() + rel_entr(q, mid).sum()) / 2
+    return float(np.sqrt(max(divergence, 0.0)))
 
 
 def _too_large(largest: float) -> str:
@@ -293,7 +304,7 @@ class _Analyzer:
             fit = fit_mp(pooled, n, m)
             traps = pooled[pooled > fit.edge_with_tw][::-1]
             max_rand = float(pooled[-1])
-            distance = float(jensenshannon(evals, rand[0]))
+            distance = js_distance(evals, rand[0])
             spectrum = pooled
         cols = _mp_columns(fit, "rand_")
         cols["rand_route"] = "topk" if rand is None else "full"
