@@ -322,6 +322,15 @@ def test_every_command_counts_traps_as_the_gate_does(tmp_path, capsys):
     base = load_report(write_report(tmp_path / "base", clean))
     assert [c["new_traps"] for c in diff_reports(base, report)] == [1, 1]
     assert build_payload(report, base)["compare"]["base_traps"] == [0, 0]
+    # a baseline's pooled count is divided by the baseline's own shuffles, also where the
+    # matrix failed in the new report (its num_evals null)
+    trapped = [_row(r["matrix"], r["kind"], N=r["N"], M=r["M"], num_evals=r["num_evals"],
+                    rand_num_spikes=r["rand_num_spikes"]) for r in report.rows]  # fmt: skip
+    failed = [_row(r["matrix"], r["kind"], N=r["N"], M=r["M"], status="error", num_evals=None,
+                   rand_num_spikes=None, alpha=None) for r in report.rows]  # fmt: skip
+    base = load_report(write_report(tmp_path / "trapped", trapped))
+    now = load_report(write_report(tmp_path / "failed", failed))
+    assert build_payload(now, base)["compare"]["base_traps"] == [1, 1]
 
 
 def test_weights_the_plan_leaves_out_are_in_the_summary_and_shown(tmp_path, capsys):

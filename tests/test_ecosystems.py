@@ -84,6 +84,60 @@ def test_a_variant_beside_the_plain_files_is_listed_and_read_when_asked(tmp_path
         resolve_model(str(two))
 
 
+def test_files_are_chosen_in_transformers_order(tmp_path):
+    """transformers reads model.safetensors before an index; a Mistral release holds its
+    consolidated copy beside the HF shards (with or without their indexes): one model,
+    read once, the rest listed."""
+    w = {"model.layers.0.self_attn.q_proj.weight": _gauss(16, 16)}
+    stale = tmp_path / "stale"  # a re-save over a sharded folder left its old shards
+    stale.mkdir()
+    save_file(w, stale / "model.safetensors")
+    for i in (1, 2):
+        save_file(
+            w if i == 1 else {"x": _gauss(16, 16)}, stale / f"model-0000{i}-of-00002.safetensors"
+        )
+    (stale / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {next(iter(w)): "model-00001-of-00002.safetensors"}})
+    )
+    assert resolve_model(str(stale)).files == (stale / "model.safetensors",)
+    assert (
+        "transformers reads model.safetensors alone"
+        in _skipped(stale)["model-00002-of-00002.safetensors"]
+    )
+    (stale / "model.safetensors.index.json").unlink()  # was: 'also in', refused
+    assert resolve_model(str(stale)).files == (stale / "model.safetensors",)
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    save_file(w, mistral / "model-00001-of-00001.safetensors")
+    save_file(
+        {"layers.0.attention.wq.weight": _gauss(16, 16)}, mistral / "consolidated.safetensors"
+    )
+    assert [p.name for p in resolve_model(str(mistral)).files] == [
+        "model-00001-of-00001.safetensors"
+    ]
+    assert "consolidated copy" in _skipped(mistral)["consolidated.safetensors"]
+    for stem in ("model", "consolidated"):
+        shard = (
+            "consolidated.safetensors"
+            if stem == "consolidated"
+            else "model-00001-of-00001.safetensors"
+        )
+        weight_map = {"w": shard}
+        (mistral / f"{stem}.safetensors.index.json").write_text(
+            json.dumps({"weight_map": weight_map})
+        )
+    model = resolve_model(str(mistral))  # was: refused, 'holds several indexes'
+    assert model.weight_map == {"w": "model-00001-of-00001.safetensors"}
+
+
+def test_a_variant_only_model_beside_an_adapter_is_the_model(tmp_path):
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": _gauss(64, 16)}, tmp_path / "model.fp16.safetensors"
+    )
+    save_file({"x.lora_A.weight": _gauss(8, 64)}, tmp_path / "adapter_model.safetensors")
+    assert resolve_model(str(tmp_path)).files == (tmp_path / "model.fp16.safetensors",)
+
+
 def test_models_in_subfolders_are_listed_and_a_pipeline_is_named(tmp_path):
     # sentence-transformers: the transformer in the root, a Dense module in 2_Dense/
     st = tmp_path / "st"
@@ -126,9 +180,11 @@ def test_peft_adapters(tmp_path):
     ]
     reasons = {s.name: s.reason for s in plan.skipped}
     assert reasons["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] == (
-        "LoRA factor (rank 16) of a PEFT adapter: audit the model merged with it"
+        "LoRA factor (rank 16) of an adapter: audit the model merged with it"
     )
     assert len(reasons) == 3
+    kohya = {"lora_unet_down_blocks_0.lora_down.weight": _gauss(16, 320)}  # kohya, diffusers
+    assert build_plan(_metas(kohya), min_evals=8).skipped[0].reason.startswith("LoRA factor (rank")
     save_file(
         {"model.layers.0.mlp.up_proj.weight": _gauss(64, 16)},
         tmp_path / "lora" / "model.safetensors",
@@ -147,6 +203,12 @@ def test_null_metadata_as_mlx_writes_it(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(16))
     assert read_header(path).metadata == {}
+
+
+def _metas(tensors: dict[str, np.ndarray]) -> dict[str, object]:
+    return {
+        name: type("M", (), {"dtype": "F32", "shape": t.shape})() for name, t in tensors.items()
+    }
 
 
 def _planted(matrix: np.ndarray, row: int, col: int, value: float = 50.0) -> np.ndarray:

@@ -69,7 +69,8 @@ def diff_reports(a: Report, b: Report) -> list[dict[str, Any]]:
         for col in COMPARED:
             row[f"{col}_a"], row[f"{col}_b"] = ra[col], rb[col]
             row[f"d_{col}"] = _delta(ra[col], rb[col])
-        row["new_traps"] = max(0, _traps(rb) - _traps(ra))
+        row["traps_a"], row["traps_b"] = _traps(ra), _traps(rb)
+        row["new_traps"] = max(0, row["traps_b"] - row["traps_a"])
         out.append(row)
     out.sort(key=lambda r: (-r["new_traps"], -abs(r["d_alpha"] or 0.0)))
     return out

@@ -161,10 +161,7 @@ def _compare(report: Report, base: Report) -> dict[str, Any]:
         "base": {col: [_round(c[f"{col}_a"], TABLE_DIGITS) for c in ordered] for col in COMPARED},
         "delta": {col: [_round(c[f"d_{col}"], TABLE_DIGITS) for c in ordered] for col in COMPARED},
         "new_traps": [c["new_traps"] for c in ordered],
-        "base_traps": [
-            traps_per_shuffle(c["rand_num_spikes_a"], row.get("num_evals"))
-            for c, row in zip(ordered, report.rows, strict=True)
-        ],
+        "base_traps": [c["traps_a"] for c in ordered],
     }
 
 

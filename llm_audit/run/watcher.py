@@ -303,7 +303,8 @@ def _folder_type(row: Mapping[str, Any]) -> str:
 class WeightWatcher:
     """Drop-in for `weightwatcher.WeightWatcher` (0.7.7): `analyze`, `get_details`,
     `get_summary`. `model` is a torch `nn.Module`, a state dict, a checkpoint path or a hub
-    id in the local Hugging Face cache."""
+    id in the local Hugging Face cache. `log_level` is taken and changes nothing: the
+    drop-in writes no log."""
 
     def __init__(
         self,
@@ -319,11 +320,6 @@ class WeightWatcher:
                 f"WeightWatcher: framework={framework!r} is not supported (llm-audit reads "
                 f"torch modules, state dicts and checkpoint folders: None or "
                 f"{', '.join(map(repr, _FRAMEWORKS))})"
-            )
-        if log_level:  # WeightWatcher sets its logger's level; the drop-in has no log
-            raise UsageError(
-                f"WeightWatcher: log_level={log_level!r} is not supported "
-                "(llm-audit's drop-in writes no log)"
             )
         self.model = model
         self.details: pd.DataFrame | None = None

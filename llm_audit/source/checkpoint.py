@@ -185,5 +185,10 @@ def open_checkpoint(model: ResolvedModel) -> Checkpoint:
             if where.setdefault(name, path) != path:
                 if model.weight_map is not None and name in model.weight_map:
                     continue  # also in another shard: the index says which one is read
-                raise CheckpointError(path, f"also in {where[name].name}", name)
+                raise CheckpointError(
+                    path,
+                    f"also in {where[name].name} (two copies of the weights in one folder? "
+                    "pass one file, or its index, as the model)",
+                    name,
+                )
     return Checkpoint(model, headers, where, _load_config(model))

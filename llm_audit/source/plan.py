@@ -94,8 +94,9 @@ _CONV_NAME = re.compile(r"conv", re.IGNORECASE)
 # the `format` a safetensors header's metadata gives, for how its kernels are stored
 _KERNEL_LAYOUTS = {"mlx": "mlx", "tf": "tf", "flax": "tf"}
 _TF_DENSE = re.compile(r"(?:^|[./])kernel(?::\d+)?$")  # TF/Flax Dense weights, [in, out]
-# PEFT LoRA factors: lora_A [r, in], lora_B [out, r], the embedding's lora_embedding_A/B
-_LORA = re.compile(r"(?:^|\.)lora_(?:A|B|embedding_A|embedding_B)(?:\.|$)")
+# LoRA factors: PEFT's lora_A [r, in], lora_B [out, r], the embedding's lora_embedding_A/B
+# (kohya's and diffusers' LoRA files: lora_down [r, in], lora_up [out, r])
+_LORA = re.compile(r"(?:^|\.)lora_(?:A|B|down|up|embedding_A|embedding_B)(?:\.|$)")
 # DBRX flattens each layer's experts into 2-D [E * ffn, d]: expert e is rows e*ffn:(e+1)*ffn.
 # w1 (gate) and v1 (up) are (out, in) per expert; w2 (down) is used as h @ w2[e], so it is
 # stored (in, out). The expert count is config.json's ffn_config.moe_num_experts.
@@ -328,7 +329,7 @@ class _Planner:
             self.skip(name, f"empty tensor of shape {list(shape)}", weight=False)
         elif _LORA.search(name):
             rank = f" (rank {min(shape)})" if len(shape) == 2 else ""
-            self.skip(name, f"LoRA factor{rank} of a PEFT adapter: audit the model merged with it")
+            self.skip(name, f"LoRA factor{rank} of an adapter: audit the model merged with it")
         elif name.endswith(".A_log"):  # Mamba, Jamba: [d_inner, d_state] decay rates
             self.skip(name, "SSM state decay (A_log), not a linear map", weight=False)
         elif _CONSTANTS.search(name):

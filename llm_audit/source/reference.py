@@ -51,6 +51,12 @@ _VARIANT_FILE = re.compile(
 )
 _VARIANT_INDEX = re.compile(r"^[^.]+\.safetensors\.index\.(?P<variant>[A-Za-z][\w-]*)\.json$")
 _INDEX_FILE = re.compile(r"^[^.]+\.safetensors\.index(?:\.[A-Za-z][\w-]*)?\.json$")
+# the single file and the index transformers and diffusers look for, in their order
+_LIBRARY_NAMES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+)
+_CONSOLIDATED = "consolidated"  # mistral_inference's copy of the weights, other names
 # a PEFT adapter's weights (adapter_model.safetensors), and why one beside a model is not read
 _ADAPTER = "adapter_model"
 _ADAPTER_REASON = (
@@ -158,30 +164,43 @@ def _subfolder_files(root: Path) -> list[tuple[Path, str]]:
 
 
 def _choose_files(root: Path) -> tuple[Path | None, list[Path]]:
-    """The index (or None) and the .safetensors files of the model in `root`: the plain
-    index, else the plain files, else the one variant there is (its index or its files);
-    several indexes or variants to choose from are refused."""
+    """The index (or None) and the .safetensors files of the model in `root`, in the order
+    transformers and diffusers look: their single file, else their index; else the one
+    other index there is; else every plain file (not an adapter, not mistral_inference's
+    consolidated copy beside others), else the one variant there is. Several indexes or
+    variants to choose from are refused."""
+    for single, index in _LIBRARY_NAMES:
+        if (root / single).is_file():
+            return None, [root / single]
+        if (root / index).is_file():
+            return root / index, []
     indexes = sorted(root.glob("*.safetensors.index*.json"))
-    files = sorted(root.glob("*.safetensors"))
     plain_indexes = [p for p in indexes if _variant(p) is None]
-    plain_files = [p for p in files if _variant(p) is None]
-    variants = sorted({v for p in [*indexes, *files] if (v := _variant(p)) is not None})
     if len(plain_indexes) > 1:
         names = ", ".join(p.name for p in plain_indexes)
         raise CheckpointError(root, f"holds several indexes ({names}): pass the one to audit")
-    if plain_indexes or plain_files:
-        return (plain_indexes[0] if plain_indexes else None), plain_files
+    if plain_indexes:
+        return plain_indexes[0], []
+    files = sorted(root.glob("*.safetensors"))
+    weights = [p for p in files if not p.name.startswith(_ADAPTER)]
+    plain = [p for p in weights if _variant(p) is None]
+    if plain:
+        copies = [p for p in plain if p.name.startswith(_CONSOLIDATED)]
+        return None, [p for p in plain if p not in copies] or copies
+    variants = sorted({v for p in [*indexes, *weights] if (v := _variant(p)) is not None})
     if len(variants) > 1:
         raise CheckpointError(
             root, f"holds the variants {', '.join(variants)} and no plain files: pass one"
         )
-    return (indexes[0] if indexes else None), files
+    variant_files = [p for p in weights if _variant(p) is not None]
+    if indexes:
+        return indexes[0], []
+    return None, variant_files or files
 
 
-def _not_read(root: Path, chosen: tuple[Path, ...]) -> list[tuple[Path, str]]:
+def _not_read(root: Path, chosen: tuple[Path, ...], index: Path | None) -> list[tuple[Path, str]]:
     """Every .safetensors file of the folder (and one folder down) that is not read, and why."""
     reading = _variant(chosen[0]) if chosen else None
-    adapter_beside = any(not p.name.startswith(_ADAPTER) for p in chosen)
     left = []
     for path in sorted(root.glob("*.safetensors")):
         variant = _variant(path)
@@ -189,10 +208,14 @@ def _not_read(root: Path, chosen: tuple[Path, ...]) -> list[tuple[Path, str]]:
             continue
         if variant is not None and variant != reading:
             reason = f"variant {variant!r} of the weights (to audit it, pass its file or index)"
-        elif path.name.startswith(_ADAPTER) and adapter_beside:
+        elif path.name.startswith(_ADAPTER):
             reason = _ADAPTER_REASON
+        elif index is not None:
+            reason = f"a .safetensors file the index does not name ({index.name}: not loaded)"
+        elif path.name.startswith(_CONSOLIDATED):
+            reason = "mistral_inference's consolidated copy of the weights (pass it to audit it)"
         else:
-            reason = "a .safetensors file the index does not name (transformers does not load it)"
+            reason = f"not loaded: transformers reads {chosen[0].name} alone (pass this file)"
         left.append((path, reason))
     return left + _subfolder_files(root)
 
@@ -202,10 +225,8 @@ def _resolve_folder(reference: str, root: Path, **hub: str | None) -> ResolvedMo
     if index is not None:
         return _resolve_index(reference, index, **hub)
     if files:
-        adapters = [p for p in files if p.name.startswith(_ADAPTER)]
-        chosen = tuple(p for p in files if p not in adapters) or tuple(adapters)
-        not_read = _not_read(root, chosen)
-        return ResolvedModel(reference, root, chosen, None, **hub, not_read=tuple(not_read))
+        not_read = tuple(_not_read(root, tuple(files), None))
+        return ResolvedModel(reference, root, tuple(files), None, **hub, not_read=not_read)
     pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         _refuse_pickle(root / pickles[0])
@@ -228,7 +249,7 @@ def _resolve_index(reference: str, index: Path, **hub: str | None) -> ResolvedMo
     for path in files:
         if not path.is_file():
             raise CheckpointError(path, f"shard named in {index.name} is missing")
-    not_read = tuple(_not_read(root, files))
+    not_read = tuple(_not_read(root, files, index))
     return ResolvedModel(reference, root, files, weight_map, **hub, not_read=not_read)
 
 
