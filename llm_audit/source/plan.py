@@ -376,12 +376,20 @@ class _Planner:
             "transpose": transpose,
         }
         if split is None:
-            layout = "transposed" if transpose else "dense"
-            unit = MatrixUnit(
-                name, name, role.kind, role.layer, role.expert, (out, fan_in), dtype, nbytes,
-                layout, **common,
-            )  # fmt: skip
-            self.add(unit)
+            self.add(
+                MatrixUnit(
+                    id=name,
+                    tensor=name,
+                    kind=role.kind,
+                    layer=role.layer,
+                    expert=role.expert,
+                    shape=(out, fan_in),
+                    source_dtype=dtype,
+                    nbytes=nbytes,
+                    layout="transposed" if transpose else "dense",
+                    **common,
+                )
+            )
             return
         groups = out // split.period
         contiguous = groups == 1 and not transpose
@@ -390,11 +398,21 @@ class _Planner:
             cost = self.read_cost(meta, scales, start, stop) if contiguous else nbytes
             self.add(
                 MatrixUnit(
-                    f"{name}:{kind[0]}", name, kind, role.layer, None, (rows, fan_in), dtype,
-                    cost, "rows" if contiguous else "split", row_start=start, row_stop=stop,
-                    row_period=None if contiguous else split.period, **common,
+                    id=f"{name}:{kind[0]}",
+                    tensor=name,
+                    kind=kind,
+                    layer=role.layer,
+                    expert=None,
+                    shape=(rows, fan_in),
+                    source_dtype=dtype,
+                    nbytes=cost,
+                    layout="rows" if contiguous else "split",
+                    row_start=start,
+                    row_stop=stop,
+                    row_period=None if contiguous else split.period,
+                    **common,
                 )
-            )  # fmt: skip
+            )
 
     def read_cost(self, meta: TensorMeta, scales: Fp8Scales | None, first: int, stop: int) -> int:
         """Bytes read for rows `first:stop` of a stored 2-D weight, with their scale rows."""
@@ -435,10 +453,18 @@ class _Planner:
         for e in range(experts):
             self.add(
                 MatrixUnit(
-                    f"{base}[{e}]", name, kind, layer, e, matrix, "MXFP4", per_expert, "mxfp4",
+                    id=f"{base}[{e}]",
+                    tensor=name,
+                    kind=kind,
+                    layer=layer,
+                    expert=e,
+                    shape=matrix,
+                    source_dtype="MXFP4",
+                    nbytes=per_expert,
+                    layout="mxfp4",
                     scales_tensor=scales,
                 )
-            )  # fmt: skip
+            )
 
     def skip_stack(self, name: str, experts: int, matrix: tuple[int, int]) -> None:
         """One skip for a whole stack whose every expert would be skipped: a zero-size or
@@ -480,11 +506,20 @@ class _Planner:
         for e in range(experts):
             self.add(
                 MatrixUnit(
-                    f"{name}[{e}]", name, kind, layer_of(name), e, matrix,
-                    meta.dtype, self.read_cost(meta, None, e * per, (e + 1) * per), "rows",
-                    transpose=transpose, row_start=e * per, row_stop=(e + 1) * per,
+                    id=f"{name}[{e}]",
+                    tensor=name,
+                    kind=kind,
+                    layer=layer_of(name),
+                    expert=e,
+                    shape=matrix,
+                    source_dtype=meta.dtype,
+                    nbytes=self.read_cost(meta, None, e * per, (e + 1) * per),
+                    layout="rows",
+                    transpose=transpose,
+                    row_start=e * per,
+                    row_stop=(e + 1) * per,
                 )
-            )  # fmt: skip
+            )
 
     def visit_expert_stack(
         self, name: str, dtype: str, shape: tuple[int, ...], transposed: bool
@@ -502,10 +537,18 @@ class _Planner:
         for e in range(experts):
             self.add(
                 MatrixUnit(
-                    f"{name}[{e}]", name, kind, layer, e, (fan_out, fan_in), dtype, per_expert,
-                    "expert", transpose=transposed,
+                    id=f"{name}[{e}]",
+                    tensor=name,
+                    kind=kind,
+                    layer=layer,
+                    expert=e,
+                    shape=(fan_out, fan_in),
+                    source_dtype=dtype,
+                    nbytes=per_expert,
+                    layout="expert",
+                    transpose=transposed,
                 )
-            )  # fmt: skip
+            )
 
     def visit_conv(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         """Conv kernels of 1 to 3 spatial dimensions: one (out, in) matrix per kernel
@@ -527,11 +570,19 @@ class _Planner:
         for position in itertools.product(*(range(k) for k in kernel)):
             self.add(
                 MatrixUnit(
-                    f"{name}[{','.join(map(str, position))}]", name, kind, layer, None,
-                    (out, fan_in), dtype, per_slice, "conv", position=position,
+                    id=f"{name}[{','.join(map(str, position))}]",
+                    tensor=name,
+                    kind=kind,
+                    layer=layer,
+                    expert=None,
+                    shape=(out, fan_in),
+                    source_dtype=dtype,
+                    nbytes=per_slice,
+                    layout="conv",
+                    position=position,
                     kernel_layout=layout,
                 )
-            )  # fmt: skip
+            )
 
 
 def build_plan(
