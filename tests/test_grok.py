@@ -562,6 +562,14 @@ def test_grok_command_trains_audits_and_writes_the_timeline(idx_folder, tmp_path
     err = capsys.readouterr().err
     assert "pass one of them" in err and "it has seed=0, this run seed=1" in err
     assert "not a grok run folder" in err
+    # --resume into a folder whose run.json is not a run's: one line, not a traceback
+    for junk in ("[1, 2]", '{"config": 3}', "{not json"):
+        (tmp_path / "m4").mkdir(exist_ok=True)
+        (tmp_path / "m4" / "run.json").write_text(junk)
+        assert main(more("m4", "--resume")) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert "m4: not a grok run folder (run.json: " in err.strip().splitlines()[-1]
 
 
 @pytest.mark.gpu

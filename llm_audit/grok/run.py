@@ -57,13 +57,24 @@ INIT_STATE = "init.safetensors"
 _SAME_MODEL_AND_DATA = ("task", "seed", "dtype", "n_train", "width", "p", "train_fraction")
 
 
+def _run_json(path: Path, flag: str = "") -> dict[str, Any]:
+    """A run folder's run.json, checked to be an object with a `config` object: the folder
+    may be anyone's (`--resume` into the wrong one, `--init-from`)."""
+    try:
+        run = json.loads(path.read_text())
+        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+            raise TypeError("no 'config' object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        raise AuditError(
+            f"{flag}{path.parent}: not a grok run folder ({path.name}: {err})"
+        ) from None
+    return run
+
+
 def _init_source(source: Path, config: GrokConfig, out: Path) -> dict[str, Any]:
     """Copy `source`'s resume state into `out` (init.safetensors: the run folder stays
     self-contained even if `source` goes on); what run.json records of the source."""
-    try:
-        other = json.loads((source / "run.json").read_text())["config"]
-    except (OSError, json.JSONDecodeError, KeyError) as err:
-        raise AuditError(f"--init-from {source}: not a grok run folder ({err})") from None
+    other = _run_json(source / "run.json", "--init-from ")["config"]
     for key in _SAME_MODEL_AND_DATA:
         if other.get(key) != getattr(config, key):
             raise AuditError(
@@ -115,7 +126,7 @@ def run_grok(
             raise AuditError(f"{out} already holds a run: pass --resume, or choose another --out")
         if init_from is not None:
             raise AuditError("--init-from starts a run; --resume continues one: pass one of them")
-        old = json.loads(run_file.read_text())
+        old = _run_json(run_file)
         _check_same(old["config"], config.to_dict(), out)
         origin = old.get("init_from")
     elif resume:
