@@ -286,6 +286,17 @@ def _tiny(idx_folder: Path, **kw):
     return config, build_task(config, idx_folder, Path("unused"))
 
 
+def _assert_same_run(resumed: list[dict], straight: list[dict], tmp_path: Path) -> None:
+    """Run b (resumed) ended bit for bit where run a (uninterrupted) did."""
+    drop = {"train_seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight
+    ]
+    a = load_file(tmp_path / "a" / "state.safetensors")
+    b = load_file(tmp_path / "b" / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_an_interrupted_run_resumes_exactly(idx_folder, tmp_path):
     config, task = _tiny(idx_folder)
     straight = train(task, config, tmp_path / "a", lambda s, w, acc: {}, resume=False)
@@ -303,10 +314,7 @@ def test_an_interrupted_run_resumes_exactly(idx_folder, tmp_path):
         train(task, config, tmp_path / "b", die_at_10, resume=False)
     config, task = _tiny(idx_folder)  # a fresh process: new model, state from disk
     resumed = train(task, config, tmp_path / "b", lambda s, w, acc: {}, resume=True)
-    drop = {"train_seconds"}
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
-        {k: v for k, v in r.items() if k not in drop} for r in straight
-    ]
+    _assert_same_run(resumed, straight, tmp_path)
     assert [r["step"] for r in straight] == [0, 1, 3, 10, 32, 40]
     a = load_file(tmp_path / "a" / "checkpoints" / "step-000000040.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step-000000040.safetensors")
@@ -347,13 +355,40 @@ def test_a_stopped_run_saves_its_state_where_it_stopped(idx_folder, tmp_path, si
 
     config, task = _tiny(idx_folder)
     resumed = train(task, config, tmp_path / "b", lambda s, w, acc: {}, resume=True)
-    drop = {"train_seconds"}
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
-        {k: v for k, v in r.items() if k not in drop} for r in straight
-    ]
-    a = load_file(tmp_path / "a" / "state.safetensors")
-    b = load_file(tmp_path / "b" / "state.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(resumed, straight, tmp_path)
+
+
+def test_a_run_that_dies_between_checkpoints_resumes_from_its_last_timed_save(
+    idx_folder, tmp_path, monkeypatch
+):
+    """A machine that goes down sends no signal: the state saved every SAVE_EVERY_S
+    seconds (here every step) is where the run resumes, not the last checkpoint (10),
+    and it ends bit for bit where an uninterrupted run does."""
+    config, task = _tiny(idx_folder)
+    straight = train(task, config, tmp_path / "a", lambda s, w, acc: {}, resume=False)
+
+    class PowerOff(Exception):
+        pass
+
+    config, task = _tiny(idx_folder)
+    batch = task.batch
+
+    def dying_batch(step: int):
+        if step == 20:
+            raise PowerOff
+        return batch(step)
+
+    task.batch = dying_batch
+    monkeypatch.setattr("llm_audit.grok.train.SAVE_EVERY_S", 0.0)
+    with pytest.raises(PowerOff):
+        train(task, config, tmp_path / "b", lambda s, w, acc: {}, resume=False)
+    config, task = _tiny(idx_folder)
+    opt = torch.optim.AdamW(task.model.parameters())
+    assert load_state(tmp_path / "b" / "state.safetensors", task, opt) == 20
+
+    config, task = _tiny(idx_folder)
+    resumed = train(task, config, tmp_path / "b", lambda s, w, acc: {}, resume=True)
+    _assert_same_run(resumed, straight, tmp_path)
 
 
 def test_a_run_started_from_another_goes_on_from_its_weights_and_moments(idx_folder, tmp_path):

@@ -9,7 +9,9 @@ complete checkpoint and redoes at most one interval; batches are a pure function
 (seed, step), so the resumed run takes exactly the same path. An interval is long near
 the end (1.4 million steps before 10^7, hours of CPU), so SIGINT and SIGTERM do not kill:
 the step in progress finishes, the resume state is saved at that step, and the run stops
-without losing a step (a second signal stops at once).
+without losing a step (a second signal stops at once). A machine that goes down sends no
+signal, so the state is also saved every `SAVE_EVERY_S` seconds between checkpoints: a
+power-off costs minutes, not the hours of a late interval.
 """
 
 from __future__ import annotations
@@ -183,6 +185,9 @@ def deferred_stop() -> Iterator[list[int]]:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
+SAVE_EVERY_S = 600.0  # the resume state's age at most; one save is ~5 MB, milliseconds
+
+
 def optimizer(model: torch.nn.Module, config: GrokConfig) -> torch.optim.AdamW:
     """The run's AdamW, from its settings (also what benchmarks/device_check.py times)."""
     return torch.optim.AdamW(
@@ -234,6 +239,7 @@ def train(
     label = f"grok {config.task}" + (f" (resumed at step {step})" if step else "")
     progress = stderr_progress(label, "steps")
     t0, first = time.perf_counter(), step
+    save_at = t0 + SAVE_EVERY_S
     with deferred_stop() as stop:
         for target in todo:
             model.train()
@@ -249,6 +255,9 @@ def train(
                 step += 1
                 if step % 256 == 0:
                     progress(step - first, config.steps - first)
+                if time.perf_counter() >= save_at:
+                    save_state(state_path, task, opt, step)
+                    save_at = time.perf_counter() + SAVE_EVERY_S
             if step == target:
                 model.eval()
                 row: dict[str, Any] = {"step": step, **evaluate(task, config.circuit_layer, mask)}
