@@ -144,7 +144,7 @@ def diff_fields() -> list[str]:
     from .diff import COMPARED
 
     compared = [name for c in COMPARED for name in (f"{c}_a", f"{c}_b", f"d_{c}")]
-    return ["matrix", "kind", "status_a", "status_b", *compared, "new_traps"]
+    return ["matrix", "kind", "status_a", "status_b", *compared, "traps_a", "traps_b", "new_traps"]
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
