@@ -154,6 +154,38 @@ def test_compressed_tensors_weight_scale(scale_shape, label, dtype, tmp_path):
     assert raw["lambda_max"] > 100 * row["lambda_max"]
 
 
+@pytest.mark.parametrize(
+    ("scale_shape", "label"),
+    [((SHAPE[0], 1), "per-channel"), ((1, 1), "per-tensor"), ((3, 2), "block 100x100")],
+)
+def test_torchao_float8_is_dequantized_and_named_by_its_weight(scale_shape, label, tmp_path):
+    """torchao's safetensors (transformers' TorchAoHfQuantizer, torchao's
+    flatten_tensor_state_dict): Float8Tensor `P.weight` is stored as `P._weight_qdata` and
+    `P._weight_scale`, the scale being the weight's shape over its block_size (per row,
+    per tensor, 2-D blocks); dequantized W = qdata * scale."""
+    w = _weight()
+    rows, cols = SHAPE[0] // scale_shape[0], SHAPE[1] // scale_shape[1]
+    blocks = w.reshape(scale_shape[0], rows, scale_shape[1], cols)
+    scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX[torch.float8_e4m3fn]
+    full = torch.kron(scale, torch.ones(rows, cols))
+    q = (w / full).to(torch.float8_e4m3fn)
+    prefix = NAME.removesuffix("weight")
+    tensors = {prefix + "_weight_qdata": q, prefix + "_weight_scale": scale}
+    folder = _write(tmp_path / "m", tensors, {"quant_method": "torchao"})
+    checkpoint = open_checkpoint(resolve_model(str(folder)))
+    plan = checkpoint.plan(8)
+    [unit] = plan.units
+    assert (unit.id, unit.tensor, unit.kind) == (NAME, prefix + "_weight_qdata", "q_proj")
+    expected = (q.float() * full).numpy()
+    assert np.array_equal(checkpoint.read_matrix(unit), expected)
+    [row] = analyze_units(checkpoint, [unit], AnalysisSettings(seed=0))
+    _same_numbers(row, analyze_matrix(expected, seed=0, matrix_id=unit.id))
+    assert row["matrix"] == NAME and row["source_dtype"] == f"F8_E4M3 {label} scaled"
+    assert {s.name: s.reason for s in plan.skipped}[prefix + "_weight_scale"] == (
+        f"torchao quantization state of {NAME} (never audited alone)"
+    )
+
+
 def test_scales_that_do_not_fit_are_skipped_with_a_reason(tmp_path):
     q, scales = _block_quantize(_weight(), torch.float8_e4m3fn)
     tensors = {NAME: q, NAME + "_scale_inv": scales}

@@ -126,12 +126,48 @@ FORMATS = {
         "bitsandbytes int8 weight (not decoded)",
     ),
 }
+# torchao (transformers' TorchAoHfQuantizer): `P.weight` flattened to `P._weight_<attr>`;
+# Int4Tensor's scale and zero point are [in / group, out] in the weight's dtype
+FORMATS["torchao-int4"] = (
+    {"quant_method": "torchao"},
+    {
+        f"{P}._weight_qdata": _meta("I8", OUT, IN // 2),
+        f"{P}._weight_scale": _meta("BF16", GROUPS, OUT),
+        f"{P}._weight_zero_point": _meta("BF16", GROUPS, OUT),
+    },
+    "torchao-quantized I8 weight of shape [64, 128] (not decoded)",
+)
+# compressed-tensors 2:4 sparsity (Sparse24BitMaskTensor): the kept half of each row, the
+# bitmask of where it goes and the dense shape; FP8 values bring their weight_scale
+SPARSE = {"quant_method": "compressed-tensors", "sparsity_config": {"format": "sparse-24-bitmask"}}
+for dtype in ("BF16", "F8_E4M3"):
+    FORMATS[f"sparse-24-{dtype}"] = (
+        SPARSE | {"format": "float-quantized" if dtype == "F8_E4M3" else "dense"},
+        {
+            f"{P}.compressed": _meta(dtype, OUT, IN // 2),
+            f"{P}.bitmask": _meta("U8", OUT, IN // 8),
+            f"{P}.shape": _meta("I64", 2, 1),
+        }
+        | ({f"{P}.weight_scale": _meta("BF16", OUT, 1)} if dtype == "F8_E4M3" else {}),
+        f"compressed-tensors sparse-24-bitmask {dtype} weight (not decoded)",
+    )
+FORMATS["marlin-24"] = (  # Marlin24Compressor: scales [in / group, out] beside the packing
+    {"quant_method": "compressed-tensors", "format": "marlin-24"},
+    {
+        f"{P}.weight_packed": _meta("I32", IN // 32, OUT * 2),
+        f"{P}.scale_packed": _meta("F16", GROUPS, OUT),
+        f"{P}.meta": _meta("I16", OUT * 2, IN // 64),
+    },
+    "compressed-tensors marlin-24 I32 weight (not decoded)",
+)
 # the same GPTQ layer as a down_proj: `down_proj.scales` is also how gpt-oss names MXFP4 scales
 FORMATS["gptq-down_proj"] = (
     FORMATS["gptq"][0],
     {name.replace(P, D): meta for name, meta in FORMATS["gptq"][1].items()},
     FORMATS["gptq"][2],
 )
+# the packed weight of each layer above, by the end of its name
+PACKED = ("qweight", "weight_packed", "weight", "_data", "_qdata", "compressed")
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
@@ -143,7 +179,7 @@ def test_packed_weights_skipped_by_format_and_their_state_never_audited(fmt):
     )
     assert [u.id for u in plan.units] == ["model.embed_tokens.weight", "lm_head.weight"]
     reasons = {s.name: s.reason for s in plan.skipped}
-    packed = next(n for n in layer if n.endswith(("qweight", "weight_packed", "weight", "_data")))
+    packed = next(n for n in layer if n.endswith(PACKED))
     assert reasons[packed] == reason
     for name in layer:
         assert name in reasons, name  # every auxiliary tensor listed, with its reason

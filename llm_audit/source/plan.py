@@ -45,7 +45,14 @@ import numpy as np
 from ..errors import AuditError
 from . import mxfp4
 from .dtypes import DTYPE_SIZES, FLOAT_DTYPES, TensorMeta, not_float_reason
-from .quantized import FP8_DTYPES, Fp8Scales, auxiliary_reason, fp8_scales, packed_reason
+from .quantized import (
+    FP8_DTYPES,
+    Fp8Scales,
+    auxiliary_reason,
+    fp8_scales,
+    packed_reason,
+    torchao_weight,
+)
 from .roles import (
     KINDS,
     KindRule,
@@ -356,14 +363,15 @@ class _Planner:
                     found = _stored_in_out(gate_up, sibling.shape, hidden)
         return default if found is None else found
 
-    def visit_matrix(self, name: str, meta: TensorMeta, shape: tuple[int, ...]) -> None:
-        scales = fp8_scales(name, meta, self.tensors, self.config)
+    def visit_matrix(self, tensor: str, meta: TensorMeta, shape: tuple[int, ...]) -> None:
+        scales = fp8_scales(tensor, meta, self.tensors, self.config)
         if isinstance(scales, str):
-            self.skip(name, scales)
+            self.skip(tensor, scales)
             return
+        name = torchao_weight(tensor) or tensor  # the matrix is named by its weight
         role = role_of(name, self.rules)
         transpose = stored_transposed(name, self.config) or (
-            self.kernel_layout(name) == "tf" and bool(_TF_DENSE.search(name))
+            self.kernel_layout(tensor) == "tf" and bool(_TF_DENSE.search(name))
         )
         out, fan_in = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
         split = fused_qkv_split(name, self.config, out) if role.kind == "qkv_proj" else None
@@ -379,7 +387,7 @@ class _Planner:
             self.add(
                 MatrixUnit(
                     id=name,
-                    tensor=name,
+                    tensor=tensor,
                     kind=role.kind,
                     layer=role.layer,
                     expert=role.expert,
@@ -399,7 +407,7 @@ class _Planner:
             self.add(
                 MatrixUnit(
                     id=f"{name}:{kind[0]}",
-                    tensor=name,
+                    tensor=tensor,
                     kind=kind,
                     layer=role.layer,
                     expert=None,

@@ -19,6 +19,13 @@ the weight (DeepSeek-V4) — the last two are what transformers' own FP8 loader 
 read as raw codes (lambda_max off by 10^6). U8 scales are E8M0 exponents when the config
 says so (transformers' `scale_fmt: ue8m0`, compressed-tensors' MXFP8).
 
+torchao (transformers' `quant_method: torchao`) stores a quantized `P.w` flattened, as
+`P._w_qdata` beside `P._w_scale` (and `P._w_zero_point`, ...): the report names the matrix
+`P.w`, FP8 `qdata` is dequantized with its scale like any other FP8 weight, and integer
+`qdata` is skipped as packed. compressed-tensors' 2:4-sparse weights keep half of each row
+(`P.compressed`, with `P.bitmask` saying where it goes): read alone, that half is another
+matrix, so it is skipped with its format named.
+
 Formats are recognised from config.json's `quantization_config` (and MLX's `quantization`)
 and from tensor names.
 """
@@ -82,6 +89,9 @@ _QUANTO_DATA = re.compile(r"^(.*\.weight)\._data(?:\._data)?$")
 # Dtypes a quantized weight is stored in (a `P.scale` beside one of these is its scale).
 _QUANTIZED_DTYPES = FP8_DTYPES | {"U8", "I8", "U32", "I32"}
 _GPTQ_STATE = {"qzeros": "zero points", "scales": "scales", "g_idx": "group index"}
+_TORCHAO_DATA = re.compile(r"^(.*)\._(.+)_qdata$")  # torchao's flattened `P._w_qdata`
+_SPARSE_STATE = {"bitmask": "2:4 sparsity bitmask", "shape": "dense shape"}  # `P.compressed`
+_MARLIN24_STATE = {"scale_packed": "scales", "meta": "2:4 sparsity metadata"}
 # bitsandbytes: 4-bit state hangs off `X.weight.`, int8 row scales are `X.SCB`.
 _BNB_WEIGHT_STATE = (
     ".absmax",
@@ -132,6 +142,30 @@ def _mlx_bits(config: Mapping[str, Any]) -> int | None:
     return bits if isinstance(bits, int) and not isinstance(bits, bool) else None
 
 
+def torchao_weight(name: str) -> str | None:
+    """The weight `P.w` that torchao's flattened `P._w_qdata` holds, or None."""
+    match = _TORCHAO_DATA.match(name)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def _torchao_data(name: str, tensors: Mapping[str, Any]) -> str | None:
+    """The `P._w_qdata` whose state `name` (`P._w_scale`, `P._w_zero_point`, ...) is."""
+    module, _, last = name.rpartition(".")
+    if not last.startswith("_"):
+        return None
+    cuts = (i for i, c in enumerate(last) if c == "_" and i > 1)
+    owners = (f"{module}.{last[:i]}_qdata" for i in cuts)
+    return next((o for o in owners if o != name and o in tensors), None)
+
+
+def _sparsity_format(config: Mapping[str, Any]) -> str:
+    """compressed-tensors' `quantization_config.sparsity_config.format`."""
+    qc = config.get("quantization_config")
+    sparsity = qc.get("sparsity_config") if isinstance(qc, Mapping) else None
+    fmt = sparsity.get("format") if isinstance(sparsity, Mapping) else None
+    return fmt if isinstance(fmt, str) else "sparse-24-bitmask"
+
+
 def _packed_format(config: Mapping[str, Any]) -> str:
     method = quant_method(config)
     return {"gptq": "GPTQ", "awq": "AWQ"}.get(method or "", "GPTQ/AWQ")
@@ -145,10 +179,16 @@ def auxiliary_reason(
     A tensor counts as auxiliary only next to the weight it belongs to, so an ordinary
     weight that happens to be called `scales` is still audited."""
     prefix, _, last = name.rpartition(".")
-    if last in _WEIGHT_STATE and (
-        prefix + ".weight" in tensors or prefix + ".weight_packed" in tensors
+    if last in _WEIGHT_STATE and any(
+        prefix + weight in tensors for weight in (".weight", ".weight_packed", ".compressed")
     ):
         return f"{_WEIGHT_STATE[last]} (read with their weight, never audited alone)"
+    if (data := _torchao_data(name, tensors)) is not None:
+        return f"torchao quantization state of {torchao_weight(data)} (never audited alone)"
+    if last in _SPARSE_STATE and prefix + ".compressed" in tensors:
+        return f"compressed-tensors {_SPARSE_STATE[last]} of a 2:4-sparse weight"
+    if last in _MARLIN24_STATE and prefix + ".weight_packed" in tensors:
+        return f"compressed-tensors marlin-24 {_MARLIN24_STATE[last]} of a packed weight"
     if last in _ACTIVATION_STATE:
         return _ACTIVATION_STATE[last]
     if last in _GPTQ_STATE and prefix + ".qweight" in tensors:
@@ -176,6 +216,10 @@ def packed_reason(
     if name.endswith(".weight_packed"):
         fmt = _format(config) or "pack-quantized"
         return f"compressed-tensors {fmt} {meta.dtype} weight (not decoded)"
+    if name.endswith(".compressed") and name[: -len("compressed")] + "bitmask" in tensors:
+        return f"compressed-tensors {_sparsity_format(config)} {meta.dtype} weight (not decoded)"
+    if torchao_weight(name) and (meta.dtype not in FP8_DTYPES or len(meta.shape) != 2):
+        return f"torchao-quantized {meta.dtype} weight of shape {list(meta.shape)} (not decoded)"
     quanto = _QUANTO_DATA.match(name)
     if quanto and quanto.group(1) + "._scale" in tensors:
         return f"optimum-quanto quantized {meta.dtype} weight (not decoded)"
@@ -237,6 +281,9 @@ def _e8m0_bytes(config: Mapping[str, Any]) -> bool:
 
 
 def _scale_name(name: str, tensors: Mapping[str, TensorMeta]) -> str | None:
+    if torchao_weight(name):
+        scale = name[: -len("qdata")] + "scale"
+        return scale if scale in tensors else None
     prefix = name[: -len("weight")]
     return next((prefix + s for s in _SCALE_NAMES if prefix + s in tensors), None)
 
@@ -247,7 +294,8 @@ def fp8_scales(
     """How the FP8 weight `name` is scaled: its `Fp8Scales`, a reason to skip it (scales
     that do not fit, or that this module cannot find although they are there), or None
     when it has no scales (plain FP8 values)."""
-    if meta.dtype not in FP8_DTYPES or not name.endswith(".weight"):
+    torchao = torchao_weight(name) is not None
+    if meta.dtype not in FP8_DTYPES or not (name.endswith(".weight") or torchao):
         return None
     scale_name = _scale_name(name, tensors)
     if scale_name is None:
@@ -278,6 +326,14 @@ def fp8_scales(
         and not cols % scale_shape[1]
     ):
         block, label = (1, cols // scale_shape[1]), f"group {cols // scale_shape[1]}"
+    elif (
+        torchao
+        and len(scale_shape) == 2
+        and all(scale_shape)
+        and not (rows % scale_shape[0] or cols % scale_shape[1])
+    ):  # Float8Tensor's scale is the shape over its block_size, exactly
+        block = (rows // scale_shape[0], cols // scale_shape[1])
+        label = f"block {block[0]}x{block[1]}"
     if block is not None:
         grid = (-(-rows // block[0]), -(-cols // block[1]))
         if math.prod(scale_shape) == math.prod(grid) and (
