@@ -340,6 +340,14 @@ ENCODERS = {  # family -> (config class, config, auto class, kinds planned)
         "AutoModelForCausalLM",
         ATTN | {"up_proj": 2, "down_proj": 2, "embedding": 1, "position_embedding": 1},
     ),
+    "gpt2-cross": (  # a decoder with cross-attention: c_attn is k|v there, q is q_attn
+        "GPT2Config",
+        {"vocab_size": 64, "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32}
+        | {"add_cross_attention": True},
+        "AutoModelForCausalLM",
+        {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4, "up_proj": 2, "down_proj": 2}
+        | {"embedding": 1, "position_embedding": 1},
+    ),
     "whisper": (  # Conv1d front end [out, in, 3]: one matrix per kernel position
         "WhisperConfig",
         {"vocab_size": 64, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1}
@@ -385,3 +393,40 @@ def test_encoder_and_other_families_get_their_kinds(family, tmp_path):
             assert unit.layer == _expected_index(
                 r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.", unit.tensor
             )
+
+
+def test_an_encoder_decoder_pair_follows_each_models_config(tmp_path):
+    """VisionEncoderDecoder (ViT + GPT-2, the layout of nlpconnect/vit-gpt2-image-captioning):
+    under the pair's own model_type the GPT-2 decoder's Conv1D is still [in, out] and its
+    c_attn still q|k|v; its cross-attention c_attn is k|v (q is q_attn). Each part reads
+    exactly its rows of the stored weight's transpose."""
+    encoder = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+        image_size=16,
+        patch_size=8,
+    )
+    decoder = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)
+    pair = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    torch.manual_seed(0)
+    transformers.VisionEncoderDecoderModel(config=pair).save_pretrained(tmp_path / "m")
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "m")))
+    units = {u.id: u for u in checkpoint.plan(8).units}
+    stored = load_file(tmp_path / "m" / "model.safetensors")
+    block = "decoder.transformer.h.0."
+    for tensor, parts in (
+        (block + "attn.c_attn.weight", "qkv"),
+        (block + "crossattention.c_attn.weight", "kv"),
+    ):
+        audited = stored[tensor].float().T.numpy()  # (out, in)
+        for k, part in enumerate(parts):
+            unit = units[f"{tensor}:{part}"]
+            assert (unit.kind, unit.transpose, unit.shape) == (f"{part}_proj", True, (32, 32))
+            assert np.array_equal(checkpoint.read_matrix(unit), audited[32 * k : 32 * (k + 1)])
+    assert units[block + "crossattention.q_attn.weight"].kind == "q_proj"
+    assert units[block + "crossattention.q_attn.weight"].transpose
+    assert units[block + "mlp.c_fc.weight"].shape == (128, 32)  # (out, in): transposed
+    query = units["encoder.encoder.layer.0.attention.attention.query.weight"]
+    assert (query.kind, query.transpose) == ("q_proj", False)  # ViT's nn.Linear

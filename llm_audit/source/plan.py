@@ -56,6 +56,7 @@ from .quantized import (
 from .roles import (
     KINDS,
     KindRule,
+    config_of,
     fused_qkv_split,
     layer_of,
     role_of,
@@ -370,11 +371,12 @@ class _Planner:
             return
         name = torchao_weight(tensor) or tensor  # the matrix is named by its weight
         role = role_of(name, self.rules)
-        transpose = stored_transposed(name, self.config) or (
+        config = config_of(name, self.config)
+        transpose = stored_transposed(name, config) or (
             self.kernel_layout(tensor) == "tf" and bool(_TF_DENSE.search(name))
         )
         out, fan_in = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
-        split = fused_qkv_split(name, self.config, out) if role.kind == "qkv_proj" else None
+        split = fused_qkv_split(name, config, out) if role.kind == "qkv_proj" else None
         dtype = scales.label if scales else meta.dtype
         nbytes = self.read_cost(meta, scales, 0, shape[0])
         common = {

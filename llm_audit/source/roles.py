@@ -93,7 +93,7 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.(?:qkv_proj|query_key_value|c_attn|qkv|Wqkv|W_pack)" + _W, "qkv_proj"),
         # query/key/value only under an attention module: RWKV's channel mix (an MLP) has
         # feed_forward.key/value; T5 names them q/k/v/o, DistilBERT q_lin/.../out_lin
-        (r"\.(?:q_proj|wq|query_proj|q_lin)" + _W, "q_proj"),
+        (r"\.(?:q_proj|wq|query_proj|q_lin|q_attn)" + _W, "q_proj"),
         (r"\.(?:k_proj|wk|key_proj|k_lin)" + _W, "k_proj"),
         (r"\.(?:v_proj|wv|value_proj|v_lin)" + _W, "v_proj"),
         # diffusers' attention (and its context stream's add_*_proj, to_add_out)
@@ -168,6 +168,15 @@ def layer_of(name: str) -> int | None:
     `_LAYER_STACKS`), None when its first numbered component is not one of those."""
     match = _FIRST_NUMBERED.search(name)
     return int(match.group(2)) if match and match.group(1) in _LAYER_STACKS else None
+
+
+def config_of(name: str, config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The config of the model that tensor `name` belongs to: in an encoder-decoder pair
+    (transformers' EncoderDecoder, VisionEncoderDecoder, SpeechEncoderDecoder) the
+    `encoder.` and `decoder.` tensors follow their own model's config (a GPT-2 decoder's
+    Conv1D is stored [in, out] under a `vision-encoder-decoder` model_type)."""
+    sub = config.get(name.partition(".")[0]) if name.startswith(("encoder.", "decoder.")) else None
+    return sub if isinstance(sub, Mapping) and isinstance(sub.get("model_type"), str) else config
 
 
 def stored_transposed(name: str, config: Mapping[str, Any]) -> bool:
@@ -300,6 +309,10 @@ def _layout_of_fused_qkv(name: str, config: Mapping[str, Any], rows: int) -> Fus
         except AuditError:
             return None
         return split if split.period == rows else None
+    if model_type in CONV1D_MODEL_TYPES and name.endswith(".crossattention.c_attn.weight"):
+        width = _config_int(config, "n_embd")  # Conv1D [in, k|v]; q is q_attn's
+        parts = (("k_proj", 0, width), ("v_proj", width, 2 * width))
+        return FusedSplit(parts, 2 * width, transposed=True)
     if model_type in CONV1D_MODEL_TYPES and name.endswith(".c_attn.weight"):  # Conv1D [in, q|k|v]
         width = _config_int(config, "n_embd")
         return FusedSplit(_qkv_parts(width, width), 3 * width, transposed=True)
