@@ -1,7 +1,8 @@
 """Checkpoints from outside transformers' language models, laid out as their libraries
 save them: diffusers (its own index name, fp16 variants, pipeline folders),
 sentence-transformers (modules in subfolders), PEFT adapters, MLX and TF/Flax kernels,
-BatchNorm counters. Each must be audited, or listed with why it is not: never dropped.
+BatchNorm counters, torch.nn.MultiheadAttention (OpenCLIP), weight norm. Each must be
+audited, or listed with why it is not: never dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch
 
 from llm_audit import analyze_matrix
 from llm_audit.errors import CheckpointError
@@ -313,6 +316,63 @@ def test_batchnorm_counters_are_not_unaudited_weights():
     assert not skip.weight
 
 
+def test_multihead_attention_in_proj_is_split_into_q_k_v(tmp_path):
+    """torch.nn.MultiheadAttention keeps q|k|v in one [3E, E] `in_proj_weight` (OpenCLIP's
+    `transformer.resblocks.N.attn`, SigLIP's pooling head), and apart as `q/k/v_proj_weight`
+    where the key and value widths differ: each part its kind, the block its layer."""
+    torch.manual_seed(0)
+    attentions = (
+        torch.nn.MultiheadAttention(32, 2),
+        torch.nn.MultiheadAttention(32, 2, 0, kdim=16, vdim=24),
+    )
+    blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"attn": a}) for a in attentions)
+    model = torch.nn.ModuleDict({"resblocks": blocks})
+    state = {f"transformer.{k}": v for k, v in model.state_dict().items()}
+    (tmp_path / "m").mkdir()
+    save_torch(state, tmp_path / "m" / "model.safetensors")
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "m")))
+    units = {u.id: u for u in checkpoint.plan(8).units}
+    fused = "transformer.resblocks.0.attn.in_proj_weight"
+    for k, part in enumerate("qkv"):
+        unit = units[f"{fused}:{part}"]
+        assert (unit.kind, unit.layer, unit.shape) == (f"{part}_proj", 0, (32, 32))
+        rows = state[fused][32 * k : 32 * (k + 1)].numpy()
+        assert np.array_equal(checkpoint.read_matrix(unit), rows)
+    apart = "transformer.resblocks.1.attn."
+    widths = {"q": 32, "k": 16, "v": 24}
+    for part, width in widths.items():
+        unit = units[f"{apart}{part}_proj_weight"]
+        assert (unit.kind, unit.layer, unit.shape) == (f"{part}_proj", 1, (32, width))
+    assert units[apart + "out_proj.weight"].kind == "o_proj"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("parametrized", [True, False], ids=["parametrize", "legacy"])
+def test_weight_norm_halves_are_listed_not_audited(parametrized, tmp_path):
+    """torch's weight norm stores W = g * v / |v| as g and v (wav2vec2's position conv,
+    audio codecs): v alone is another matrix (other norms, and another spectrum where g
+    varies by channel), so neither half is audited as the layer; both are listed."""
+    norm = (
+        torch.nn.utils.parametrizations.weight_norm
+        if parametrized
+        else (torch.nn.utils.weight_norm)
+    )
+    model = torch.nn.ModuleDict({"conv": norm(torch.nn.Conv1d(16, 32, 3), dim=0)})
+    model["linear"] = norm(torch.nn.Linear(16, 32))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    assert len(state) == 6  # g, v and bias of each
+    (tmp_path / "m").mkdir()
+    save_torch(state, tmp_path / "m" / "model.safetensors")
+    plan = open_checkpoint(resolve_model(str(tmp_path / "m"))).plan(8)
+    assert not plan.units
+    halves = {s.name: s for s in plan.skipped if "weight norm" in s.reason}
+    assert len(halves) == 4
+    for name, skip in halves.items():
+        direction = name.endswith(("weight_v", "original1"))
+        assert skip.weight == direction, name
+        assert ("direction v" if direction else "magnitude g") in skip.reason
+
+
 @pytest.mark.parametrize(
     ("name", "kind", "layer"),
     [
@@ -328,6 +388,8 @@ def test_batchnorm_counters_are_not_unaudited_weights():
         ("stages.1.blocks.2.mlp.fc1.weight", "up_proj", None),  # ConvNeXt: no single depth
         ("model.layers.4.mlp.experts.7.w2.weight", "expert_down", 4),
         ("transformer.h.11.attn.c_proj.weight", "o_proj", 11),
+        ("visual.transformer.resblocks.2.mlp.c_fc.weight", "up_proj", 2),  # OpenCLIP
+        ("visual.positional_embedding", "position_embedding", None),
     ],
 )
 def test_kinds_and_layers_of_diffusers_and_vision_names(name, kind, layer):

@@ -151,6 +151,11 @@ for dtype in ("BF16", "F8_E4M3"):
         | ({f"{P}.weight_scale": _meta("BF16", OUT, 1)} if dtype == "F8_E4M3" else {}),
         f"compressed-tensors sparse-24-bitmask {dtype} weight (not decoded)",
     )
+FORMATS["quark-mxfp4"] = (  # AMD Quark: two FP4 per byte, an E8M0 exponent per 32
+    {"quant_method": "quark"},
+    {f"{P}.weight": _meta("U8", OUT, IN // 2), f"{P}.weight_scale": _meta("U8", OUT, IN // 32)},
+    "quark MXFP4 packed 4-bit weight (not decoded)",
+)
 FORMATS["marlin-24"] = (  # Marlin24Compressor: scales [in / group, out] beside the packing
     {"quant_method": "compressed-tensors", "format": "marlin-24"},
     {

@@ -104,6 +104,14 @@ _KERNEL_LAYOUTS = {"mlx": "mlx", "tf": "tf", "flax": "tf"}
 _TF_DENSE = re.compile(r"(?:^|[./])kernel(?::\d+)?$")  # TF/Flax Dense weights, [in, out]
 # LoRA factors: PEFT's lora_A [r, in], lora_B [out, r], the embedding's lora_embedding_A/B
 # (kohya's and diffusers' LoRA files: lora_down [r, in], lora_up [out, r])
+# torch's weight norm: W = g * v / |v| from a magnitude g and a direction v, stored as
+# `weight_g`/`weight_v` (weight_norm) or `parametrizations.weight.original0/1`
+# (parametrize.weight_norm; wav2vec2's position conv, audio codecs, vocoders). v alone has
+# other norms and, with g per channel, another spectrum: both are listed, never audited.
+_WEIGHT_NORM_PAIRS = (
+    ("weight_g", "weight_v"),
+    ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+)
 _LORA = re.compile(r"(?:^|\.)lora_(?:A|B|down|up|embedding_A|embedding_B)(?:\.|$)")
 # DBRX flattens each layer's experts into 2-D [E * ffn, d]: expert e is rows e*ffn:(e+1)*ffn.
 # w1 (gate) and v1 (up) are (out, in) per expert; w2 (down) is used as h @ w2[e], so it is
@@ -329,6 +337,12 @@ class _Planner:
             self.check_scales_have_blocks(name)
         elif packed:
             self.skip(name, packed)
+        elif (part := self.weight_norm_part(name)) is not None:
+            self.skip(
+                name,
+                f"weight norm's {part}: the layer's weight is g·v/|v| (not reconstructed)",
+                weight=part == "direction v",
+            )
         elif meta.dtype not in FLOAT_DTYPES:  # a counter (BatchNorm's) is not a weight
             self.skip(name, not_float_reason(meta.dtype), weight=len(shape) >= 2)
         elif len(shape) <= 1 or name.endswith("bias"):  # stacked expert biases are 2-D
@@ -352,6 +366,14 @@ class _Planner:
             self.visit_conv(name, meta.dtype, shape)
         else:
             self.skip(name, f"{len(shape)}-D tensor of shape {list(shape)} is not a known layout")
+
+    def weight_norm_part(self, name: str) -> str | None:
+        """ "magnitude g" or "direction v" where `name` is half of a weight-norm pair."""
+        for g, v in _WEIGHT_NORM_PAIRS:
+            for mine, other, part in ((g, v, "magnitude g"), (v, g, "direction v")):
+                if name.endswith("." + mine) and name[: -len(mine)] + other in self.tensors:
+                    return part
+        return None
 
     def orientation(self, name: str, default: bool) -> bool:
         """Whether the expert stack `name` is stored [E, in, out] (see `_STACKED_EXPERTS`)."""

@@ -238,6 +238,9 @@ def packed_reason(
         scale = tensors.get(prefix + ".weight_scale")
         if scale is not None and meta.dtype == "U8" and scale.dtype == "F8_E4M3":
             return "NVFP4 packed 4-bit weight (not decoded)"  # E4M3 scales per 16 values
+        if scale is not None and meta.dtype == "U8" and scale.dtype in ("U8", "F8_E8M0"):
+            method = quant_method(config) or "MX"  # AMD Quark: E8M0 exponents per 32 values
+            return f"{method} MXFP4 packed 4-bit weight (not decoded)"
         if scale is not None:
             method = quant_method(config) or "int"
             return f"{method} int8-quantized weight (not decoded)"

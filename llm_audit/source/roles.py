@@ -57,7 +57,7 @@ _CONV1D = re.compile(r"\.(?:c_attn|q_attn|c_proj|c_fc)\.weight$")
 # stages (`stages.1.blocks.3.`, a UNet's `down_blocks.1.`) have no single depth.
 _FIRST_NUMBERED = re.compile(r"(?:^|\.)(\w+)\.(\d+)\.")
 _LAYER_STACKS = frozenset(
-    {"layers", "layer", "h", "block", "blocks", "encoders", "transformer_blocks"}
+    {"layers", "layer", "h", "block", "blocks", "encoders", "transformer_blocks", "resblocks"}
 )
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _W = r"\.weight$"
@@ -91,6 +91,12 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.kv_b_proj" + _W, "kv_b_proj"),
         # attention
         (r"\.(?:qkv_proj|query_key_value|c_attn|qkv|Wqkv|W_pack)" + _W, "qkv_proj"),
+        # torch.nn.MultiheadAttention (OpenCLIP, SigLIP's pooling head, nn.Transformer):
+        # q|k|v in one [3E, E] `in_proj_weight`, or apart where the key/value widths differ
+        (r"\.in_proj_weight$", "qkv_proj"),
+        (r"\.q_proj_weight$", "q_proj"),
+        (r"\.k_proj_weight$", "k_proj"),
+        (r"\.v_proj_weight$", "v_proj"),
         # query/key/value only under an attention module: RWKV's channel mix (an MLP) has
         # feed_forward.key/value; T5 names them q/k/v/o, DistilBERT q_lin/.../out_lin
         (r"\.(?:q_proj|wq|query_proj|q_lin|q_attn)" + _W, "q_proj"),
@@ -132,6 +138,7 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
             r"|positions_embed)" + _W,
             "position_embedding",
         ),
+        (r"(?:^|\.)positional_embedding$", "position_embedding"),  # CLIP's nn.Parameter
         # Mllama's vision tower: a gated position table (an nn.Parameter) and tile positions
         (
             r"\.gated_positional_embedding\.(?:embedding|tile_embedding\.weight)$",
@@ -296,6 +303,8 @@ def _layout_of_fused_qkv(name: str, config: Mapping[str, Any], rows: int) -> Fus
     model_type = config.get("model_type")
     if model_type == "phi3" and name.endswith(".qkv_proj.weight"):
         return _row_blocks(config)
+    if name.endswith(".in_proj_weight") and not rows % 3:  # nn.MultiheadAttention: [q; k; v]
+        return FusedSplit(_qkv_parts(rows // 3, rows // 3), rows)
     # Phi-4-multimodal's language model keeps Phi-3's [q; k; v] rows; its vision and
     # audio towers have heads of their own, so like openai's `attn.qkv` below.
     phi4 = model_type == "phi4_multimodal" and name.endswith(".qkv_proj.weight")
