@@ -316,6 +316,20 @@ def test_batchnorm_counters_are_not_unaudited_weights():
     assert not skip.weight
 
 
+def test_timm_tokens_and_position_tables_are_not_unaudited_weights():
+    """timm ViTs' cls_token [1, 1, D] and pos_embed [1, N, D], SigLIP's head.probe: named
+    for what they are, not counted as weights of an unknown layout."""
+    meta = type("M", (), {"dtype": "F32"})
+    shapes = {"cls_token": (1, 1, 64), "pos_embed": (1, 17, 64), "head.probe": (1, 1, 64)}
+    plan = build_plan(
+        {n: type("T", (meta,), {"shape": s})() for n, s in shapes.items()}, min_evals=8
+    )
+    reasons = {s.name: (s.reason, s.weight) for s in plan.skipped}
+    assert reasons["pos_embed"][0].startswith("a parameter table (position table")
+    assert reasons["cls_token"][0] == "vector of shape [1, 1, 64], not a layer's weight"
+    assert not any(weight for _, weight in reasons.values())
+
+
 def test_multihead_attention_in_proj_is_split_into_q_k_v(tmp_path):
     """torch.nn.MultiheadAttention keeps q|k|v in one [3E, E] `in_proj_weight` (OpenCLIP's
     `transformer.resblocks.N.attn`, SigLIP's pooling head), and apart as `q/k/v_proj_weight`

@@ -364,6 +364,10 @@ class _Planner:
             self.visit_matrix(name, meta, shape)
         elif len(shape) in (4, 5) or (len(shape) == 3 and _CONV_NAME.search(name)):
             self.visit_conv(name, meta.dtype, shape)
+        elif shape[0] == 1:  # timm's cls_token [1, 1, D], pos_embed [1, N, D]; SigLIP's probe
+            table = sum(d > 1 for d in shape) >= 2
+            what = "a parameter table (position table, learned tokens)" if table else "vector"
+            self.skip(name, f"{what} of shape {list(shape)}, not a layer's weight", weight=False)
         else:
             self.skip(name, f"{len(shape)}-D tensor of shape {list(shape)} is not a known layout")
 
