@@ -359,11 +359,11 @@ def test_nan_or_infinite_numbers_are_refused(tmp_path, capsys):
     from llm_audit.report.reader import check_spectra
 
     folder = write_report(tmp_path / "r", [_row("a", alpha=float("nan"))])
-    _one_line_exit_2(capsys, ["check", str(folder)], "column 'alpha' holds NaN or out-of-range")
+    _one_line_exit_2(capsys, ["check", str(folder)], "column 'alpha' holds NaN, out-of-range")
     folder = write_report(tmp_path / "l", [_row("a", trap_ratios=[1.0, float("inf")])])
     _one_line_exit_2(capsys, ["report", "show", str(folder)], "column 'trap_ratios' holds NaN")
     folder = write_report(tmp_path / "big", [_row("a", alpha=1.7976931348623157e308)])
-    _one_line_exit_2(capsys, ["report", "html", str(folder)], "'alpha' holds NaN or out-of-range")
+    _one_line_exit_2(capsys, ["report", "html", str(folder)], "'alpha' holds NaN, out-of-range")
     folder = write_report(tmp_path / "s", [_row("a")])
     (folder / "summary.json").write_text(
         (folder / "summary.json")
@@ -374,8 +374,45 @@ def test_nan_or_infinite_numbers_are_refused(tmp_path, capsys):
     batch = pa.RecordBatch.from_pylist(
         [{"matrix": "a", "evals": [1.0, float("nan")], "rand_evals": None}], schema=SPECTRA_SCHEMA
     )
-    with pytest.raises(AuditError, match="evals holds NaN or out-of-range values"):
+    with pytest.raises(AuditError, match="evals holds NaN, null or out-of-range values"):
         check_spectra(batch, folder / "spectra.parquet")
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("trap_entries", [{"row": 1, "col": 2, "value": float("nan")}]),
+        ("trap_entries", [{"row": 1, "col": 2, "value": None}]),
+        ("trap_entries", [None]),
+        ("trap_evals", [None, 2.0]),
+        ("evals", [1.0, None]),
+    ],
+    ids=["nan-entry", "null-value", "null-entry", "null-trap-eval", "null-eval"],
+)
+def test_holes_and_nan_inside_lists_are_refused(column, value, tmp_path, capsys):
+    """A NaN in a trap entry (printed as bare NaN by `show --format json`, not JSON) or a
+    null inside a list (the HTML page crashed on it) is no row we write: every reader
+    refuses it in one line."""
+    from llm_audit.report.reader import check_spectra
+
+    folder = write_report(tmp_path / "r", [_row("a", **{column: value})])
+    if column == "evals":  # spectra.parquet, read in batches by the HTML page
+        batch = pa.RecordBatch.from_pylist(
+            [{"matrix": "a", "evals": value, "rand_evals": None}], schema=SPECTRA_SCHEMA
+        )
+        with pytest.raises(AuditError, match="evals holds NaN, null or out-of-range"):
+            check_spectra(batch, folder / "spectra.parquet")
+        return
+    for argv in (["report", "show"], ["check"], ["report", "html"]):
+        _one_line_exit_2(capsys, [*argv, str(folder)], f"column {column!r} holds NaN")
+
+
+def test_a_column_given_twice_is_refused(tmp_path, capsys):
+    folder = write_report(tmp_path / "r", [_row("a")])
+    table = pq.read_table(folder / "layers.parquet")
+    pq.write_table(table.append_column("alpha", table["alpha"]), folder / "layers.parquet")
+    for argv in (["report", "show"], ["check"], ["diff", str(folder)]):
+        _one_line_exit_2(capsys, [*argv, str(folder)], "column 'alpha' appears more than once")
 
 
 def test_csv_output_escapes_what_would_drive_a_terminal(tmp_path, capsys):

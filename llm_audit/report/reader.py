@@ -152,6 +152,9 @@ def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFi
         found = handle.schema_arrow
     except (OSError, pa.ArrowException) as err:
         raise ReportError(f"{path}: unreadable schema ({type(err).__name__})") from None
+    twice = sorted({name for name in found.names if found.names.count(name) > 1})
+    if twice:
+        raise ReportError(f"{path}: column {shown(twice[0])} appears more than once")
     for name in required:
         if name not in found.names:
             raise ReportError(f"{path}: no column {name!r}")
@@ -163,32 +166,45 @@ def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFi
     return handle
 
 
+def _items(column: pa.ChunkedArray | pa.Array) -> list[pa.Array] | None:
+    """The values inside a list column (each field of a list of structs: trap_entries'
+    row, col and value), or None for a column that is not a list."""
+    if not pa.types.is_list(column.type):
+        return None
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    items = pc.list_flatten(column)
+    if pa.types.is_struct(items.type):
+        return [items] + [pc.struct_field(items, [i]) for i in range(items.type.num_fields)]
+    return [items]
+
+
 def _finite(column: pa.ChunkedArray | pa.Array) -> bool:
-    """Whether every float in `column` (a float or list<float> column) is finite and at
-    most `MAX_ABS_FLOAT` in size, as `report_row` makes every row."""
-    kind = column.type
-    if pa.types.is_list(kind):
-        column = pc.list_flatten(column)
-        kind = kind.value_type
-    if not pa.types.is_floating(kind):
-        return True
-    inside = pc.less_equal(pc.abs(column.fill_null(0.0)), MAX_ABS_FLOAT)  # NaN: false
-    return pc.all(inside).as_py() is not False
+    """Whether every float in `column` (a float column, or the floats inside a list
+    column) is finite and at most `MAX_ABS_FLOAT` in size, as `report_row` makes every
+    row; a null column value means "not computed", but a null *inside* a list is refused
+    (a spectrum or a trap entry with a hole is no row we write)."""
+    parts = _items(column)
+    if parts is not None and any(part.null_count for part in parts):
+        return False
+    for part in parts if parts is not None else [column]:
+        if pa.types.is_floating(part.type):
+            inside = pc.less_equal(pc.abs(part.fill_null(0.0)), MAX_ABS_FLOAT)  # NaN: false
+            if pc.all(inside).as_py() is False:
+                return False
+    return True
 
 
 def _non_negative(column: pa.ChunkedArray) -> bool:
     """Whether every integer in `column` (an int column, or trap_entries' row and col) is
     at least 0: each is a count or an index, and a negative trap count would cancel real
     traps in a gate's sums."""
-    kind = column.type
-    if pa.types.is_list(kind) and pa.types.is_struct(kind.value_type):
-        entries = pc.list_flatten(column.combine_chunks())
-        parts = [pc.struct_field(entries, [i]) for i in (0, 1)]  # row, col
-    elif pa.types.is_integer(kind):
-        parts = [column]
-    else:
-        return True
-    return all(pc.min(part).as_py() is None or pc.min(part).as_py() >= 0 for part in parts)
+    parts = _items(column) or [column]
+    return all(
+        pc.min(part).as_py() is None or pc.min(part).as_py() >= 0
+        for part in parts
+        if pa.types.is_integer(part.type)
+    )
 
 
 def check_spectra(batch: pa.RecordBatch, path: Path) -> None:
@@ -196,7 +212,7 @@ def check_spectra(batch: pa.RecordBatch, path: Path) -> None:
     that stream the spectra call this on each batch)."""
     for name in ("evals", "rand_evals"):
         if not _finite(batch.column(name)):
-            raise ReportError(f"{path}: {name} holds NaN or out-of-range values")
+            raise ReportError(f"{path}: {name} holds NaN, null or out-of-range values")
 
 
 def load_report(folder: str | Path) -> Report:
@@ -223,7 +239,9 @@ def load_report(folder: str | Path) -> Report:
         raise ReportError(f"{layers}: unreadable rows ({reason})") from None
     for f in LAYERS_SCHEMA:  # the schema's floats are null where not computed, never NaN
         if not _finite(table[f.name]):
-            raise ReportError(f"{layers}: column {f.name!r} holds NaN or out-of-range values")
+            raise ReportError(
+                f"{layers}: column {f.name!r} holds NaN, out-of-range values or nulls in a list"
+            )
         if not _non_negative(table[f.name]):
             raise ReportError(f"{layers}: column {f.name!r} holds negative counts or indices")
     rows = table.to_pylist()
