@@ -28,6 +28,8 @@ from llm_audit.report.reader import MAX_ROWS, load_report
 from llm_audit.report.schema import SPECTRA_SCHEMA
 from llm_audit.report.writer import ReportWriter
 
+from .conftest import write_rows
+
 ESC_NAME = "model.layers.0.\x1b[2J\x1b]0;pwned\x07mlp\u202e.weight"
 
 
@@ -55,10 +57,8 @@ def _row(matrix: str, kind: str = "linear", **values) -> dict:
 def write_report(
     folder: Path, rows: list[dict], *, status: str = "complete", planned: int | None = None
 ) -> Path:
-    """A report folder: parts merged by the real writer, manifest and summary beside."""
-    writer = ReportWriter(folder)
-    writer.add(rows)
-    writer.finalize([r["matrix"] for r in rows])
+    """A report folder: rows as the real writer builds them, manifest and summary beside."""
+    write_rows(folder, rows)
     manifest = {
         "schema_version": "2",
         "tool": "llm-audit",
@@ -287,6 +287,22 @@ def test_an_unreadable_layers_file_is_one_line(tmp_path, capsys):
     folder = write_report(tmp_path / "r", [_row("a")])
     (folder / "layers.parquet").write_bytes(b"")
     _one_line_exit_2(capsys, ["report", "show", str(folder)], "not a readable Parquet file")
+
+
+def test_resume_redoes_rows_no_audit_writes(tmp_path, capsys):
+    """--resume keeps what was computed, but not a table holding what no audit writes (a
+    NaN alpha someone edited in): kept, it went into summary.json as NaN, which every
+    reader then refused. Its matrices are redone, and the report is whole again."""
+    folder = tmp_path / "r"
+    write_rows(folder, [_row("a", alpha=float("nan")), _row("b")])
+    writer = ReportWriter(folder)
+    writer.add([_row("c")])
+    assert writer.done() == {"c"}
+    assert "layers.parquet (column 'alpha' holds NaN" in capsys.readouterr().err
+    writer.add([_row("a"), _row("b")])
+    table = writer.finalize(["a", "b", "c"])
+    assert table["matrix"].to_pylist() == ["a", "b", "c"]
+    assert table["alpha"].to_pylist() == [3.0, 3.0, 3.0]
 
 
 # --- safe YAML ----------------------------------------------------------------------------

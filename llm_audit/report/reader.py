@@ -207,6 +207,18 @@ def _non_negative(column: pa.ChunkedArray) -> bool:
     )
 
 
+def table_problem(table: pa.Table | pa.RecordBatch) -> str | None:
+    """What makes `table` (rows of layers.parquet or spectra.parquet) no table this tool
+    writes — NaN, out-of-range floats, holes in a list, negative counts — or None. The
+    reader refuses such a report; the writer redoes such a part on --resume."""
+    for name in table.column_names:
+        if not _finite(table.column(name)):
+            return f"column {name!r} holds NaN, out-of-range values or nulls in a list"
+        if not _non_negative(table.column(name)):
+            return f"column {name!r} holds negative counts or indices"
+    return None
+
+
 def check_spectra(batch: pa.RecordBatch, path: Path) -> None:
     """Refuse a batch of spectra.parquet holding NaN or out-of-range eigenvalues (readers
     that stream the spectra call this on each batch)."""
@@ -237,13 +249,8 @@ def load_report(folder: str | Path) -> Report:
     except (OSError, pa.ArrowException) as err:
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise ReportError(f"{layers}: unreadable rows ({reason})") from None
-    for f in LAYERS_SCHEMA:  # the schema's floats are null where not computed, never NaN
-        if not _finite(table[f.name]):
-            raise ReportError(
-                f"{layers}: column {f.name!r} holds NaN, out-of-range values or nulls in a list"
-            )
-        if not _non_negative(table[f.name]):
-            raise ReportError(f"{layers}: column {f.name!r} holds negative counts or indices")
+    if (problem := table_problem(table)) is not None:  # floats: null where not computed
+        raise ReportError(f"{layers}: {problem}")
     rows = table.to_pylist()
     seen: set[str] = set()
     for i, row in enumerate(rows):

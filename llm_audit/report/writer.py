@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from ..errors import ReportError
 from ..files import write_atomic
+from .reader import table_problem
 from .schema import LAYERS_SCHEMA, SCHEMA_METADATA, SPECTRA_SCHEMA, conform, float_list
 
 OWNED_FILES = (
@@ -139,15 +140,17 @@ def remove_report(folder: Path) -> None:
 
 
 def _read(path: Path, schema: pa.Schema) -> pa.Table | None:
-    """A part or final table, or None when it is not one (empty, truncated, foreign)."""
+    """A part or final table, or None when it is not one (empty, truncated, foreign, or
+    holding values no audit writes: a resumed report would carry them into its summary)."""
     try:
-        return conform(pq.read_table(path), schema)
+        table = conform(pq.read_table(path), schema)
+        problem = table_problem(table)
     except (OSError, pa.ArrowException, KeyError) as err:
-        print(
-            f"llm-audit: ignoring {path} ({type(err).__name__}); its matrices are redone",
-            file=sys.stderr,
-        )
-        return None
+        problem = type(err).__name__
+    if problem is None:
+        return table
+    print(f"llm-audit: ignoring {path} ({problem}); its matrices are redone", file=sys.stderr)
+    return None
 
 
 class ReportWriter:
