@@ -135,6 +135,16 @@ _NoAliases.add_implicit_resolver(
 )
 
 
+# YAML 1.1 also reads `010` as 8 (octal) and `1:30` as 90 (base 60): silently other numbers
+# than a rules file's author wrote. Integers here are decimal digits, as YAML 1.2 reads
+# them (`010` is 10); `1:30` stays text, refused where a number is wanted.
+_INT = "tag:yaml.org,2002:int"
+for _first, _resolvers in _NoAliases.yaml_implicit_resolvers.items():
+    _resolvers[:] = [(tag, regexp) for tag, regexp in _resolvers if tag != _INT]
+_NoAliases.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789"))
+_NoAliases.add_constructor(_INT, lambda loader, node: int(node.value.replace("_", "")))
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content (safe loader, no aliases, at most 1 MB), or a one-line
     AuditError naming the file."""
@@ -144,7 +154,8 @@ def read_yaml(path: Path, what: str) -> Any:
         return yaml.load(path.read_text(), Loader=_NoAliases)  # a SafeLoader subclass
     except OSError as err:
         raise AuditError(f"{path}: cannot read {what} ({err.strerror})") from None
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as err:
+        # ValueError: an integer of more than 4300 digits (Python's conversion limit)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise AuditError(f"{path}: not valid YAML ({shown(first, 160)[1:-1]})") from None
 
@@ -174,7 +185,7 @@ def build_checked(cls: type[T], values: dict[str, Any], where: str) -> T:
     """`cls(**values)` for a dataclass of plain fields, each value checked against its
     field's annotation (int, float, bool, str, str | None, list[str]); unknown keys refused."""
     types = {f.name: f.type for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(types))
+    unknown = sorted(set(values) - set(types), key=str)  # YAML keys may be numbers too
     if unknown:
         raise AuditError(
             f"{where}: unknown key(s) {shown(', '.join(map(str, unknown)))}; known: "

@@ -344,6 +344,39 @@ def test_long_values_in_messages_are_capped(tmp_path):
     assert len(str(err.value)) < 400
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seed: " + "9" * 5000, "not valid YAML (Exceeds the limit"),
+        ("gpus_per_task: 1" + "0" * 400, "gpus_per_task must be a fraction below 1 or"),
+        ("1: a\nfoo: b\n", "unknown key(s) '1, foo'"),
+        ("kinds: [{pattern: x, kind: q_proj, 1: a, foo: b}]", "kinds[0]: unknown key(s)"),
+        ("max_retries: 1:30", "max_retries must be a non-negative integer, got '1:30'"),
+    ],
+    ids=["5000-digits", "huge-gpus", "number-key", "number-key-in-kinds", "base-60"],
+)
+def test_odd_yaml_values_give_one_line_not_a_traceback(text, message, tmp_path):
+    from llm_audit.run.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(AuditError) as err:
+        load_config(path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value), err.value
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_yaml_integers_are_decimal_as_written(tmp_path, capsys):
+    """YAML 1.1 reads `010` as 8 (octal): a gate `max_total_traps: 010` allowed 8, not the
+    10 its author wrote. Integers are decimal, as YAML 1.2 reads them."""
+    rows = [_row(f"m{i}", rand_num_spikes=1, trap_evals=[9.0], trap_ratios=[2.0]) for i in range(9)]
+    folder = write_report(tmp_path / "r", rows)
+    assert main(["check", str(folder), "--rules", _rules(tmp_path, max_total_traps=8)]) == 1
+    (tmp_path / "rules.yaml").write_text("max_total_traps: 010\n")
+    assert main(["check", str(folder), "--rules", str(tmp_path / "rules.yaml")]) == 0
+    capsys.readouterr()
+
+
 # --- durable writes -----------------------------------------------------------------------
 
 

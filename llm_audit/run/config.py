@@ -52,6 +52,9 @@ class AuditConfig(AnalysisSettings):
         return _validated(values, "command line")
 
 
+MAX_GPUS_PER_TASK = 1024  # more than any node holds: a task asking for it never runs
+
+
 def _validated(values: dict[str, Any], where: str) -> AuditConfig:
     try:
         config = build_checked(AuditConfig, values, where)
@@ -65,10 +68,11 @@ def _validated(values: dict[str, Any], where: str) -> AuditConfig:
             raise AuditError(f"{where}: {name} must be positive, got {shown(value)}")
     parse_kind_rules(config.kinds, where)
     gpus = config.gpus_per_task
-    if not (0 < gpus < 1 or float(gpus).is_integer()):  # Ray refuses fractions above 1
+    whole = isinstance(gpus, int) or gpus.is_integer()  # float(10**400) overflows
+    if not (0 < gpus < 1 or whole) or gpus > MAX_GPUS_PER_TASK:  # Ray: no fraction above 1
         raise AuditError(
-            f"{where}: gpus_per_task must be a fraction below 1 or a whole number, "
-            f"got {shown(gpus)}"
+            f"{where}: gpus_per_task must be a fraction below 1 or a whole number up to "
+            f"{MAX_GPUS_PER_TASK}, got {shown(gpus)}"
         )
     return config
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import AuditError
-from ..inputs import compile_regex
+from ..inputs import compile_regex, shown
 
 ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 MLA_KINDS = ("q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")
@@ -238,9 +238,9 @@ def parse_kind_rules(value: Any, where: str) -> tuple[KindRule, ...]:
         at = f"{where}: kinds[{i}]"
         if not isinstance(item, Mapping) or not {"pattern", "kind"} <= set(item):
             raise AuditError(f"{at} must be a mapping with 'pattern' and 'kind'")
-        unknown = sorted(set(item) - {"pattern", "kind", "expert"})
+        unknown = sorted(set(item) - {"pattern", "kind", "expert"}, key=str)
         if unknown:
-            raise AuditError(f"{at}: unknown key(s) {', '.join(map(str, unknown))}")
+            raise AuditError(f"{at}: unknown key(s) {shown(', '.join(map(str, unknown)))}")
         pattern, kind, expert = item["pattern"], item["kind"], item.get("expert")
         if not isinstance(pattern, str):
             raise AuditError(f"{at}: pattern must be a string")
