@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import stat
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -100,6 +101,19 @@ def compile_regex(pattern: str, where: str) -> re.Pattern[str]:
     return compiled
 
 
+def read_capped(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes, or a one-line
+    AuditError. A FIFO would hang the reader and /dev/zero never ends, and neither has a
+    size to check first: a report artifact or a config can be either (tar keeps them)."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise AuditError(f"{path}: not a regular file")
+    with path.open("rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise AuditError(f"{path}: larger than {limit >> 10} KB")
+    return data
+
+
 MAX_YAML_BYTES = 2**20  # settings files are a few hundred bytes
 
 
@@ -149,9 +163,8 @@ def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content (safe loader, no aliases, at most 1 MB), or a one-line
     AuditError naming the file."""
     try:
-        if path.stat().st_size > MAX_YAML_BYTES:
-            raise AuditError(f"{path}: a {what} file of more than {MAX_YAML_BYTES >> 10} KB")
-        return yaml.load(path.read_text(), Loader=_NoAliases)  # a SafeLoader subclass
+        text = read_capped(path, MAX_YAML_BYTES).decode("utf-8")
+        return yaml.load(text, Loader=_NoAliases)  # a SafeLoader subclass
     except OSError as err:
         raise AuditError(f"{path}: cannot read {what} ({err.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as err:

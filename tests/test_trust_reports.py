@@ -305,6 +305,32 @@ def test_resume_redoes_rows_no_audit_writes(tmp_path, capsys):
     assert table["alpha"].to_pylist() == [3.0, 3.0, 3.0]
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "summary.json", "spectra.parquet"])
+@pytest.mark.parametrize("special", ["fifo", "dev-zero"])
+def test_fifos_and_devices_in_a_report_are_refused_not_read(name, special, tmp_path, capsys):
+    """A FIFO hung every reader and /dev/zero filled memory: both have size 0, so the
+    size caps did not see them, and tar keeps both in a shared report artifact."""
+    folder = write_report(tmp_path / "r", [_row("a")])
+    (folder / name).unlink()
+    if special == "fifo":
+        os.mkfifo(folder / name)
+    else:
+        (folder / name).symlink_to("/dev/zero")
+    for argv in (["report", "show"], ["check"]):
+        _one_line_exit_2(capsys, [*argv, str(folder)], f"{folder / name}: not a regular file")
+
+
+@pytest.mark.parametrize("what", ["rules", "config"])
+def test_a_fifo_as_rules_or_config_is_refused(what, tmp_path):
+    from llm_audit.report.check import load_rules
+    from llm_audit.run.config import load_config
+
+    fifo = tmp_path / "x.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(AuditError, match=r"x\.yaml: not a regular file"):
+        (load_rules if what == "rules" else load_config)(fifo)
+
+
 # --- safe YAML ----------------------------------------------------------------------------
 
 BOMB = "\n".join(

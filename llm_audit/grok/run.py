@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from .. import __version__
 from ..errors import AuditError
 from ..files import write_atomic, write_json
+from ..inputs import read_capped
 from ..run.cluster import connect, shutdown_local
 from .plots import plot_timeline
 from .settings import GrokConfig, check_threads, first_difference
@@ -54,6 +55,7 @@ def _check_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
 INIT_STATE = "init.safetensors"
 # What a run started from another run's state must share with it: the model's shape and
 # dtype, and the seed, which fixes the training/test split and the batches.
+MAX_RUN_JSON_BYTES = 2**20  # a run's settings: about 1 KB
 _SAME_MODEL_AND_DATA = ("task", "seed", "dtype", "n_train", "width", "p", "train_fraction")
 
 
@@ -61,7 +63,7 @@ def _run_json(path: Path, flag: str = "") -> dict[str, Any]:
     """A run folder's run.json, checked to be an object with a `config` object: the folder
     may be anyone's (`--resume` into the wrong one, `--init-from`)."""
     try:
-        run = json.loads(path.read_text())
+        run = json.loads(read_capped(path, MAX_RUN_JSON_BYTES))
         if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
             raise TypeError("no 'config' object")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
@@ -195,7 +197,7 @@ def read_run(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A run folder's run.json and metrics rows, checked: it may be anyone's folder (what
     --summary-only summarizes, a run still going or stopped part-way, --control, --twin)."""
     try:
-        run = json.loads((out / "run.json").read_text())
+        run = json.loads(read_capped(out / "run.json", MAX_RUN_JSON_BYTES))
         rows = read_metrics(out / "metrics.jsonl")
         if not isinstance(run, dict) or not all(isinstance(r["step"], int) for r in rows):
             raise TypeError("run.json is not an object or a metrics row has no integer step")

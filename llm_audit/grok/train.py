@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from ..errors import AuditError
 from ..files import write_atomic
 from ..grok import measures
+from ..inputs import read_capped
 from ..run.progress import stderr_progress
 from .settings import GrokConfig
 from .tasks import Task
@@ -157,7 +158,8 @@ def read_metrics(path: Path, upto: float = float("inf")) -> list[dict[str, Any]]
     """The metrics rows of checkpoints up to step `upto` (none if the file is absent)."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = read_capped(path, MAX_METRICS_BYTES).decode("utf-8")  # a FIFO would hang here
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [r for r in rows if r["step"] <= upto]
 
 
@@ -185,6 +187,7 @@ def deferred_stop() -> Iterator[list[int]]:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
+MAX_METRICS_BYTES = 64 * 2**20  # ~2 KB a checkpoint, ~120 checkpoints to 10^7 steps
 SAVE_EVERY_S = 600.0  # the resume state's age at most; one save is ~5 MB, milliseconds
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import ReportError
-from ..inputs import is_count, shown
+from ..inputs import is_count, read_capped, shown
 from .schema import LAYERS_SCHEMA, MAX_ABS_FLOAT, READABLE_VERSIONS, SPECTRA_SCHEMA, conform
 
 # The largest MoE checkpoints have under 100,000 matrices (Kimi K2: 384 experts x 3 x 61).
@@ -65,11 +66,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A report's JSON file (manifest, summary): a capped regular file, finite numbers,
+    an object; else a one-line ReportError."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise ReportError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MB")
-        data = json.loads(path.read_bytes(), parse_constant=_no_constant, parse_float=_finite_float)
+        raw = read_capped(path, MAX_JSON_BYTES)
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
     except FileNotFoundError:
         raise ReportError(f"{path.parent}: not a report folder (no {path.name})") from None
     except (OSError, ValueError, RecursionError) as err:
@@ -138,6 +140,8 @@ def _check_summary(path: Path, s: dict[str, Any]) -> None:
 def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFile:
     """`path` opened, its footer checked against `schema` and the caps; no row read."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would hang Arrow's reader
+            raise ReportError(f"{path}: not a regular file")
         handle = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as err:
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
@@ -230,7 +234,7 @@ def check_spectra(batch: pa.RecordBatch, path: Path) -> None:
 def load_report(folder: str | Path) -> Report:
     """Load `folder`'s layers.parquet, manifest.json and summary.json, checked."""
     folder = Path(folder)
-    manifest = _json(folder / "manifest.json")
+    manifest = read_json(folder / "manifest.json")
     _check_manifest(folder / "manifest.json", manifest)
     layers = folder / "layers.parquet"
     if not layers.is_file():
@@ -238,7 +242,7 @@ def load_report(folder: str | Path) -> Report:
             f"{folder}: no layers.parquet (a run still going, or killed before "
             "its first result? --resume completes it)"
         )
-    summary = _json(folder / "summary.json")
+    summary = read_json(folder / "summary.json")
     _check_summary(folder / "summary.json", summary)
     added = ADDED_IN_2 if manifest["schema_version"] == "1" else ()
     handle = _parquet(layers, LAYERS_SCHEMA, [f.name for f in LAYERS_SCHEMA if f.name not in added])

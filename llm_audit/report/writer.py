@@ -34,9 +34,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ReportError
+from ..errors import AuditError, ReportError
 from ..files import write_atomic
-from .reader import table_problem
+from ..inputs import read_capped
+from .reader import MAX_JSON_BYTES, table_problem
 from .schema import LAYERS_SCHEMA, SCHEMA_METADATA, SPECTRA_SCHEMA, conform, float_list
 
 OWNED_FILES = (
@@ -66,8 +67,8 @@ def _owned_file(name: str) -> bool:
 def is_report(folder: Path) -> bool:
     """Whether `folder` holds an llm-audit report (its manifest says so)."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
+        manifest = json.loads(read_capped(folder / "manifest.json", MAX_JSON_BYTES))
+    except (OSError, ValueError, AuditError):  # a FIFO or /dev/zero is no report's manifest
         return False
     return isinstance(manifest, dict) and manifest.get("tool") == "llm-audit"
 

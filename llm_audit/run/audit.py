@@ -29,7 +29,6 @@ budget, spill folder) may differ: they change at most the last bits of an eigenv
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import signal
 import socket
@@ -46,6 +45,7 @@ from .. import __version__
 from ..errors import AuditError, UsageError
 from ..files import write_json
 from ..inputs import shown
+from ..report.reader import read_json
 from ..report.schema import SCHEMA_VERSION
 from ..report.writer import ReportWriter, lock_report, out_folder_state, remove_report
 from ..source.checkpoint import Checkpoint, open_checkpoint
@@ -262,7 +262,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, manifest: dict[str, A
             f"{out} already holds a report: pass --resume to complete it, --overwrite to "
             "replace it, or choose another --out"
         )
-    old = json.loads((out / "manifest.json").read_text())
+    old = read_json(out / "manifest.json")
     check_resumable(out, old, manifest)
     return 1
 

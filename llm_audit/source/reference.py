@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AuditError, CheckpointError
+from ..inputs import read_capped
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_INDEX_BYTES = 64 * 2**20
@@ -113,10 +114,8 @@ def _refuse_pickle(path: Path) -> None:
 
 def load_json_file(path: Path, max_bytes: int) -> Any:
     """A small JSON file from a checkpoint folder (index, config), size-capped and checked."""
-    if path.stat().st_size > max_bytes:
-        raise CheckpointError(path, f"larger than {max_bytes} bytes")
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(read_capped(path, max_bytes).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(path, f"not valid UTF-8 JSON ({err})") from None
 
