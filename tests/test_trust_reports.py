@@ -331,6 +331,23 @@ def test_a_fifo_as_rules_or_config_is_refused(what, tmp_path):
         (load_rules if what == "rules" else load_config)(fifo)
 
 
+def test_the_counts_shown_are_the_rows_not_summary_json(tmp_path, capsys):
+    """summary.json edited to `total_traps: 0` headlined "traps 0" above rows with traps
+    (show, the HTML page's card) while check, counting from the rows, failed the gate."""
+    rows = [_row("a", rand_num_spikes=2, num_evals=200), _row("b"), _row("c", status="error")]
+    folder = write_report(tmp_path / "r", rows)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary |= {"total_traps": 0, "matrices_with_traps": 0, "matrices_in_report": 10}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    counts = load_report(folder).summary
+    assert (counts["total_traps"], counts["matrices_with_traps"]) == (2, 1)
+    assert (counts["matrices_in_report"], counts["audited"], counts["failed"]) == (3, 2, 1)
+    assert main(["report", "show", str(folder)]) == 0
+    assert "matrices 3 (audited 2, skipped 0, failed 1); traps 2 in 1 matrices" in (
+        capsys.readouterr().out
+    )
+
+
 # --- safe YAML ----------------------------------------------------------------------------
 
 BOMB = "\n".join(

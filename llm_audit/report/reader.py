@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from ..errors import ReportError
 from ..inputs import is_count, read_capped, shown
 from .schema import LAYERS_SCHEMA, MAX_ABS_FLOAT, READABLE_VERSIONS, SPECTRA_SCHEMA, conform
+from .summary import row_counts
 
 # The largest MoE checkpoints have under 100,000 matrices (Kimi K2: 384 experts x 3 x 61).
 MAX_ROWS = 500_000
@@ -266,4 +267,5 @@ def load_report(folder: str | Path) -> Report:
                 f"{', '.join(STATUSES)}"
             )
         seen.add(row["matrix"])
-    return Report(folder, rows, manifest, summary)
+    # the counts shown are the rows', not summary.json's copy of them (report.summary)
+    return Report(folder, rows, manifest, summary | row_counts(rows))

@@ -47,11 +47,11 @@ from ..files import write_json
 from ..inputs import shown
 from ..report.reader import read_json
 from ..report.schema import SCHEMA_VERSION
+from ..report.summary import row_counts
 from ..report.writer import ReportWriter, lock_report, out_folder_state, remove_report
 from ..source.checkpoint import Checkpoint, open_checkpoint
 from ..source.plan import MatrixUnit, Plan
 from ..source.reference import ResolvedModel, resolve_model
-from ..spectral.analyze import traps_per_shuffle
 from .cluster import check_nodes, connect, shutdown_local
 from .config import AuditConfig
 from .tasks import run_tasks
@@ -82,20 +82,6 @@ def _select(units: list[MatrixUnit], config: AuditConfig) -> list[MatrixUnit]:
 
 def _summary(table: Any, planned: int, plan: Plan) -> dict[str, Any]:
     columns = ["kind", "status", "error_kind", "alpha", "rand_num_spikes", "num_evals", "warning"]
-    rows = table.select(columns).to_pylist()
-    by_kind: dict[str, list[float]] = {}
-    for r in rows:
-        if r["alpha"] is not None:
-            by_kind.setdefault(r["kind"], []).append(r["alpha"])
-    traps = [traps_per_shuffle(r["rand_num_spikes"], r["num_evals"]) for r in rows]
-    failed: dict[str, int] = {}
-    for r in rows:
-        if r["status"] == "error":
-            failed[r["error_kind"] or "data"] = failed.get(r["error_kind"] or "data", 0) + 1
-    warnings: dict[str, int] = {}
-    for r in rows:
-        if r["warning"]:
-            warnings[r["warning"]] = warnings.get(r["warning"], 0) + 1
     return {
         "matrices_planned": planned,
         # tensors (or expert slices) the plan does not audit, by reason, and among them
@@ -103,16 +89,7 @@ def _summary(table: Any, planned: int, plan: Plan) -> dict[str, Any]:
         # vectors and the parts read with their weights; `llm-audit plan MODEL` lists each
         "not_planned": plan.skipped_reasons(),
         "weights_not_planned": plan.skipped_reasons(weights_only=True),
-        "matrices_in_report": len(rows),
-        "audited": sum(r["status"] == "ok" for r in rows),
-        "skipped": sum(r["status"] == "skipped" for r in rows),
-        "failed": sum(r["status"] == "error" for r in rows),
-        "failed_by_kind": failed,
-        "bugs": failed.get("bug", 0),
-        "matrices_with_traps": sum(t > 0 for t in traps),
-        "total_traps": sum(traps),
-        "mean_alpha_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-        "warnings": warnings,
+        **row_counts(table.select(columns).to_pylist()),
     }
 
 
