@@ -101,6 +101,13 @@ def compile_regex(pattern: str, where: str) -> re.Pattern[str]:
     return compiled
 
 
+def first_line(err: BaseException, limit: int = 120) -> str:
+    """An exception's message for a one-line error: its first line, cut to `limit`
+    characters (its type's name when it has none)."""
+    text = str(err)
+    return text.splitlines()[0][:limit] if text.strip() else type(err).__name__
+
+
 def read_capped(path: Path, limit: int) -> bytes:
     """The bytes of `path`, a regular file of at most `limit` bytes, or a one-line
     AuditError. A FIFO would hang the reader and /dev/zero never ends, and neither has a
@@ -169,7 +176,7 @@ def read_yaml(path: Path, what: str) -> Any:
         raise AuditError(f"{path}: cannot read {what} ({err.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as err:
         # ValueError: an integer of more than 4300 digits (Python's conversion limit)
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = first_line(err, 10**6)
         raise AuditError(f"{path}: not valid YAML ({shown(first, 160)[1:-1]})") from None
 
 

@@ -16,6 +16,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -346,6 +347,20 @@ def test_the_counts_shown_are_the_rows_not_summary_json(tmp_path, capsys):
     assert "matrices 3 (audited 2, skipped 0, failed 1); traps 2 in 1 matrices" in (
         capsys.readouterr().out
     )
+
+
+def test_corrupt_spectra_pages_name_the_file(tmp_path, capsys):
+    """A spectra.parquet whose footer is intact and pages are not: decoded only when the
+    page reads it, and the error named no file."""
+    rng = np.random.default_rng(0)
+    rows = [_row(f"m{i}", evals=rng.random(600).round(2).tolist()) for i in range(20)]
+    folder = write_report(tmp_path / "r", rows)
+    raw = bytearray((folder / "spectra.parquet").read_bytes())
+    for i in range(200, len(raw) - 4000, 97):
+        raw[i] ^= 0xFF
+    (folder / "spectra.parquet").write_bytes(bytes(raw))
+    out = tmp_path / "r.html"
+    _one_line_exit_2(capsys, ["report", "html", str(folder), "-o", str(out)], "spectra.parquet")
 
 
 # --- safe YAML ----------------------------------------------------------------------------

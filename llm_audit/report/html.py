@@ -39,8 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
-from ..errors import AuditError
+from ..errors import AuditError, ReportError
 from ..files import output_path, write_atomic
+from ..inputs import first_line
 from ..spectral.analyze import traps_per_shuffle
 from ..spectral.columns import OVER_TRAINED, UNDER_TRAINED
 from .diff import COMPARED, diff_reports
@@ -127,9 +128,16 @@ def _read_spectra(path: Path) -> Iterator[tuple[str, np.ndarray | None, np.ndarr
     """(matrix, evals, rand_evals), a few hundred rows at a time: bounded memory."""
     if not path.is_file():
         raise AuditError(f"{path.parent}: no spectra.parquet (not a finished report?)")
-    for batch in pq.ParquetFile(path).iter_batches(
+    batches = pq.ParquetFile(path).iter_batches(
         batch_size=256, columns=["matrix", "evals", "rand_evals"]
-    ):
+    )
+    while True:
+        try:  # pages are decoded here: a corrupt one is this file's error, named so
+            batch = next(batches, None)
+        except (OSError, pa.ArrowException) as err:
+            raise ReportError(f"{path}: unreadable rows ({first_line(err)})") from None
+        if batch is None:
+            return
         check_spectra(batch, path)
         yield from zip(
             batch.column("matrix").to_pylist(),

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import ReportError
-from ..inputs import is_count, read_capped, shown
+from ..inputs import first_line, is_count, read_capped, shown
 from .schema import LAYERS_SCHEMA, MAX_ABS_FLOAT, READABLE_VERSIONS, SPECTRA_SCHEMA, conform
 from .summary import row_counts
 
@@ -76,7 +76,7 @@ def read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ReportError(f"{path.parent}: not a report folder (no {path.name})") from None
     except (OSError, ValueError, RecursionError) as err:
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise ReportError(f"{path}: unreadable ({reason})") from None
     if not isinstance(data, dict):
         raise ReportError(f"{path}: not a JSON object")
@@ -145,7 +145,7 @@ def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFi
             raise ReportError(f"{path}: not a regular file")
         handle = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as err:
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise ReportError(f"{path}: not a readable Parquet file ({reason})") from None
     meta = handle.metadata
     if meta.num_rows > MAX_ROWS:
@@ -252,7 +252,7 @@ def load_report(folder: str | Path) -> Report:
     try:
         table = conform(handle.read(), LAYERS_SCHEMA)
     except (OSError, pa.ArrowException) as err:
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise ReportError(f"{layers}: unreadable rows ({reason})") from None
     if (problem := table_problem(table)) is not None:  # floats: null where not computed
         raise ReportError(f"{layers}: {problem}")

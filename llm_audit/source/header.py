@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..inputs import first_line
 from .dtypes import DTYPE_BITS, tensor_nbytes
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own MAX_HEADER_SIZE
@@ -181,8 +182,7 @@ def read_header(path: str | Path, *, max_header_bytes: int = MAX_HEADER_BYTES) -
     except UnicodeDecodeError:
         raise CheckpointError(path, "header is not valid UTF-8") from None
     except (ValueError, RecursionError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(path, f"header is not valid JSON ({reason})") from None
+        raise CheckpointError(path, f"header is not valid JSON ({first_line(err)})") from None
     if not isinstance(parsed, dict):
         raise CheckpointError(path, "header JSON is not an object")
     # null is what MLX writes without metadata; safetensors reads it as none
