@@ -61,9 +61,20 @@ def is_number(value: Any) -> bool:
 
 
 def slow_regex(pattern: str) -> bool:
-    """Whether `pattern` nests one unbounded repetition inside another (`(a+)+`,
-    `(.*.*)*`): Python's `re` has no time limit, and such a pattern takes exponential
-    time on a name it almost matches: an audit that hangs at 100% CPU, silently."""
+    r"""Whether `pattern` nests one unbounded repetition inside another (`(a+)+`,
+    `(.*.*)*`), or an alternation inside a repetition whose branches do not start with
+    distinct characters (`(a|ab)*`, `([\w.]|[\w.][\w.])*`: a name can be split between
+    the branches in exponentially many ways): Python's `re` has no time limit, and such a
+    pattern takes exponential time on a name it almost matches: an audit that hangs at
+    100% CPU, silently."""
+
+    def distinct_starts(branches: list[Any]) -> bool:
+        """Each branch begins with its own literal character (`(q|k|v)_proj`)."""
+        firsts = [b[0] if len(b) else None for b in branches]
+        literals = [
+            arg for first in firsts if first for op, arg in [first] if op is _parser.LITERAL
+        ]
+        return len(literals) == len(branches) == len(set(literals))
 
     def bodies(op: Any, arg: Any) -> list[Any]:
         """The sub-patterns of a group, an alternation or a lookaround."""
@@ -79,6 +90,8 @@ def slow_regex(pattern: str) -> bool:
                 low, high, body = arg
                 if (inside and low != high) or nested(body, inside or high > 1):
                     return True  # a variable count inside a repetition
+            elif op is _parser.BRANCH and inside and not distinct_starts(arg[1]):
+                return True  # branches that overlap, inside a repetition
             elif any(nested(body, inside) for body in bodies(op, arg)):
                 return True
         return False
@@ -95,8 +108,9 @@ def compile_regex(pattern: str, where: str) -> re.Pattern[str]:
         raise AuditError(f"{where}: bad regex {shown(pattern)} ({err})") from None
     if slow_regex(pattern):
         raise AuditError(
-            f"{where}: regex {shown(pattern)} nests a repetition inside a repetition, which "
-            "can take exponential time on a tensor name; write it without the nesting"
+            f"{where}: regex {shown(pattern)} nests a repetition, or alternatives that can "
+            "start alike, inside a repetition, which can take exponential time on a tensor "
+            "name; write it without the nesting"
         )
     return compiled
 
