@@ -514,6 +514,18 @@ def test_holes_and_nan_inside_lists_are_refused(column, value, tmp_path, capsys)
         _one_line_exit_2(capsys, [*argv, str(folder)], f"column {column!r} holds NaN")
 
 
+def test_parquet_written_by_another_schema_version_is_refused(tmp_path, capsys):
+    """Each Parquet file names the schema it was written with; a manifest saying 2 over a
+    table written as 3 (or 1) is not one report."""
+    folder = write_report(tmp_path / "r", [_row("a")])
+    table = pq.read_table(folder / "layers.parquet")
+    table = table.replace_schema_metadata({b"llm_audit_schema": b"3"})
+    pq.write_table(table, folder / "layers.parquet")
+    _one_line_exit_2(
+        capsys, ["check", str(folder)], "written as schema version '3', but manifest.json says '2'"
+    )
+
+
 def test_a_column_given_twice_is_refused(tmp_path, capsys):
     folder = write_report(tmp_path / "r", [_row("a")])
     table = pq.read_table(folder / "layers.parquet")

@@ -138,8 +138,9 @@ def _check_summary(path: Path, s: dict[str, Any]) -> None:
     )
 
 
-def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFile:
-    """`path` opened, its footer checked against `schema` and the caps; no row read."""
+def _parquet(path: Path, schema: pa.Schema, required: list[str], version: str) -> pq.ParquetFile:
+    """`path` opened, its footer checked against `schema`, the manifest's schema `version`
+    and the caps; no row read."""
     try:
         if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would hang Arrow's reader
             raise ReportError(f"{path}: not a regular file")
@@ -157,6 +158,12 @@ def _parquet(path: Path, schema: pa.Schema, required: list[str]) -> pq.ParquetFi
         found = handle.schema_arrow
     except (OSError, pa.ArrowException) as err:
         raise ReportError(f"{path}: unreadable schema ({type(err).__name__})") from None
+    written = (found.metadata or {}).get(b"llm_audit_schema")
+    if written is not None and written != version.encode():
+        raise ReportError(
+            f"{path}: written as schema version {shown(written.decode(errors='replace'))}, "
+            f"but manifest.json says {version!r}"
+        )
     twice = sorted({name for name in found.names if found.names.count(name) > 1})
     if twice:
         raise ReportError(f"{path}: column {shown(twice[0])} appears more than once")
@@ -246,9 +253,11 @@ def load_report(folder: str | Path) -> Report:
     summary = read_json(folder / "summary.json")
     _check_summary(folder / "summary.json", summary)
     added = ADDED_IN_2 if manifest["schema_version"] == "1" else ()
-    handle = _parquet(layers, LAYERS_SCHEMA, [f.name for f in LAYERS_SCHEMA if f.name not in added])
+    version = manifest["schema_version"]
+    required = [f.name for f in LAYERS_SCHEMA if f.name not in added]
+    handle = _parquet(layers, LAYERS_SCHEMA, required, version)
     if (folder / "spectra.parquet").exists():
-        _parquet(folder / "spectra.parquet", SPECTRA_SCHEMA, SPECTRA_SCHEMA.names)
+        _parquet(folder / "spectra.parquet", SPECTRA_SCHEMA, SPECTRA_SCHEMA.names, version)
     try:
         table = conform(handle.read(), LAYERS_SCHEMA)
     except (OSError, pa.ArrowException) as err:
