@@ -70,10 +70,7 @@ def slow_regex(pattern: str) -> bool:
 
     def distinct_starts(branches: list[Any]) -> bool:
         """Each branch begins with its own literal character (`(q|k|v)_proj`)."""
-        firsts = [b[0] if len(b) else None for b in branches]
-        literals = [
-            arg for first in firsts if first for op, arg in [first] if op is _parser.LITERAL
-        ]
+        literals = [b[0][1] for b in branches if len(b) and b[0][0] is _parser.LITERAL]
         return len(literals) == len(branches) == len(set(literals))
 
     def bodies(op: Any, arg: Any) -> list[Any]:
@@ -122,12 +119,18 @@ def first_line(err: BaseException, limit: int = 120) -> str:
     return text.splitlines()[0][:limit] if text.strip() else type(err).__name__
 
 
-def read_capped(path: Path, limit: int) -> bytes:
-    """The bytes of `path`, a regular file of at most `limit` bytes, or a one-line
-    AuditError. A FIFO would hang the reader and /dev/zero never ends, and neither has a
-    size to check first: a report artifact or a config can be either (tar keeps them)."""
+def check_regular(path: Path) -> None:
+    """A one-line AuditError unless `path` is a regular file. A FIFO would hang its reader
+    and /dev/zero never ends, and neither has a size to check first: a report artifact or
+    a config can be either (tar keeps them)."""
     if not stat.S_ISREG(path.stat().st_mode):
         raise AuditError(f"{path}: not a regular file")
+
+
+def read_capped(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes, or a one-line
+    AuditError."""
+    check_regular(path)
     with path.open("rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:

@@ -53,9 +53,9 @@ def _check_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
 
 
 INIT_STATE = "init.safetensors"
+MAX_RUN_JSON_BYTES = 2**20  # a run's settings: about 1 KB
 # What a run started from another run's state must share with it: the model's shape and
 # dtype, and the seed, which fixes the training/test split and the batches.
-MAX_RUN_JSON_BYTES = 2**20  # a run's settings: about 1 KB
 _SAME_MODEL_AND_DATA = ("task", "seed", "dtype", "n_train", "width", "p", "train_fraction")
 
 

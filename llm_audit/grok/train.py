@@ -154,6 +154,9 @@ def backfill_ablations(
                 param.copy_(current[name])
 
 
+MAX_METRICS_BYTES = 64 * 2**20  # ~2 KB a checkpoint, ~120 checkpoints to 10^7 steps
+
+
 def read_metrics(path: Path, upto: float = float("inf")) -> list[dict[str, Any]]:
     """The metrics rows of checkpoints up to step `upto` (none if the file is absent)."""
     if not path.exists():
@@ -187,7 +190,6 @@ def deferred_stop() -> Iterator[list[int]]:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
-MAX_METRICS_BYTES = 64 * 2**20  # ~2 KB a checkpoint, ~120 checkpoints to 10^7 steps
 SAVE_EVERY_S = 600.0  # the resume state's age at most; one save is ~5 MB, milliseconds
 
 

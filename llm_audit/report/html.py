@@ -128,23 +128,19 @@ def _read_spectra(path: Path) -> Iterator[tuple[str, np.ndarray | None, np.ndarr
     """(matrix, evals, rand_evals), a few hundred rows at a time: bounded memory."""
     if not path.is_file():
         raise AuditError(f"{path.parent}: no spectra.parquet (not a finished report?)")
-    batches = pq.ParquetFile(path).iter_batches(
-        batch_size=256, columns=["matrix", "evals", "rand_evals"]
-    )
-    while True:
-        try:  # pages are decoded here: a corrupt one is this file's error, named so
-            batch = next(batches, None)
-        except (OSError, pa.ArrowException) as err:
-            raise ReportError(f"{path}: unreadable rows ({first_line(err)})") from None
-        if batch is None:
-            return
-        check_spectra(batch, path)
-        yield from zip(
-            batch.column("matrix").to_pylist(),
-            _split(batch.column("evals")),
-            _split(batch.column("rand_evals")),
-            strict=True,
-        )
+    try:  # pages are decoded batch by batch: a corrupt one is this file's error, named so
+        for batch in pq.ParquetFile(path).iter_batches(
+            batch_size=256, columns=["matrix", "evals", "rand_evals"]
+        ):
+            check_spectra(batch, path)
+            yield from zip(
+                batch.column("matrix").to_pylist(),
+                _split(batch.column("evals")),
+                _split(batch.column("rand_evals")),
+                strict=True,
+            )
+    except (OSError, pa.ArrowException) as err:
+        raise ReportError(f"{path}: unreadable rows ({first_line(err)})") from None
 
 
 def _spectra(report: Report) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import ReportError
-from ..inputs import first_line, is_count, read_capped, shown
+from ..inputs import check_regular, first_line, is_count, read_capped, shown
 from .schema import LAYERS_SCHEMA, MAX_ABS_FLOAT, READABLE_VERSIONS, SPECTRA_SCHEMA, conform
 from .summary import row_counts
 
@@ -142,8 +141,7 @@ def _parquet(path: Path, schema: pa.Schema, required: list[str], version: str) -
     """`path` opened, its footer checked against `schema`, the manifest's schema `version`
     and the caps; no row read."""
     try:
-        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would hang Arrow's reader
-            raise ReportError(f"{path}: not a regular file")
+        check_regular(path)  # a FIFO would hang Arrow's reader
         handle = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as err:
         reason = first_line(err)
