@@ -564,3 +564,28 @@ def test_zero_is_all_zero_bits_in_every_float_format():
     scales = np.arange(255, dtype=np.uint8)[:, None]  # every scale byte but 255 (NaN)
     zeros = decode_mxfp4(np.zeros((255, 1, 16), np.uint8), scales)
     assert FP4_VALUES[0] == 0 and not np.signbit(zeros).any() and not zeros.any()
+
+
+def test_a_weight_normed_layer_is_refused_and_copied_unchanged(tmp_path):
+    """W = g * v / |v|: zeroing an entry of v would move |v| and every other entry of its
+    channel, so a weight-normed layer with a trap is refused, with the reason, and its
+    bytes are copied as they are."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((64, 128)).astype(np.float32)
+    v[3, 5] = 40.0  # a planted entry: a trap in W
+    g = np.linalg.norm(v, axis=1, keepdims=True).astype(np.float32)  # W = v
+    (tmp_path / "model").mkdir()
+    save_file({"fc.weight_g": g, "fc.weight_v": v}, tmp_path / "model" / "model.safetensors")
+    (row,) = _audit(tmp_path / "model", tmp_path / "report")
+    entry = row["trap_entries"][0]
+    assert (row["matrix"], entry["row"], entry["col"]) == ("fc.weight", 3, 5)
+    result = ablate_checkpoint(
+        str(tmp_path / "model"), tmp_path / "report", tmp_path / "zero", mode="zero", quiet=True
+    )
+    (matrix,) = result.matrices
+    assert matrix["status"] == "refused" and "weight norm" in matrix["reason"]
+    assert _file_bytes(tmp_path / "zero")["model.safetensors"].tobytes() == (
+        (tmp_path / "model" / "model.safetensors").read_bytes()
+    )

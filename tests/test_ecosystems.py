@@ -360,31 +360,124 @@ def test_multihead_attention_in_proj_is_split_into_q_k_v(tmp_path):
     assert units[apart + "out_proj.weight"].kind == "o_proj"
 
 
-@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
-@pytest.mark.parametrize("parametrized", [True, False], ids=["parametrize", "legacy"])
-def test_weight_norm_halves_are_listed_not_audited(parametrized, tmp_path):
-    """torch's weight norm stores W = g * v / |v| as g and v (wav2vec2's position conv,
-    audio codecs): v alone is another matrix (other norms, and another spectrum where g
-    varies by channel), so neither half is audited as the layer; both are listed."""
+def _weight_normed(parametrized: bool, dtype: torch.dtype) -> torch.nn.ModuleDict:
+    """Layers weight-normed as torch does it: dim 0 (the default), wav2vec2's dim 2, and
+    the whole-tensor norm (dim=None)."""
     norm = (
-        torch.nn.utils.parametrizations.weight_norm
-        if parametrized
-        else (torch.nn.utils.weight_norm)
+        torch.nn.utils.parametrizations.weight_norm if parametrized else torch.nn.utils.weight_norm
     )
-    model = torch.nn.ModuleDict({"conv": norm(torch.nn.Conv1d(16, 32, 3), dim=0)})
-    model["linear"] = norm(torch.nn.Linear(16, 32))
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {
+            "conv": norm(torch.nn.Conv1d(16, 32, 3), dim=0),
+            "pos_conv": norm(torch.nn.Conv1d(32, 32, 5, groups=2), dim=2),
+            "linear": norm(torch.nn.Linear(16, 32)),
+            "whole": norm(torch.nn.Linear(24, 16), dim=None),
+        }
+    )
+    with torch.no_grad():  # g apart from |v|, channel by channel: W is not v's direction
+        for name, p in model.named_parameters():
+            if name.endswith(("weight_g", "original0")):
+                p.mul_(torch.linspace(0.5, 3, p.numel()).reshape(p.shape))
+    return model.to(dtype)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("parametrized", [True, False], ids=["parametrize", "legacy"])
+def test_weight_normed_layers_are_audited_as_torch_computes_them(parametrized, dtype, tmp_path):
+    """torch's weight norm stores W = g * v / |v| as g and v (wav2vec2's position conv,
+    audio codecs, vocoders). The audited matrix is W, the weight the module computes, named
+    as the model names it; v alone (other norms, another spectrum) is never audited."""
+    model = _weight_normed(parametrized, dtype)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    assert len(state) == 6  # g, v and bias of each
+    assert len(state) == 12  # g, v and bias of each layer
     (tmp_path / "m").mkdir()
     save_torch(state, tmp_path / "m" / "model.safetensors")
-    plan = open_checkpoint(resolve_model(str(tmp_path / "m"))).plan(8)
-    assert not plan.units
-    halves = {s.name: s for s in plan.skipped if "weight norm" in s.reason}
-    assert len(halves) == 4
-    for name, skip in halves.items():
-        direction = name.endswith(("weight_v", "original1"))
-        assert skip.weight == direction, name
-        assert ("direction v" if direction else "magnitude g") in skip.reason
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "m")))
+    plan = checkpoint.plan(8)
+    ids = [u.id for u in plan.units]
+    assert len(ids) == 3 + 5 + 1 + 1
+    assert {u.id.split("[")[0] for u in plan.units} == {
+        f"{layer}.weight" for layer in ("conv", "pos_conv", "linear", "whole")
+    }
+    assert not [s for s in plan.skipped if s.weight], plan.skipped
+    magnitudes = [s for s in plan.skipped if "magnitude g" in s.reason]
+    assert len(magnitudes) == 4
+    for module in model.values():  # torch folds W = g * v / |v| into the weight
+        if parametrized:
+            torch.nn.utils.parametrize.remove_parametrizations(module, "weight")
+        else:
+            torch.nn.utils.remove_weight_norm(module)
+    for unit in plan.units:
+        layer = unit.id.split(".")[0]
+        weight = getattr(model, layer).weight.detach().double().numpy()
+        want = weight[:, :, unit.position[0]] if unit.position else weight
+        got = checkpoint.read_matrix(unit)
+        assert got.dtype == (np.float64 if dtype == torch.float64 else np.float32)
+        assert got.shape == unit.shape == want.shape
+        # torch computes W in the stored dtype, the reader in float64: a rounding apart
+        tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * np.abs(want).max())
+        v = state[unit.tensor].double().numpy()
+        v_slice = v[:, :, unit.position[0]] if unit.position else v
+        assert not np.allclose(got, v_slice, rtol=0.1), "W, not v"
+
+
+def test_wav2vec2_position_conv_is_audited_from_its_weight_norm(tmp_path):
+    """transformers' own save_pretrained of wav2vec2: its position conv is weight-normed
+    over the kernel axis (dim=2, g [1, 1, k]); every kernel position's matrix is the slice
+    of the weight the model computes."""
+    import transformers
+
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(8, 8),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(config)
+    model.save_pretrained(tmp_path / "w2v")
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "w2v")))
+    units = [u for u in checkpoint.plan(8).units if "pos_conv_embed" in u.id]
+    assert [u.position for u in units] == [(k,) for k in range(16)]
+    weight = model.encoder.pos_conv_embed.conv.weight.detach().numpy()
+    for unit in units:
+        assert unit.id == f"encoder.pos_conv_embed.conv.weight[{unit.position[0]}]"
+        assert unit.kind == "conv" and unit.norm_tensor.endswith("original0")
+        np.testing.assert_allclose(
+            checkpoint.read_matrix(unit), weight[:, :, unit.position[0]], rtol=1e-5, atol=1e-7
+        )
+
+
+def test_weight_norm_pairs_that_are_not_torchs_are_listed(tmp_path):
+    """A g that is not torch's keep-dims norm of v, or a direction with a zero channel
+    (W = g * 0 / 0), is never audited as if it were the layer."""
+    v = _gauss(16, 24)
+    save_file(
+        {
+            "bad.weight_g": np.ones((16, 24, 1), np.float32),  # more axes than v
+            "bad.weight_v": v,
+            "zero.weight_g": np.ones((16, 1), np.float32),
+            "zero.weight_v": np.concatenate([v[:15], np.zeros((1, 24), np.float32)]),
+        },
+        tmp_path / "model.safetensors",
+    )
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "model.safetensors")))
+    plan = checkpoint.plan(8)
+    skipped = {s.name: s for s in plan.skipped}
+    assert "is not torch's keep-dims norm of v [16, 24]" in skipped["bad.weight_v"].reason
+    assert skipped["bad.weight_v"].weight and not skipped["bad.weight_g"].weight
+    (unit,) = plan.units
+    assert unit.id == "zero.weight"
+    with pytest.raises(CheckpointError, match=r"zero.weight_v.*v is all zero at \[15, 0\]"):
+        checkpoint.read_matrix(unit)
 
 
 @pytest.mark.parametrize(

@@ -312,3 +312,23 @@ def test_a_folder_filters_by_weightwatcher_type_and_module_name(gpt2_folder, mon
     assert len(reports) == 1
     with pytest.raises(UsageError, match=r"layers=\[1, 2\]: on a folder or hub id the rows"):
         WeightWatcher(model=folder).analyze(layers=[1, 2])
+
+
+def test_a_folders_weight_normed_conv_is_its_module_and_conv1d(tmp_path):
+    """A weight-normed conv (wav2vec2's position conv) is audited as W = g * v / |v| under
+    the weight's name: on a folder its rows are `conv1d`, one per kernel position, and the
+    module's name selects them."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    save_file(
+        {
+            "pos_conv.weight_g": np.ones((1, 1, 3), np.float32),
+            "pos_conv.weight_v": rng.standard_normal((32, 16, 3)).astype(np.float32),
+            "fc.weight": rng.standard_normal((32, 16)).astype(np.float32),
+        },
+        tmp_path / "model.safetensors",
+    )
+    rows = WeightWatcher(model=str(tmp_path)).analyze(layers=["pos_conv"], randomize=False)
+    assert list(rows.name) == [f"pos_conv.weight[{k}]" for k in range(3)]
+    assert set(rows.layer_type) == {"conv1d"} and set(rows.status) == {"success"}

@@ -20,7 +20,9 @@ few bytes that hold a trap entry. Those are replaced by an encoding of exactly
   change the 31 other entries of the block): "zero" writes code 0 (+0 in FP4 E2M1);
   "clip" writes the code whose value at the block's scale is the clipped value if there
   is one (rarely: the bound usually lies between two FP4 steps), else the matrix is
-  refused, with the reason.
+  refused, with the reason;
+- weight-normed layers (W = g * v / |v|) are refused: an entry of v changed moves |v| and
+  with it every other entry of its channel.
 Every candidate is decoded with the reader's own decoders before it is used, a matrix is
 ablated whole or not at all, and after the copy each ablated matrix is read back from it
 (`Checkpoint.read_matrix`) and compared bit for bit with `ablate_traps` of the original.
@@ -224,6 +226,11 @@ class _Encoder:
         """Absolute offset -> patch for each entry of `where`, or why it cannot be exact."""
         if unit.layout not in MAPPED_LAYOUTS:
             return f"layout {unit.layout!r} has no entry-to-byte map"
+        if unit.norm_tensor is not None:
+            return (
+                "weight norm: W = g·v/|v|, and an entry of v changed rescales the rest of its "
+                "channel, so W's entries cannot be set one by one"
+            )
         info = self.checkpoint.tensors[unit.tensor]
         out: dict[int, BytePatch] = {}
         for r, c in where:

@@ -40,13 +40,15 @@ from ..spectral.settings import AnalysisSettings
 
 
 def streams(unit: MatrixUnit, settings: AnalysisSettings) -> bool:
-    """Whether `unit` is analyzed in row chunks: large, tall, and stored row-contiguous."""
+    """Whether `unit` is analyzed in row chunks: large, tall, stored row-contiguous, and
+    its own matrix (not rebuilt from a weight norm's halves)."""
     rows, cols = unit.shape
     return (
         rows * cols * 4 > settings.stream_above_bytes
         and rows >= cols
         and unit.layout in ("dense", "rows")
         and not unit.transpose
+        and unit.norm_tensor is None  # |v| is over all of v
     )
 
 

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UsageError
+from ..source import weight_norm
 from ..spectral.analyze import analyze_batch, analyze_pooled
 from ..spectral.settings import AnalysisSettings
 
@@ -291,12 +292,22 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
+def _module_name(tensor: str) -> str:
+    """The module a weight tensor belongs to: its name without `.weight` (or without a
+    weight norm's direction `.weight_v`, `.parametrizations.weight.original1`)."""
+    for _, v in (("", "weight"), *weight_norm.PAIRS):
+        if tensor.endswith("." + v):
+            return tensor[: -len(v) - 1]
+    return tensor
+
+
 def _folder_type(row: Mapping[str, Any]) -> str:
     """The type WeightWatcher's folder walk gives a report row's tensor (2-D: dense; a conv
-    kernel: by its dimensions): a conv kernel position's id is `tensor[i,j]`."""
-    position = row["matrix"][len(row["tensor"]) :]
-    if not _missing(row.get("expert")) or not position.startswith("["):
+    kernel: by its dimensions): a conv kernel position's id is `weight[i,j]`."""
+    matrix = row["matrix"]
+    if not _missing(row.get("expert")) or not matrix.endswith("]") or "[" not in matrix:
         return "dense"
+    position = matrix[matrix.rindex("[") :]
     return {1: "conv1d", 2: "conv2d"}.get(position.count(",") + 1, "conv3d")
 
 
@@ -481,7 +492,7 @@ class WeightWatcher:
                 "layer_type": _folder_type(row),
                 "rf": 1,
             }
-            names = (row["tensor"].removesuffix(".weight"), row["matrix"])
+            names = (_module_name(row["tensor"]), row["matrix"])
             shape = (row["M"], row["N"])
             if keep.keep(layer_id, lead["layer_type"], names) and (
                 any(_missing(x) for x in shape) or _size_ok(*shape, *sizes)

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, DecodeError
+from . import weight_norm
 from .dtypes import DTYPE_SIZES, decode
 from .header import Header, TensorInfo, read_header, read_tensor_bytes
 from .mxfp4 import decode_mxfp4
-from .plan import MatrixUnit, Plan, SkippedTensor, build_plan, kernel_matrix
+from .plan import MatrixUnit, Plan, SkippedTensor, build_plan, unit_matrix
 from .reference import ResolvedModel, load_json_file
 from .roles import KindRule
 
@@ -37,8 +38,9 @@ class Checkpoint:
     where: dict[str, Path]
     config: dict[str, Any]
     bytes_read: int = field(default=0)
-    # The last conv kernel decoded: its (kh, kw) slices are read one after the other.
-    _kernel: tuple[str, np.ndarray] | None = field(default=None, repr=False)
+    # The last whole tensor decoded (a conv kernel, a weight-normed weight): the units of
+    # one tensor (a kernel's (kh, kw) slices) are read one after the other.
+    _whole: tuple[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -85,7 +87,7 @@ class Checkpoint:
         hold (the embedding); dense and row-range layouts only, dequantized like
         `read_matrix`."""
         path, info = self._info(unit.tensor)
-        if unit.layout not in ("dense", "rows") or unit.transpose:
+        if unit.layout not in ("dense", "rows") or unit.transpose or unit.norm_tensor:
             raise ValueError(f"row streaming is for dense matrices, not {unit.layout!r}")
         first = unit.row_start or 0
         rows = unit.shape[0]
@@ -124,8 +126,26 @@ class Checkpoint:
         per_row = scales[np.arange(first, first + count) // block_rows - top]
         return rows * np.repeat(per_row, block_cols, axis=1)[:, :cols].astype(rows.dtype)
 
+    def _whole_tensor(self, unit: MatrixUnit, info: TensorInfo) -> np.ndarray:
+        """The unit's whole stored tensor, decoded (W = g * v / |v| for a weight-normed
+        one), kept for the tensor's next unit."""
+        if self._whole is None or self._whole[0] != unit.tensor:
+            if len(info.shape) == 2:  # times its FP8 scales, if any
+                whole = self._rows(unit, info, 0, info.shape[0])
+            else:
+                whole = decode(self._read(unit.tensor, 0, info.nbytes), info.dtype, info.shape)
+            if unit.norm_tensor is not None:
+                _, g_info = self._info(unit.norm_tensor)
+                raw = self._read(unit.norm_tensor, 0, g_info.nbytes)
+                whole = weight_norm.reconstruct(whole, decode(raw, g_info.dtype, g_info.shape))
+            self._whole = (unit.tensor, whole)
+        return self._whole[1]
+
     def _decode(self, unit: MatrixUnit, info: TensorInfo) -> np.ndarray:
         name, shape = unit.tensor, info.shape
+        if unit.norm_tensor is not None or unit.layout in ("split", "conv"):
+            # a copy: the caller may change it, the next unit reads the same whole
+            return np.array(unit_matrix(unit, self._whole_tensor(unit, info)), order="C")
         if unit.layout == "mxfp4":
             _, rows, groups, width = shape
             n_blocks = rows * groups
@@ -142,19 +162,10 @@ class Checkpoint:
         if unit.layout == "rows":
             rows = self._rows(unit, info, unit.row_start, unit.row_stop - unit.row_start)
             return np.ascontiguousarray(rows.T) if unit.transpose else rows
-        if unit.layout == "split":
-            whole = self._rows(unit, info, 0, shape[0])
-            whole = whole.T if unit.transpose else whole
-            keep = np.arange(whole.shape[0]) % unit.row_period
-            return np.ascontiguousarray(whole[(keep >= unit.row_start) & (keep < unit.row_stop)])
         if unit.layout == "expert":
             per = math.prod(shape[1:]) * DTYPE_SIZES[info.dtype]
             matrix = decode(self._read(name, unit.expert * per, per), info.dtype, shape[1:])
             return matrix.T if unit.transpose else matrix
-        if unit.layout == "conv":
-            if self._kernel is None or self._kernel[0] != name:
-                self._kernel = (name, decode(self._read(name, 0, info.nbytes), info.dtype, shape))
-            return np.ascontiguousarray(kernel_matrix(unit, self._kernel[1]))
         raise ValueError(f"unknown unit layout {unit.layout!r}")
 
 

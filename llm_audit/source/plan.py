@@ -21,6 +21,10 @@ What becomes a unit (its kind, layer and expert from `roles`, user `kinds:` rule
   kernels one per (kd, kh, kw); the file's header says how it stores them: MLX
   (`format: mlx`) as (out, kh, kw, in), TF and Flax as (kh, kw, in, out), their dense
   `kernel`s as [in, out] (audited as the transpose); anything else as PyTorch does;
+- weight-normed layers (torch's `weight_g`/`weight_v`, `parametrizations.weight.
+  original0/1`): the unit reads v, names its `norm_tensor` g and is named by the weight
+  the model uses; the reader rebuilds W = g * v / |v| (`weight_norm`), a matrix or a conv
+  kernel as above;
 - PEFT LoRA factors (`lora_A`, `lora_B`) are skipped with the reason: a rank-r factor
   is not a layer's weight, and its spectrum says nothing of the model's;
 Skipped, with the reason: vectors (norms, biases, sinks), empty tensors, scales and other
@@ -43,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AuditError
-from . import mxfp4
+from . import mxfp4, weight_norm
 from .dtypes import DTYPE_SIZES, FLOAT_DTYPES, TensorMeta, not_float_reason
 from .quantized import (
     FP8_DTYPES,
@@ -102,16 +106,9 @@ _CONV_NAME = re.compile(r"conv", re.IGNORECASE)
 # the `format` a safetensors header's metadata gives, for how its kernels are stored
 _KERNEL_LAYOUTS = {"mlx": "mlx", "tf": "tf", "flax": "tf"}
 _TF_DENSE = re.compile(r"(?:^|[./])kernel(?::\d+)?$")  # TF/Flax Dense weights, [in, out]
+_PLAIN_FLOATS = FLOAT_DTYPES - FP8_DTYPES  # a weight norm's halves: never scaled codes
 # LoRA factors: PEFT's lora_A [r, in], lora_B [out, r], the embedding's lora_embedding_A/B
 # (kohya's and diffusers' LoRA files: lora_down [r, in], lora_up [out, r])
-# torch's weight norm: W = g * v / |v| from a magnitude g and a direction v, stored as
-# `weight_g`/`weight_v` (weight_norm) or `parametrizations.weight.original0/1`
-# (parametrize.weight_norm; wav2vec2's position conv, audio codecs, vocoders). v alone has
-# other norms and, with g per channel, another spectrum: both are listed, never audited.
-_WEIGHT_NORM_PAIRS = (
-    ("weight_g", "weight_v"),
-    ("parametrizations.weight.original0", "parametrizations.weight.original1"),
-)
 _LORA = re.compile(r"(?:^|\.)lora_(?:A|B|down|up|embedding_A|embedding_B)(?:\.|$)")
 # DBRX flattens each layer's experts into 2-D [E * ffn, d]: expert e is rows e*ffn:(e+1)*ffn.
 # w1 (gate) and v1 (up) are (out, in) per expert; w2 (down) is used as h @ w2[e], so it is
@@ -137,7 +134,9 @@ class MatrixUnit:
       `kernel_layout` says: "pt" [out, in, *k], "mlx" [out, *k, in], "tf" [*k, in, out]
       (TF and Flax); see `kernel_index`.
     FP8 weights name their `scales_tensor`, `scale_block` (rows, cols per scale) and
-    `scale_dtype` (what the scale bytes decode as); the reader multiplies them in. `shape`
+    `scale_dtype` (what the scale bytes decode as); the reader multiplies them in. A
+    weight-normed layer names its magnitude g as `norm_tensor` (`tensor` is the direction
+    v); the reader rebuilds W = g * v / |v| before taking the layout's slice. `shape`
     is the matrix as audited, (out, in); `transpose` says the stored tensor is its
     transpose, so trap coordinates (row, col) are (col, row) there; `nbytes` is what
     reading it costs.
@@ -161,6 +160,7 @@ class MatrixUnit:
     scale_dtype: str | None = None
     position: tuple[int, ...] = ()
     kernel_layout: str = "pt"
+    norm_tensor: str | None = None
 
 
 def kernel_index(unit: MatrixUnit, row: int | slice, col: int | slice) -> tuple[int | slice, ...]:
@@ -173,10 +173,24 @@ def kernel_index(unit: MatrixUnit, row: int | slice, col: int | slice) -> tuple[
     return (row, col, *unit.position)
 
 
-def kernel_matrix(unit: MatrixUnit, kernel: np.ndarray) -> np.ndarray:
-    """The conv unit's (out, in) matrix, from its whole decoded kernel."""
-    whole = kernel[kernel_index(unit, slice(None), slice(None))]
-    return whole.T if unit.kernel_layout == "tf" else whole
+def unit_matrix(unit: MatrixUnit, whole: np.ndarray) -> np.ndarray:
+    """The unit's (out, in) matrix (a view where one exists), from its whole decoded
+    tensor: for layouts that need the whole (a split qkv, a conv kernel, a weight-normed
+    weight); "mxfp4" units are decoded from their blocks instead."""
+    if unit.layout == "conv":
+        matrix = whole[kernel_index(unit, slice(None), slice(None))]
+        return matrix.T if unit.kernel_layout == "tf" else matrix
+    if unit.layout == "expert":
+        whole = whole[unit.expert]
+    elif unit.layout == "rows":
+        whole = whole[unit.row_start : unit.row_stop]
+    elif unit.layout not in ("dense", "transposed", "split"):
+        raise ValueError(f"unit layout {unit.layout!r} is not read from a whole tensor")
+    matrix = whole.T if unit.transpose else whole
+    if unit.layout != "split":
+        return matrix
+    keep = np.arange(matrix.shape[0]) % unit.row_period
+    return matrix[(keep >= unit.row_start) & (keep < unit.row_stop)]
 
 
 @dataclass(frozen=True)
@@ -337,12 +351,8 @@ class _Planner:
             self.check_scales_have_blocks(name)
         elif packed:
             self.skip(name, packed)
-        elif (part := self.weight_norm_part(name)) is not None:
-            self.skip(
-                name,
-                f"weight norm's {part}: the layer's weight is g·v/|v| (not reconstructed)",
-                weight=part == "direction v",
-            )
+        elif (pair := weight_norm.pair_of(name, self.tensors)) is not None:
+            self.visit_weight_norm(name, meta, shape, *pair)
         elif meta.dtype not in FLOAT_DTYPES:  # a counter (BatchNorm's) is not a weight
             self.skip(name, not_float_reason(meta.dtype), weight=len(shape) >= 2)
         elif len(shape) <= 1 or name.endswith("bias"):  # stacked expert biases are 2-D
@@ -371,13 +381,28 @@ class _Planner:
         else:
             self.skip(name, f"{len(shape)}-D tensor of shape {list(shape)} is not a known layout")
 
-    def weight_norm_part(self, name: str) -> str | None:
-        """ "magnitude g" or "direction v" where `name` is half of a weight-norm pair."""
-        for g, v in _WEIGHT_NORM_PAIRS:
-            for mine, other, part in ((g, v, "magnitude g"), (v, g, "direction v")):
-                if name.endswith("." + mine) and name[: -len(mine)] + other in self.tensors:
-                    return part
-        return None
+    def visit_weight_norm(
+        self, name: str, meta: TensorMeta, shape: tuple[int, ...], g: str, v: str, weight: str
+    ) -> None:
+        """Half of a weight-norm pair: v becomes the units of W = g * v / |v| (a matrix, or
+        a conv kernel whatever its name: a Linear's weight is 2-D), g is read with it."""
+        if name == g:
+            self.skip(name, "weight norm's magnitude g (read with its direction v)", False)
+            return
+        g_meta = self.tensors[g]
+        not_float = [m.dtype for m in (meta, g_meta) if m.dtype not in _PLAIN_FLOATS]
+        if not_float:
+            problem: str | None = f"{not_float[0]} is not a plain float dtype"
+        elif len(shape) < 2 or 0 in shape:
+            problem = f"direction v of shape {list(shape)} is not a layer's weight"
+        else:
+            problem = weight_norm.shape_problem(g_meta.shape, shape)
+        if problem:
+            self.skip(name, f"weight norm of {weight}: {problem}")
+        elif len(shape) == 2:
+            self.visit_matrix(name, meta, shape, weight=weight, norm=g)
+        else:
+            self.visit_conv(name, meta.dtype, shape, weight=weight, norm=g)
 
     def orientation(self, name: str, default: bool) -> bool:
         """Whether the expert stack `name` is stored [E, in, out] (see `_STACKED_EXPERTS`)."""
@@ -390,12 +415,21 @@ class _Planner:
                     found = _stored_in_out(gate_up, sibling.shape, hidden)
         return default if found is None else found
 
-    def visit_matrix(self, tensor: str, meta: TensorMeta, shape: tuple[int, ...]) -> None:
+    def visit_matrix(
+        self,
+        tensor: str,
+        meta: TensorMeta,
+        shape: tuple[int, ...],
+        weight: str | None = None,
+        norm: str | None = None,
+    ) -> None:
+        """A 2-D weight; `weight` names the matrix where `tensor` is not the weight itself
+        (a weight norm's v with its g `norm`)."""
         scales = fp8_scales(tensor, meta, self.tensors, self.config)
         if isinstance(scales, str):
             self.skip(tensor, scales)
             return
-        name = torchao_weight(tensor) or tensor  # the matrix is named by its weight
+        name = weight or torchao_weight(tensor) or tensor  # the matrix is named by its weight
         role = role_of(name, self.rules)
         config = config_of(name, self.config)
         transpose = stored_transposed(name, config) or (
@@ -404,12 +438,13 @@ class _Planner:
         out, fan_in = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
         split = fused_qkv_split(name, config, out) if role.kind == "qkv_proj" else None
         dtype = scales.label if scales else meta.dtype
-        nbytes = self.read_cost(meta, scales, 0, shape[0])
+        nbytes = self.read_cost(meta, scales, 0, shape[0]) + self.norm_cost(norm)
         common = {
             "scales_tensor": scales.tensor if scales else None,
             "scale_block": scales.block if scales else None,
             "scale_dtype": scales.dtype if scales else None,
             "transpose": transpose,
+            "norm_tensor": norm,
         }
         if split is None:
             self.add(
@@ -428,7 +463,7 @@ class _Planner:
             )
             return
         groups = out // split.period
-        contiguous = groups == 1 and not transpose
+        contiguous = groups == 1 and not transpose and norm is None  # |v| needs all of v
         for kind, start, stop in split.parts:
             rows = (stop - start) * groups
             cost = self.read_cost(meta, scales, start, stop) if contiguous else nbytes
@@ -449,6 +484,13 @@ class _Planner:
                     **common,
                 )
             )
+
+    def norm_cost(self, norm: str | None) -> int:
+        """Bytes of a weight norm's magnitude g, read with each of its v's units."""
+        if norm is None:
+            return 0
+        meta = self.tensors[norm]
+        return math.prod(meta.shape) * DTYPE_SIZES[meta.dtype]
 
     def read_cost(self, meta: TensorMeta, scales: Fp8Scales | None, first: int, stop: int) -> int:
         """Bytes read for rows `first:stop` of a stored 2-D weight, with their scale rows."""
@@ -586,10 +628,19 @@ class _Planner:
                 )
             )
 
-    def visit_conv(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    def visit_conv(
+        self,
+        tensor: str,
+        dtype: str,
+        shape: tuple[int, ...],
+        weight: str | None = None,
+        norm: str | None = None,
+    ) -> None:
         """Conv kernels of 1 to 3 spatial dimensions: one (out, in) matrix per kernel
-        position, wherever the file's layout puts out and in (`kernel_index`)."""
-        layout = self.kernel_layout(name)
+        position, wherever the file's layout puts out and in (`kernel_index`); `weight`
+        names the kernel where `tensor` is a weight norm's v (with its g `norm`)."""
+        name = weight or tensor
+        layout = self.kernel_layout(tensor)
         if layout == "tf":
             *kernel, fan_in, out = shape
         elif layout == "mlx":
@@ -601,13 +652,13 @@ class _Planner:
             return
         self.units_cap(name, math.prod(kernel))  # before a position is listed
         # The reader decodes the kernel once for all its positions: each slice costs its share.
-        per_slice = out * fan_in * DTYPE_SIZES[dtype]
+        per_slice = out * fan_in * DTYPE_SIZES[dtype] + self.norm_cost(norm) // math.prod(kernel)
         kind, layer = self.kind(name, "conv"), layer_of(name)
         for position in itertools.product(*(range(k) for k in kernel)):
             self.add(
                 MatrixUnit(
                     id=f"{name}[{','.join(map(str, position))}]",
-                    tensor=name,
+                    tensor=tensor,
                     kind=kind,
                     layer=layer,
                     expert=None,
@@ -617,6 +668,7 @@ class _Planner:
                     layout="conv",
                     position=position,
                     kernel_layout=layout,
+                    norm_tensor=norm,
                 )
             )
 
