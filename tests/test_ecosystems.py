@@ -360,6 +360,26 @@ def test_multihead_attention_in_proj_is_split_into_q_k_v(tmp_path):
     assert units[apart + "out_proj.weight"].kind == "o_proj"
 
 
+def test_clip_projections_used_as_x_at_p_are_read_as_their_transpose(tmp_path):
+    """OpenAI CLIP and OpenCLIP keep `visual.proj` [width, embed] and `text_projection`
+    [width, embed] as bare parameters used as `x @ P`: the audited (out, in) matrix is the
+    transpose, so trap coordinates name the stored entry; transformers' CLIP's
+    `text_projection.weight` is an nn.Linear, [out, in], and is read as stored."""
+    stored = {"visual.proj": _gauss(48, 16), "text_projection": _gauss(32, 16)}
+    stored["model.text_projection.weight"] = _gauss(16, 32)
+    save_file(stored, tmp_path / "model.safetensors")
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "model.safetensors")))
+    units = {u.id: u for u in checkpoint.plan(8).units}
+    for name, weight in stored.items():
+        bare = not name.endswith(".weight")
+        want = weight.T if bare else weight
+        unit = units[name]
+        assert (unit.transpose, unit.shape) == (bare, want.shape), name
+        assert np.array_equal(checkpoint.read_matrix(unit), want)
+        r, c = 3, 5
+        assert weight[stored_index(unit, weight.shape, r, c)] == want[r, c]
+
+
 def _weight_normed(parametrized: bool, dtype: torch.dtype) -> torch.nn.ModuleDict:
     """Layers weight-normed as torch does it: dim 0 (the default), wav2vec2's dim 2, and
     the whole-tensor norm (dim=None)."""

@@ -51,6 +51,10 @@ KINDS = (
 # model_types whose checkpoints store these linear layers as transformers' Conv1D: [in, out].
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt"})
 _CONV1D = re.compile(r"\.(?:c_attn|q_attn|c_proj|c_fc)\.weight$")
+# Bare projection parameters used as `x @ P`, so stored [in, out], whatever the config:
+# OpenAI CLIP's and OpenCLIP's `visual.proj` and `text_projection` (an nn.Linear there is
+# `text_projection.weight`, [out, in], as in transformers' CLIP).
+_MATMUL_PARAMS = re.compile(r"(?:^|\.)(?:visual\.proj|text_projection)$")
 
 # The layer is the index of a name's first numbered component, when that component is a
 # stack of blocks: `model.layers.3.`, `h.3.`, `transformer_blocks.3.` (DiT, Flux); nested
@@ -187,7 +191,10 @@ def config_of(name: str, config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def stored_transposed(name: str, config: Mapping[str, Any]) -> bool:
-    """Whether the 2-D weight `name` is stored [in, out] (a Conv1D of GPT-2's family)."""
+    """Whether the 2-D weight `name` is stored [in, out]: a Conv1D of GPT-2's family, or a
+    bare projection used as `x @ P` (CLIP's `visual.proj`, `text_projection`)."""
+    if _MATMUL_PARAMS.search(name):
+        return True
     return config.get("model_type") in CONV1D_MODEL_TYPES and bool(_CONV1D.search(name))
 
 
