@@ -1,14 +1,21 @@
 """Integer-packed checkpoints (GPTQ, AWQ, compressed-tensors pack-quantized, bitsandbytes):
-each packed weight is skipped with a reason naming its format, and its auxiliary tensors
-(scales, zero points, group indices, quantization state) are never audited as matrices."""
+compressed-tensors' symmetric `pack-quantized` weights are decoded, exactly as
+compressed-tensors' own decompressor does; every other packed weight is skipped with a
+reason naming its format, and its auxiliary tensors (scales, zero points, group indices,
+quantization state) are never audited as matrices."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
+from llm_audit.source.checkpoint import open_checkpoint
 from llm_audit.source.plan import build_plan
+from llm_audit.source.reference import resolve_model
 
 OUT, IN, GROUPS = 64, 256, 16  # group size 16: 16 groups, enough rows to look like a matrix
 P = "model.layers.0.self_attn.q_proj"
@@ -45,8 +52,22 @@ FORMATS = {
         },
         "AWQ-packed I32 weight (not decoded)",
     ),
-    "compressed-tensors": (  # pack-quantized: eight 4-bit values per int32
-        {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+    "compressed-tensors": (  # pack-quantized asymmetric: zero points packed along rows
+        {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {
+                "group_0": {
+                    "weights": {
+                        "num_bits": 4,
+                        "type": "int",
+                        "symmetric": False,
+                        "strategy": "group",
+                        "group_size": 16,
+                    },
+                },
+            },
+        },
         {
             f"{P}.weight_packed": _meta("I32", OUT, IN // 8),
             f"{P}.weight_scale": _meta("BF16", OUT, GROUPS),
@@ -54,7 +75,7 @@ FORMATS = {
             f"{P}.weight_shape": _meta("I64", 2),
             f"{P}.weight_g_idx": _meta("I32", IN),
         },
-        "compressed-tensors pack-quantized I32 weight (not decoded)",
+        "compressed-tensors pack-quantized I32 weight: asymmetric (zero points) (not decoded)",
     ),
     "compressed-tensors-nvfp4": (  # two FP4 values per byte, E4M3 scales per 16
         {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"},
@@ -202,3 +223,99 @@ def test_formats_recognised_from_names_alone():
 def test_a_weight_called_scales_without_a_packed_owner_is_still_audited():
     plan = build_plan({"model.layers.0.film.scales": _meta("F32", 16, 64)}, min_evals=8)
     assert [u.id for u in plan.units] == ["model.layers.0.film.scales"]
+
+
+def _ct_config(bits: int, strategy: str, group: int | None, **weights) -> dict:
+    args = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": strategy}
+    args |= {"group_size": group} if group else {}
+    return {
+        "model_type": "llama",
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": args | weights}},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("bits", "strategy", "group", "scale_dtype"),
+    [(4, "group", 32, torch.bfloat16), (8, "channel", None, torch.float16),
+     (4, "tensor", None, torch.float32), (2, "group", 64, torch.bfloat16)],
+)  # fmt: skip
+def test_compressed_tensors_pack_quantized_is_decoded_as_its_decompressor_does(
+    bits, strategy, group, scale_dtype, tmp_path
+):
+    """llm-compressor's W4A16 / W8A16 (`pack-quantized`): the packed codes times their
+    scales are compressed-tensors' own decompressed weight, and the audited matrix is
+    named `P.weight`. The reader's float32 product is exact; rounded to the scales' dtype
+    it is bit for bit the decompressor's (which multiplies in that dtype)."""
+    from compressed_tensors.compressors.pack_quantized.base import (
+        PackedQuantizationCompressor as Packer,
+    )
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import save_file
+
+    config = _ct_config(bits, strategy, group)
+    weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
+    torch.manual_seed(0)
+    tensors, want = {}, {}
+    for name, (out, cols) in {f"{P}": (96, 256), f"{D}": (64, 192)}.items():
+        w = torch.randn(out, cols)
+        limit = 2 ** (bits - 1) - 1
+        if strategy == "group":
+            scale = w.abs().unflatten(1, (-1, group)).amax(-1) / limit
+        elif strategy == "channel":
+            scale = w.abs().amax(1, keepdim=True) / limit
+        else:
+            scale = w.abs().amax().reshape(1) / limit
+        state = {"weight": w.to(scale_dtype), "weight_scale": scale.to(scale_dtype)}
+        packed = Packer.compress(state, scheme)
+        assert packed["weight_packed"].dtype == torch.int32
+        tensors |= {f"{name}.{k}": v.contiguous() for k, v in packed.items()}
+        want[f"{name}.weight"] = Packer.decompress(packed, scheme)["weight"]
+    (tmp_path / "m").mkdir()
+    save_file(tensors, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    checkpoint = open_checkpoint(resolve_model(str(tmp_path / "m")))
+    plan = checkpoint.plan(8)
+    units = {u.id: u for u in plan.units}
+    assert set(units) == set(want)
+    assert {s.name for s in plan.skipped} == {n for n in tensors if not n.endswith("_packed")}
+    for name, reference in want.items():
+        unit = units[name]
+        assert unit.source_dtype.startswith(f"INT{bits} ") and unit.shape == reference.shape
+        got = checkpoint.read_matrix(unit)
+        assert got.dtype == np.float32
+        assert torch.equal(torch.from_numpy(got).to(scale_dtype), reference), name
+        scale = tensors[name + "_scale"].float()
+        codes = torch.from_numpy(got) / scale.repeat_interleave(
+            reference.shape[1] // scale.shape[-1], dim=-1
+        )
+        assert torch.equal(codes, codes.round()), "W is codes times scales, exactly"
+        assert codes.abs().max() <= 2 ** (bits - 1)
+
+
+def test_pack_quantized_that_cannot_be_decoded_exactly_is_listed():
+    """Zero points, a group index, 3-bit codes (whose packing changed between
+    compressed-tensors versions), scales that do not fit: listed, never read as codes."""
+    layer = {
+        f"{P}.weight_packed": _meta("I32", OUT, IN // 8),
+        f"{P}.weight_scale": _meta("BF16", OUT, GROUPS),
+        f"{P}.weight_shape": _meta("I64", 2),
+    }
+    cases = [
+        (_ct_config(4, "group", 16), {f"{P}.weight_g_idx": _meta("I32", IN)}, "a group index"),
+        (_ct_config(3, "group", 16), {}, "num_bits 3 (decoded: 1, 2, 4, 8)"),
+        (_ct_config(4, "group", 32), {}, "does not fit 4-bit group codes"),
+        (_ct_config(4, "group", 16), {f"{P}.weight_zero_point": _meta("I32", 8, 16)}, "zero"),
+    ]
+    for config, extra, reason in cases:
+        plan = build_plan(PLAIN | layer | extra, config, min_evals=8)
+        assert [u.id for u in plan.units] == ["model.embed_tokens.weight", "lm_head.weight"]
+        skipped = {s.name: s.reason for s in plan.skipped}
+        assert reason in skipped[f"{P}.weight_packed"], (reason, skipped)
+    plan = build_plan(PLAIN | layer, _ct_config(4, "group", 16), min_evals=8)
+    (unit,) = [u for u in plan.units if u.id == f"{P}.weight"]
+    assert (unit.shape, unit.scale_block, unit.int_bits) == ((OUT, IN), (1, 16), 4)

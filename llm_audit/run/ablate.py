@@ -21,6 +21,7 @@ few bytes that hold a trap entry. Those are replaced by an encoding of exactly
   "clip" writes the code whose value at the block's scale is the clipped value if there
   is one (rarely: the bound usually lies between two FP4 steps), else the matrix is
   refused, with the reason;
+- packed integer codes (compressed-tensors' `weight_packed`) are refused: not written;
 - weight-normed layers (W = g * v / |v|) are refused: an entry of v changed moves |v| and
   with it every other entry of its channel.
 Every candidate is decoded with the reader's own decoders before it is used, a matrix is
@@ -226,6 +227,8 @@ class _Encoder:
         """Absolute offset -> patch for each entry of `where`, or why it cannot be exact."""
         if unit.layout not in MAPPED_LAYOUTS:
             return f"layout {unit.layout!r} has no entry-to-byte map"
+        if unit.int_bits is not None:
+            return f"packed {unit.int_bits}-bit integer codes: no entry-to-byte map (not written)"
         if unit.norm_tensor is not None:
             return (
                 "weight norm: W = g·v/|v|, and an entry of v changed rescales the rest of its "

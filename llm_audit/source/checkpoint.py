@@ -21,6 +21,7 @@ from ..errors import CheckpointError, DecodeError
 from . import weight_norm
 from .dtypes import DTYPE_SIZES, decode
 from .header import Header, TensorInfo, read_header, read_tensor_bytes
+from .intpack import unpack_rows
 from .mxfp4 import decode_mxfp4
 from .plan import MatrixUnit, Plan, SkippedTensor, build_plan, unit_matrix
 from .reference import ResolvedModel, load_json_file
@@ -99,12 +100,16 @@ class Checkpoint:
                 raise CheckpointError(path, str(err), unit.tensor) from None
 
     def _rows(self, unit: MatrixUnit, info: TensorInfo, first: int, count: int) -> np.ndarray:
-        """Rows `first:first + count` of the stored 2-D tensor, decoded, times their FP8
-        scales when the unit has them (W = q * s, each scale over its block)."""
-        cols = info.shape[1]
-        row_bytes = cols * DTYPE_SIZES[info.dtype]
+        """Rows `first:first + count` of the stored 2-D tensor, decoded (packed integer
+        codes unpacked), times their scales when the unit has them (W = q * s, each scale
+        over its block)."""
+        row_bytes = info.shape[1] * DTYPE_SIZES[info.dtype]
         raw = self._read(unit.tensor, first * row_bytes, count * row_bytes)
-        rows = decode(raw, info.dtype, (count, cols))
+        if unit.int_bits is None:
+            rows = decode(raw, info.dtype, (count, info.shape[1]))
+        else:  # packed integer codes: the matrix's columns are the unpacked codes
+            rows = unpack_rows(raw, count, unit.shape[0 if unit.transpose else 1], unit.int_bits)
+        cols = rows.shape[1]
         if unit.scales_tensor is None or unit.scale_block is None:
             return rows
         block_rows, block_cols = unit.scale_block
@@ -121,7 +126,7 @@ class Checkpoint:
             i, j = np.argwhere(~(np.isfinite(scales) & (scales >= 0)))[0]
             raise DecodeError(
                 f"scale tensor {unit.scales_tensor!r} holds {scales[i, j]} at block "
-                f"({top + i}, {j}): FP8 scales must be finite and not negative"
+                f"({top + i}, {j}): scales must be finite and not negative"
             )
         per_row = scales[np.arange(first, first + count) // block_rows - top]
         return rows * np.repeat(per_row, block_cols, axis=1)[:, :cols].astype(rows.dtype)

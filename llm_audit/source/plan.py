@@ -10,7 +10,8 @@ What becomes a unit (its kind, layer and expert from `roles`, user `kinds:` rule
 - 2-D float tensors, one unit each; GPT-2's Conv1D weights, stored [in, out], are
   audited as their transpose (out, in), and the unit says so (`transpose`);
 - FP8 weights with their scales (`quantized`): the unit names the scale tensor and block,
-  the reader dequantizes;
+  the reader dequantizes; so are compressed-tensors' `pack-quantized` integer weights
+  (`weight_packed` + `weight_scale`), named `P.weight`;
 - fused qkv weights whose layout the architecture fixes (openai's `attn.qkv`, Phi-3
   `qkv_proj`, GPT-2 `c_attn`, Falcon `query_key_value`): one unit per q, k and v; other
   fused qkv weights keep the kind `qkv_proj`;
@@ -51,9 +52,11 @@ from . import mxfp4, weight_norm
 from .dtypes import DTYPE_SIZES, FLOAT_DTYPES, TensorMeta, not_float_reason
 from .quantized import (
     FP8_DTYPES,
-    Fp8Scales,
+    PackedInts,
+    WeightScales,
     auxiliary_reason,
     fp8_scales,
+    packed_ints,
     packed_reason,
     torchao_weight,
 )
@@ -134,7 +137,9 @@ class MatrixUnit:
       `kernel_layout` says: "pt" [out, in, *k], "mlx" [out, *k, in], "tf" [*k, in, out]
       (TF and Flax); see `kernel_index`.
     FP8 weights name their `scales_tensor`, `scale_block` (rows, cols per scale) and
-    `scale_dtype` (what the scale bytes decode as); the reader multiplies them in. A
+    `scale_dtype` (what the scale bytes decode as); the reader multiplies them in; so do
+    compressed-tensors' packed integer weights, whose rows the reader first unpacks into
+    `int_bits`-bit codes (`intpack`). A
     weight-normed layer names its magnitude g as `norm_tensor` (`tensor` is the direction
     v); the reader rebuilds W = g * v / |v| before taking the layout's slice. `shape`
     is the matrix as audited, (out, in); `transpose` says the stored tensor is its
@@ -161,6 +166,7 @@ class MatrixUnit:
     position: tuple[int, ...] = ()
     kernel_layout: str = "pt"
     norm_tensor: str | None = None
+    int_bits: int | None = None
 
 
 def kernel_index(unit: MatrixUnit, row: int | slice, col: int | slice) -> tuple[int | slice, ...]:
@@ -351,6 +357,12 @@ class _Planner:
             self.check_scales_have_blocks(name)
         elif packed:
             self.skip(name, packed)
+        elif (ints := packed_ints(name, meta, self.tensors, self.config)) is not None:
+            if isinstance(ints, str):
+                self.skip(name, ints)
+            else:
+                weight = name.removesuffix("_packed")
+                self.visit_matrix(name, meta, (shape[0], ints.cols), weight, ints=ints)
         elif (pair := weight_norm.pair_of(name, self.tensors)) is not None:
             self.visit_weight_norm(name, meta, shape, *pair)
         elif meta.dtype not in FLOAT_DTYPES:  # a counter (BatchNorm's) is not a weight
@@ -422,10 +434,12 @@ class _Planner:
         shape: tuple[int, ...],
         weight: str | None = None,
         norm: str | None = None,
+        ints: PackedInts | None = None,
     ) -> None:
-        """A 2-D weight; `weight` names the matrix where `tensor` is not the weight itself
-        (a weight norm's v with its g `norm`)."""
-        scales = fp8_scales(tensor, meta, self.tensors, self.config)
+        """A 2-D weight of `shape` (as stored, or as unpacked from packed integers `ints`);
+        `weight` names the matrix where `tensor` is not the weight itself (a weight norm's
+        v with its g `norm`, packed codes)."""
+        scales = ints.scales if ints else fp8_scales(tensor, meta, self.tensors, self.config)
         if isinstance(scales, str):
             self.skip(tensor, scales)
             return
@@ -438,13 +452,14 @@ class _Planner:
         out, fan_in = (shape[1], shape[0]) if transpose else (shape[0], shape[1])
         split = fused_qkv_split(name, config, out) if role.kind == "qkv_proj" else None
         dtype = scales.label if scales else meta.dtype
-        nbytes = self.read_cost(meta, scales, 0, shape[0]) + self.norm_cost(norm)
+        nbytes = self.read_cost(meta, scales, 0, shape[0], shape[1]) + self.norm_cost(norm)
         common = {
             "scales_tensor": scales.tensor if scales else None,
             "scale_block": scales.block if scales else None,
             "scale_dtype": scales.dtype if scales else None,
             "transpose": transpose,
             "norm_tensor": norm,
+            "int_bits": ints.bits if ints else None,
         }
         if split is None:
             self.add(
@@ -466,7 +481,7 @@ class _Planner:
         contiguous = groups == 1 and not transpose and norm is None  # |v| needs all of v
         for kind, start, stop in split.parts:
             rows = (stop - start) * groups
-            cost = self.read_cost(meta, scales, start, stop) if contiguous else nbytes
+            cost = self.read_cost(meta, scales, start, stop, shape[1]) if contiguous else nbytes
             self.add(
                 MatrixUnit(
                     id=f"{name}:{kind[0]}",
@@ -492,14 +507,17 @@ class _Planner:
         meta = self.tensors[norm]
         return math.prod(meta.shape) * DTYPE_SIZES[meta.dtype]
 
-    def read_cost(self, meta: TensorMeta, scales: Fp8Scales | None, first: int, stop: int) -> int:
-        """Bytes read for rows `first:stop` of a stored 2-D weight, with their scale rows."""
+    def read_cost(
+        self, meta: TensorMeta, scales: WeightScales | None, first: int, stop: int, cols: int
+    ) -> int:
+        """Bytes read for rows `first:stop` of a stored 2-D weight, with their scale rows
+        (`cols`: the weight's columns, which its scales cover)."""
         cost = (stop - first) * meta.shape[1] * DTYPE_SIZES[meta.dtype]
         if scales is not None:
             scale_meta = self.tensors[scales.tensor]
             block_rows, block_cols = scales.block
             scale_rows = (stop - 1) // block_rows + 1 - first // block_rows
-            grid_cols = -(-meta.shape[1] // block_cols)
+            grid_cols = -(-cols // block_cols)
             cost += scale_rows * grid_cols * DTYPE_SIZES[scale_meta.dtype]
         return cost
 
@@ -591,7 +609,7 @@ class _Planner:
                     expert=e,
                     shape=matrix,
                     source_dtype=meta.dtype,
-                    nbytes=self.read_cost(meta, None, e * per, (e + 1) * per),
+                    nbytes=self.read_cost(meta, None, e * per, (e + 1) * per, width),
                     layout="rows",
                     transpose=transpose,
                     row_start=e * per,

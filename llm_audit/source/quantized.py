@@ -9,8 +9,10 @@ weight's spectrum is off by the square of the scales (lambda_max 1.4e7 for 0.45)
 the scales themselves look like small matrices. So the plan pairs each FP8 weight with
 its scales — the reader dequantizes exactly, W = q * s per block — and every auxiliary
 tensor (scales, zero points, group indices, bitsandbytes state) is skipped with a reason,
-never audited alone. Integer-packed weights are skipped with a reason that names their
-format: we decode only what a test can check exactly.
+never audited alone. compressed-tensors' symmetric `pack-quantized` weights (W4A16,
+W8A16) are unpacked (`intpack`) and scaled the same way, checked against
+compressed-tensors' own decompressor; other integer-packed weights are skipped with a
+reason that names their format: we decode only what a test can check exactly.
 
 Scales go by several names: `weight_scale_inv` (DeepSeek-V3, transformers), `weight_scale`
 (compressed-tensors, fbgemm, ModelOpt), `qscale_weight` (Mistral) and a bare `scale` beside
@@ -38,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import intpack
 from .dtypes import TensorMeta
 
 FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
@@ -45,15 +48,26 @@ SCALE_DTYPES = frozenset({"F32", "BF16", "F16", "F8_E8M0"})  # E8M0: ue8m0 power
 
 
 @dataclass(frozen=True)
-class Fp8Scales:
-    """The scales of an FP8 weight [out, in]: `tensor` holds one scale per `block`
-    (rows, cols) of the weight, [ceil(out / rows), ceil(in / cols)]; `label` for reports;
-    `dtype` what the scale bytes decode as (E8M0 for U8 exponent bytes)."""
+class WeightScales:
+    """The scales of a quantized weight [out, in] (FP8 values, or integer codes): `tensor`
+    holds one scale per `block` (rows, cols) of the weight, [ceil(out / rows),
+    ceil(in / cols)]; `label` for reports; `dtype` what the scale bytes decode as (E8M0
+    for U8 exponent bytes)."""
 
     tensor: str
     block: tuple[int, int]
     label: str
     dtype: str
+
+
+@dataclass(frozen=True)
+class PackedInts:
+    """A compressed-tensors `pack-quantized` weight: `bits`-bit signed codes, `cols` per
+    row of the [out, in] weight (`intpack`), times `scales`."""
+
+    bits: int
+    cols: int
+    scales: WeightScales
 
 
 # Last name component -> what the tensor is. Weight state belongs to the `.weight` (or
@@ -210,12 +224,10 @@ def auxiliary_reason(
 def packed_reason(
     name: str, meta: TensorMeta, tensors: Mapping[str, Any], config: Mapping[str, Any]
 ) -> str | None:
-    """Why the weight `name` is integer-packed and not decoded, naming its format; or None."""
+    """Why the weight `name` is integer-packed and not decoded, naming its format; or None
+    (compressed-tensors' `weight_packed`: `packed_ints`)."""
     if name.endswith(".qweight"):
         return f"{_packed_format(config)}-packed {meta.dtype} weight (not decoded)"
-    if name.endswith(".weight_packed"):
-        fmt = _format(config) or "pack-quantized"
-        return f"compressed-tensors {fmt} {meta.dtype} weight (not decoded)"
     if name.endswith(".compressed") and name[: -len("compressed")] + "bitmask" in tensors:
         return f"compressed-tensors {_sparsity_format(config)} {meta.dtype} weight (not decoded)"
     if torchao_weight(name) and (meta.dtype not in FP8_DTYPES or len(meta.shape) != 2):
@@ -293,8 +305,8 @@ def _scale_name(name: str, tensors: Mapping[str, TensorMeta]) -> str | None:
 
 def fp8_scales(
     name: str, meta: TensorMeta, tensors: Mapping[str, TensorMeta], config: Mapping[str, Any]
-) -> Fp8Scales | str | None:
-    """How the FP8 weight `name` is scaled: its `Fp8Scales`, a reason to skip it (scales
+) -> WeightScales | str | None:
+    """How the FP8 weight `name` is scaled: its `WeightScales`, a reason to skip it (scales
     that do not fit, or that this module cannot find although they are there), or None
     when it has no scales (plain FP8 values)."""
     torchao = torchao_weight(name) is not None
@@ -312,10 +324,98 @@ def fp8_scales(
         return f"FP8 weight whose scales are {scale.dtype} (not decoded)"
     if len(shape) != 2:
         return f"FP8 weight of shape {list(shape)} with scales: only 2-D weights are dequantized"
+    block_style = scale_name.rpartition(".")[2] in _BLOCK_SCALE_NAMES
+    found = _scale_layout(scale_shape, (shape[0], shape[1]), config, block_style, torchao)
+    if found is not None:
+        block, label = found
+        return WeightScales(scale_name, block, f"{meta.dtype} {label} scaled", scale_dtype)
+    if block_style and _block_size(config) is None:
+        return (
+            f"FP8 block scales {list(scale_shape)} without quantization_config."
+            "weight_block_size in config.json"
+        )
+    return (
+        f"FP8 weight {list(shape)} whose scales {list(scale_shape)} fit no known layout "
+        f"(per-tensor, per-channel, group, block)"
+    )
+
+
+def _int_weights(config: Mapping[str, Any]) -> tuple[int, str, int | None] | str:
+    """(bits, strategy, group size) of the integer weight scheme every compressed-tensors
+    config group shares, or why there is no one such scheme this module decodes."""
+    schemes = set()
+    for group in _groups(config):
+        weights = group.get("weights")
+        if not isinstance(weights, Mapping) or weights.get("type", "int") != "int":
+            continue
+        bits, strategy, size = (weights.get(k) for k in ("num_bits", "strategy", "group_size"))
+        schemes.add((bits, strategy, size if strategy == "group" else None))
+        if weights.get("symmetric", True) is not True:
+            return "asymmetric (zero points)"
+    if len(schemes) != 1:
+        return f"{len(schemes)} integer weight schemes in quantization_config.config_groups"
+    bits, strategy, size = schemes.pop()
+    if bits not in intpack.BITS or isinstance(bits, bool):
+        return f"num_bits {bits!r} (decoded: {', '.join(map(str, intpack.BITS))})"
+    if strategy not in ("group", "channel", "tensor"):
+        return f"strategy {strategy!r}"
+    if strategy == "group" and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        return f"group_size {size!r}"
+    return bits, strategy, size
+
+
+def packed_ints(
+    name: str, meta: TensorMeta, tensors: Mapping[str, TensorMeta], config: Mapping[str, Any]
+) -> PackedInts | str | None:
+    """How compressed-tensors' `P.weight_packed` unpacks (`PackedInts`), or why it is not
+    decoded (another packed format, zero points, a group index, a shape that does not
+    fit config.json's scheme); None if `name` is not one."""
+    if not name.endswith(".weight_packed"):
+        return None
+    fmt = _format(config) or "pack-quantized"
+    what = f"compressed-tensors {fmt} {meta.dtype} weight"
+    if fmt != "pack-quantized":
+        return f"{what} (not decoded)"
+    scheme = _int_weights(config)
+    prefix = name[: -len("weight_packed")]
+    if isinstance(scheme, str):
+        return f"{what}: {scheme} (not decoded)"
+    for part, why in (("weight_zero_point", "zero points"), ("weight_g_idx", "a group index")):
+        if prefix + part in tensors:
+            return f"{what} with {why} (not decoded)"
+    scale = tensors.get(prefix + "weight_scale")
+    if meta.dtype != "I32" or len(meta.shape) != 2 or scale is None:
+        return f"{what} of shape {list(meta.shape)}: only 2-D I32 words with a weight_scale"
+    bits, strategy, size = scheme
+    rows, words = (int(d) for d in meta.shape)
+    scale_shape = tuple(int(d) for d in scale.shape)
+    cols = scale_shape[-1] * size if size and len(scale_shape) == 2 else words * 32 // bits
+    found = _scale_layout(scale_shape, (rows, cols), {})
+    if intpack.words_per_row(cols, bits) != words or found is None:
+        return (
+            f"{what} [{rows}, {words}] with scales {list(scale_shape)} does not fit "
+            f"{bits}-bit {strategy} codes (not decoded)"
+        )
+    if scale.dtype not in SCALE_DTYPES - {"F8_E8M0"}:
+        return f"{what} whose scales are {scale.dtype} (not decoded)"
+    block, label = found
+    scales = WeightScales(prefix + "weight_scale", block, f"INT{bits} {label} scaled", scale.dtype)
+    return PackedInts(bits, cols, scales)
+
+
+def _scale_layout(
+    scale_shape: tuple[int, ...],
+    shape: tuple[int, int],
+    config: Mapping[str, Any],
+    block_style: bool = False,
+    torchao: bool = False,
+) -> tuple[tuple[int, int], str] | None:
+    """(block, label) of scales `scale_shape` over a weight of `shape` (out, in):
+    per tensor, per channel, per group of columns, config.json's block, or torchao's
+    shape-over-block; None if they fit none."""
     rows, cols = shape
     block = _block_size(config)
     label = f"block {block[0]}x{block[1]}" if block else ""
-    block_style = scale_name.rpartition(".")[2] in _BLOCK_SCALE_NAMES
     if math.prod(scale_shape) == 1 and len(scale_shape) <= 2:
         block, label = (rows, cols), "per-tensor"
     elif block_style and block is not None:
@@ -342,16 +442,8 @@ def fp8_scales(
         if math.prod(scale_shape) == math.prod(grid) and (
             len(scale_shape) < 2 or scale_shape == grid
         ):
-            return Fp8Scales(scale_name, block, f"{meta.dtype} {label} scaled", scale_dtype)
-    if block_style and _block_size(config) is None:
-        return (
-            f"FP8 block scales {list(scale_shape)} without quantization_config."
-            "weight_block_size in config.json"
-        )
-    return (
-        f"FP8 weight {list(shape)} whose scales {list(scale_shape)} fit no known layout "
-        f"(per-tensor, per-channel, group, block)"
-    )
+            return block, label
+    return None
 
 
 def _missing_scales(config: Mapping[str, Any]) -> str | None:
