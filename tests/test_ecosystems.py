@@ -521,3 +521,35 @@ def test_weight_norm_pairs_that_are_not_torchs_are_listed(tmp_path):
 )
 def test_kinds_and_layers_of_diffusers_and_vision_names(name, kind, layer):
     assert (role_of(name).kind, layer_of(name)) == (kind, layer)
+
+
+def test_audio_and_vision_tables_and_buffers_are_not_unaudited_weights(tmp_path):
+    """Names from transformers' audio and vision models: a codebook's running statistics
+    (EnCodec's embed_avg, Mimi's embed_sum), Conformer's per-head position biases, YOLOS's
+    and SAM's position tables (4-D parameters, no module's weight) and Bark's causal mask
+    (BOOL) are listed as not weights; the codebook itself is an embedding, a 4-D module
+    weight a conv kernel."""
+    tensors = {
+        "quantizer.layers.0.codebook.embed": _gauss(64, 32),
+        "quantizer.layers.0.codebook.embed_avg": _gauss(64, 32),
+        "quantizer.semantic_rvq.layers.0.codebook.embed_sum": _gauss(64, 32),
+        "conformer_layers.0.self_attn.pos_bias_u": _gauss(16, 16),
+        "vit.encoder.mid_position_embeddings": _gauss(1, 1, 27, 32),
+        "vision_encoder.pos_embed": _gauss(1, 8, 8, 32),
+        "vision_encoder.neck.conv1.weight": _gauss(32, 16, 1, 1),
+        "semantic.layers.0.attn.bias": np.ones((1, 1, 16, 16), bool),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    plan = open_checkpoint(resolve_model(str(tmp_path / "model.safetensors"))).plan(8)
+    units = {u.id: u.kind for u in plan.units}
+    assert units == {
+        "quantizer.layers.0.codebook.embed": "embedding",
+        "vision_encoder.neck.conv1.weight[0,0]": "conv",
+    }
+    skipped = {s.name: s for s in plan.skipped}
+    assert set(skipped) == set(tensors) - {"quantizer.layers.0.codebook.embed"} - {
+        "vision_encoder.neck.conv1.weight"
+    }
+    assert not [s for s in skipped.values() if s.weight], skipped
+    assert "running statistics" in skipped["quantizer.layers.0.codebook.embed_avg"].reason
+    assert "no module's weight" in skipped["vision_encoder.pos_embed"].reason

@@ -241,7 +241,41 @@ def test_kind_rules_from_a_config_are_validated():
         ("model.embed_tokens_per_layer.weight", "embedding", None, None),  # Gemma-3n
         ("vision_tower.encoder.layer.1.attention.projection_layer.weight", "o_proj", 1, None),
         ("vision_model.gated_positional_embedding.embedding", "position_embedding", None, None),
-        ("audio.encoder.encoders.3.self_attn.linear_q.weight", "linear", 3, None),  # Phi-4-MM
+        ("audio.encoder.encoders.3.self_attn.linear_q.weight", "q_proj", 3, None),  # Phi-4-MM
+        # audio and vision families of transformers 5.24 (their modeling files' names)
+        ("conformer_layers.2.self_attn.linear_v.weight", "v_proj", None, None),  # FS2-Conformer
+        ("conformer_layers.2.self_attn.linear_out.weight", "o_proj", None, None),
+        ("conformer_layers.2.self_attn.linear_pos.weight", "linear", None, None),
+        ("encoder.layers.1.feed_forward.intermediate_dense.weight", "up_proj", 1, None),  # wav2vec2
+        ("encoder.layers.1.feed_forward.output_dense.weight", "down_proj", 1, None),
+        ("encoder.stages.1.layers.2.pwconv1.weight", "up_proj", None, None),  # ConvNeXt
+        ("encoder.stages.1.layers.2.pwconv2.weight", "down_proj", None, None),
+        ("encoder.block.1.0.mlp.dense1.weight", "up_proj", None, None),  # SegFormer (nested)
+        ("encoder.block.1.0.mlp.dense2.weight", "down_proj", None, None),
+        ("encoder.layers.1.blocks.0.attention.self.query.weight", "q_proj", None, None),  # Swin
+        ("semantic.layers.3.attn.att_proj.weight", "qkv_proj", 3, None),  # Bark
+        ("semantic.layers.3.mlp.in_proj.weight", "up_proj", 3, None),
+        ("semantic.layers.3.mlp.out_proj.weight", "down_proj", 3, None),
+        ("semantic.input_embeds_layer.weight", "embedding", None, None),
+        ("semantic.position_embeds_layer.weight", "position_embedding", None, None),
+        (
+            "mask_decoder.transformer.layers.0.cross_attn_token_to_image.out_proj.weight",
+            "o_proj",
+            0,
+            None,
+        ),  # SAM
+        ("model.query_position_embeddings.weight", "position_embedding", None, None),  # DETR
+        ("model.transformer_module.queries_embedder.weight", "embedding", None, None),
+        (
+            "encoder.layers.0.blocks.1.attention.self.relative_position_bias_table",
+            "position_embedding",
+            None,
+            None,
+        ),
+        ("vision_encoder.layers.1.attn.rel_pos_h", "position_embedding", 1, None),
+        ("encoder.encoder.rel_embeddings.weight", "position_embedding", None, None),  # SEW-D
+        ("quantizer.layers.0.codebook.embed", "embedding", 0, None),  # EnCodec: its VQ stage
+        ("quantizer.quantizers.0.codebook.weight", "embedding", None, None),  # DAC
     ],
 )
 def test_naming_table_beyond_the_tested_families(name, kind, layer, expert):

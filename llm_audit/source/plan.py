@@ -105,6 +105,17 @@ _STACK_PARTS = ((".gate_proj", "expert_gate"), (".up_proj", "expert_up"))  # mlx
 # Buffers saved beside the weights that are constants, not linear maps (MiniMax's
 # lightning attention decays).
 _CONSTANTS = re.compile(r"(?:^|\.)(?:diagonal_decay|query_decay|key_decay|slope_rate)$")
+# Buffers and parameters that are statistics or per-head biases, not linear maps: a vector
+# quantizer's running codebook statistics (EnCodec's embed_avg, Mimi's embed_sum), the
+# relative-position attention's per-head biases (Conformer's pos_bias_u/v).
+_NOT_MAPS = (
+    (re.compile(r"\.codebook\.(?:embed_avg|embed_sum|cluster_usage|cluster_size)$"),
+     "a codebook's running statistics (a buffer), not a linear map"),
+    (re.compile(r"\.pos_bias_[uv]$"), "per-head position biases, not a linear map"),
+)  # fmt: skip
+# What a module's weight is called (PyTorch, MLX, TF/Flax): a kernel-shaped tensor under
+# another name is a bare parameter (a position table, a constant), not a conv kernel.
+_MODULE_WEIGHT = re.compile(r"(?:^|[./])(?:weight|kernel)(?::\d+)?$")
 _CONV_NAME = re.compile(r"conv", re.IGNORECASE)
 # the `format` a safetensors header's metadata gives, for how its kernels are stored
 _KERNEL_LAYOUTS = {"mlx": "mlx", "tf": "tf", "flax": "tf"}
@@ -365,8 +376,9 @@ class _Planner:
                 self.visit_matrix(name, meta, (shape[0], ints.cols), weight, ints=ints)
         elif (pair := weight_norm.pair_of(name, self.tensors)) is not None:
             self.visit_weight_norm(name, meta, shape, *pair)
-        elif meta.dtype not in FLOAT_DTYPES:  # a counter (BatchNorm's) is not a weight
-            self.skip(name, not_float_reason(meta.dtype), weight=len(shape) >= 2)
+        elif meta.dtype not in FLOAT_DTYPES:  # a counter (BatchNorm's), a mask: not weights
+            weight = len(shape) >= 2 and meta.dtype != "BOOL"
+            self.skip(name, not_float_reason(meta.dtype), weight=weight)
         elif len(shape) <= 1 or name.endswith("bias"):  # stacked expert biases are 2-D
             self.skip(name, _vector_reason(name), weight=False)
         elif 0 in shape:
@@ -378,12 +390,17 @@ class _Planner:
             self.skip(name, "SSM state decay (A_log), not a linear map", weight=False)
         elif _CONSTANTS.search(name):
             self.skip(name, "attention decay constants (a buffer), not a linear map", weight=False)
+        elif (why := next((w for p, w in _NOT_MAPS if p.search(name)), None)) is not None:
+            self.skip(name, why, weight=False)
         elif len(shape) == 3 and (transposed := _stacked_experts(name)) is not None:
             self.visit_expert_stack(name, meta.dtype, shape, self.orientation(name, transposed))
         elif len(shape) == 2 and (experts := _flat_experts(name, self.config, shape[0])):
             self.visit_flat_experts(name, meta, shape, experts)
         elif len(shape) == 2:
             self.visit_matrix(name, meta, shape)
+        elif (len(shape) in (4, 5) or _CONV_NAME.search(name)) and not _MODULE_WEIGHT.search(name):
+            what = f"a {len(shape)}-D parameter of shape {list(shape)} that is no module's weight"
+            self.skip(name, f"{what} (a table, a constant)", weight=False)
         elif len(shape) in (4, 5) or (len(shape) == 3 and _CONV_NAME.search(name)):
             self.visit_conv(name, meta.dtype, shape)
         elif shape[0] == 1:  # timm's cls_token [1, 1, D], pos_embed [1, N, D]; SigLIP's probe

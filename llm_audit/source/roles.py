@@ -58,8 +58,10 @@ _MATMUL_PARAMS = re.compile(r"(?:^|\.)(?:visual\.proj|text_projection)$")
 
 # The layer is the index of a name's first numbered component, when that component is a
 # stack of blocks: `model.layers.3.`, `h.3.`, `transformer_blocks.3.` (DiT, Flux); nested
-# stages (`stages.1.blocks.3.`, a UNet's `down_blocks.1.`) have no single depth.
+# stages (`stages.1.blocks.3.`, a UNet's `down_blocks.1.`, Swin's `layers.1.blocks.3.`,
+# SegFormer's `block.1.3.`) have no single depth.
 _FIRST_NUMBERED = re.compile(r"(?:^|\.)(\w+)\.(\d+)\.")
+_NESTED = re.compile(r"^\d+\.|(?:^|\.)blocks\.\d+\.")  # after the first stack's index
 _LAYER_STACKS = frozenset(
     {"layers", "layer", "h", "block", "blocks", "encoders", "transformer_blocks", "resblocks"}
 )
@@ -94,7 +96,7 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.kv_a_proj(?:_with_mqa)?" + _W, "kv_a_proj"),
         (r"\.kv_b_proj" + _W, "kv_b_proj"),
         # attention
-        (r"\.(?:qkv_proj|query_key_value|c_attn|qkv|Wqkv|W_pack)" + _W, "qkv_proj"),
+        (r"\.(?:qkv_proj|query_key_value|c_attn|qkv|Wqkv|W_pack|attn\.att_proj)" + _W, "qkv_proj"),
         # torch.nn.MultiheadAttention (OpenCLIP, SigLIP's pooling head, nn.Transformer):
         # q|k|v in one [3E, E] `in_proj_weight`, or apart where the key/value widths differ
         (r"\.in_proj_weight$", "qkv_proj"),
@@ -111,22 +113,31 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\.(?:to_k|add_k_proj)" + _W, "k_proj"),
         (r"\.(?:to_v|add_v_proj)" + _W, "v_proj"),
         (r"\.(?:to_out\.0|to_add_out)" + _W, "o_proj"),
-        (_ATTENTION + r"(?:query|q)" + _W, "q_proj"),
-        (_ATTENTION + r"(?:key|k)" + _W, "k_proj"),
-        (_ATTENTION + r"(?:value|v)" + _W, "v_proj"),
+        # (FastSpeech2-Conformer's relative-position attention: linear_q/k/v/out)
+        (_ATTENTION + r"(?:query|q|linear_q)" + _W, "q_proj"),
+        (_ATTENTION + r"(?:key|k|linear_k)" + _W, "k_proj"),
+        (_ATTENTION + r"(?:value|v|linear_v)" + _W, "v_proj"),
         (
             _ATTENTION + r"(?:o_proj|out_proj|dense|wo|c_proj|out|o|out_lin|output\.dense|output"
+            r"|linear_out"
             r"|projection_layer|proj)" + _W,
             "o_proj",
         ),
         (r"\.o_proj" + _W, "o_proj"),  # under any module name (NemotronH's mixer, ...)
-        (r"\.(?:encoder_attn|cross_attn|crossattention)\.out_proj" + _W, "o_proj"),
+        # any attention module's out_proj (SAM's cross_attn_token_to_image, ...)
+        (r"\.\w*(?:attn|attention)\w*\.out_proj" + _W, "o_proj"),
         # dense MLP
         (r"\.gate_up_proj" + _W, "gate_up_proj"),
         (r"\.(?:gate_proj|w1)" + _W, "gate_proj"),
         (r"\.(?:DenseReluDense\.wi_0)" + _W, "gate_proj"),
         (r"\.(?:up_proj|w3|c_fc|dense_h_to_4h|fc1|fc_in|lin1|wi|wi_1)" + _W, "up_proj"),
         (r"\.(?:intermediate\.dense|feed_forward\.key)" + _W, "up_proj"),  # BERT, RWKV
+        # wav2vec2's family and SpeechT5, ConvNeXt, SegFormer's Mix-FFN, Bark
+        (
+            r"\.(?:feed_forward\.intermediate_dense|pwconv1|mlp\.dense1|mlp\.in_proj)" + _W,
+            "up_proj",
+        ),
+        (r"\.(?:feed_forward\.output_dense|pwconv2|mlp\.dense2|mlp\.out_proj)" + _W, "down_proj"),
         (r"\.(?:down_proj|w2|dense_4h_to_h|fc2|fc_out|lin2|DenseReluDense\.wo)" + _W, "down_proj"),
         (r"\.(?:mlp\.c_proj|output\.dense|feed_forward\.value)" + _W, "down_proj"),
         (r"\.ff(?:_context)?\.net\.0\.proj" + _W, "up_proj"),  # diffusers' FeedForward
@@ -134,14 +145,20 @@ _ROLE_TABLE: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         # embeddings and output head
         (
             r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|embedding"
-            r"|token_embedding|tokens_embed|embeddings|shared|embed_tokens_per_layer)" + _W,
+            r"|token_embedding|tokens_embed|embeddings|shared|embed_tokens_per_layer"
+            r"|input_embeds_layer|queries_embedder|queries_features)" + _W,
             "embedding",
         ),
+        # vector-quantizer codebooks (EnCodec's buffer, DAC's nn.Embedding): lookup tables
+        (r"\.codebook\.(?:embed|weight)$", "embedding"),
         (
             r"(?:^|\.)(?:wpe|embed_positions|position_embeddings|position_embedding"
-            r"|positions_embed)" + _W,
+            r"|positions_embed|position_embeds_layer|query_position_embeddings"
+            r"|rel_attn_embed|rel_embeddings|embed_positions\.pe_k)" + _W,
             "position_embedding",
         ),
+        # relative-position tables (Swin, SAM's ViT): nn.Parameters
+        (r"(?:^|\.)(?:relative_position_bias_table|rel_pos_h|rel_pos_w)$", "position_embedding"),
         (r"(?:^|\.)positional_embedding$", "position_embedding"),  # CLIP's nn.Parameter
         # Mllama's vision tower: a gated position table (an nn.Parameter) and tile positions
         (
@@ -176,9 +193,12 @@ class KindRule:
 
 def layer_of(name: str) -> int | None:
     """The block index of a tensor name (`layers.N`, `layer.N`, `h.N`, `block(s).N`, ...:
-    `_LAYER_STACKS`), None when its first numbered component is not one of those."""
+    `_LAYER_STACKS`), None when its first numbered component is not one of those or a
+    stage of nested blocks."""
     match = _FIRST_NUMBERED.search(name)
-    return int(match.group(2)) if match and match.group(1) in _LAYER_STACKS else None
+    if not match or match.group(1) not in _LAYER_STACKS or _NESTED.search(name[match.end() :]):
+        return None
+    return int(match.group(2))
 
 
 def config_of(name: str, config: Mapping[str, Any]) -> Mapping[str, Any]:
