@@ -52,7 +52,7 @@ FORMATS = {
         },
         "AWQ-packed I32 weight (not decoded)",
     ),
-    "compressed-tensors": (  # pack-quantized asymmetric: zero points packed along rows
+    "compressed-tensors": (  # pack-quantized with activation order: a group index
         {
             "quant_method": "compressed-tensors",
             "format": "pack-quantized",
@@ -75,7 +75,7 @@ FORMATS = {
             f"{P}.weight_shape": _meta("I64", 2),
             f"{P}.weight_g_idx": _meta("I32", IN),
         },
-        "compressed-tensors pack-quantized I32 weight: asymmetric (zero points) (not decoded)",
+        "compressed-tensors pack-quantized I32 weight with a group index (not decoded)",
     ),
     "compressed-tensors-nvfp4": (  # two FP4 values per byte, E4M3 scales per 16
         {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"},
@@ -239,38 +239,44 @@ def _ct_config(bits: int, strategy: str, group: int | None, **weights) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("bits", "strategy", "group", "scale_dtype"),
-    [(4, "group", 32, torch.bfloat16), (8, "channel", None, torch.float16),
-     (4, "tensor", None, torch.float32), (2, "group", 64, torch.bfloat16)],
+    ("bits", "strategy", "group", "scale_dtype", "symmetric"),
+    [(4, "group", 32, torch.bfloat16, True), (8, "channel", None, torch.float16, True),
+     (4, "tensor", None, torch.float32, True), (2, "group", 64, torch.bfloat16, True),
+     (4, "group", 32, torch.bfloat16, False), (8, "channel", None, torch.float16, False)],
 )  # fmt: skip
 def test_compressed_tensors_pack_quantized_is_decoded_as_its_decompressor_does(
-    bits, strategy, group, scale_dtype, tmp_path
+    bits, strategy, group, scale_dtype, symmetric, tmp_path
 ):
-    """llm-compressor's W4A16 / W8A16 (`pack-quantized`): the packed codes times their
-    scales are compressed-tensors' own decompressed weight, and the audited matrix is
-    named `P.weight`. The reader's float32 product is exact; rounded to the scales' dtype
-    it is bit for bit the decompressor's (which multiplies in that dtype)."""
+    """llm-compressor's W4A16 / W8A16 (`pack-quantized`, symmetric or with zero points
+    packed along the rows): the packed codes less their zero points times their scales
+    are compressed-tensors' own decompressed weight, and the audited matrix is named
+    `P.weight`. The reader's float32 product is exact; rounded to the scales' dtype it is
+    bit for bit the decompressor's (which computes in that dtype)."""
     from compressed_tensors.compressors.pack_quantized.base import (
         PackedQuantizationCompressor as Packer,
     )
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from safetensors.torch import save_file
 
-    config = _ct_config(bits, strategy, group)
+    config = _ct_config(bits, strategy, group, symmetric=symmetric)
     weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
     torch.manual_seed(0)
     tensors, want = {}, {}
     for name, (out, cols) in {f"{P}": (96, 256), f"{D}": (64, 192)}.items():
-        w = torch.randn(out, cols)
+        w = torch.randn(out, cols) + (0 if symmetric else 0.7)  # off-centre: zero points
         limit = 2 ** (bits - 1) - 1
         if strategy == "group":
-            scale = w.abs().unflatten(1, (-1, group)).amax(-1) / limit
-        elif strategy == "channel":
-            scale = w.abs().amax(1, keepdim=True) / limit
+            blocks = w.unflatten(1, (-1, group))
         else:
-            scale = w.abs().amax().reshape(1) / limit
+            blocks = w[:, None, :] if strategy == "channel" else w.reshape(1, 1, -1)
+        low, high = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+        span = torch.maximum(-low, high) / limit if symmetric else (high - low) / (2**bits - 1)
+        scale = span.reshape(-1) if strategy == "tensor" else span
         state = {"weight": w.to(scale_dtype), "weight_scale": scale.to(scale_dtype)}
+        if not symmetric:
+            zero = (-(limit + 1) - torch.round(low / scale)).clamp(-limit - 1, limit)
+            state["weight_zero_point"] = zero.to(torch.int8)
         packed = Packer.compress(state, scheme)
         assert packed["weight_packed"].dtype == torch.int32
         tensors |= {f"{name}.{k}": v.contiguous() for k, v in packed.items()}
@@ -289,17 +295,20 @@ def test_compressed_tensors_pack_quantized_is_decoded_as_its_decompressor_does(
         got = checkpoint.read_matrix(unit)
         assert got.dtype == np.float32
         assert torch.equal(torch.from_numpy(got).to(scale_dtype), reference), name
+        streamed = np.concatenate(list(checkpoint.iter_rows(unit, 7)))  # chunks of 7 rows
+        assert np.array_equal(streamed, got)
         scale = tensors[name + "_scale"].float()
         codes = torch.from_numpy(got) / scale.repeat_interleave(
             reference.shape[1] // scale.shape[-1], dim=-1
         )
-        assert torch.equal(codes, codes.round()), "W is codes times scales, exactly"
-        assert codes.abs().max() <= 2 ** (bits - 1)
+        assert torch.equal(codes, codes.round()), "W is whole codes times scales, exactly"
+        assert unit.zero_tensor == (None if symmetric else name + "_zero_point")
 
 
 def test_pack_quantized_that_cannot_be_decoded_exactly_is_listed():
-    """Zero points, a group index, 3-bit codes (whose packing changed between
-    compressed-tensors versions), scales that do not fit: listed, never read as codes."""
+    """A group index, 3-bit codes (whose packing changed between compressed-tensors
+    versions), scales or zero points that do not fit the config's scheme: listed, never
+    read as codes."""
     layer = {
         f"{P}.weight_packed": _meta("I32", OUT, IN // 8),
         f"{P}.weight_scale": _meta("BF16", OUT, GROUPS),
@@ -310,6 +319,12 @@ def test_pack_quantized_that_cannot_be_decoded_exactly_is_listed():
         (_ct_config(3, "group", 16), {}, "num_bits 3 (decoded: 1, 2, 4, 8)"),
         (_ct_config(4, "group", 32), {}, "does not fit 4-bit group codes"),
         (_ct_config(4, "group", 16), {f"{P}.weight_zero_point": _meta("I32", 8, 16)}, "zero"),
+        (_ct_config(4, "group", 16, symmetric=False), {}, "without zero points"),
+        (
+            _ct_config(4, "group", 16, symmetric=False),
+            {f"{P}.weight_zero_point": _meta("I32", 16, 16)},  # not packed along the rows
+            "are not packed per scale",
+        ),
     ]
     for config, extra, reason in cases:
         plan = build_plan(PLAIN | layer | extra, config, min_evals=8)

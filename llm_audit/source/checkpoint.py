@@ -113,6 +113,9 @@ class Checkpoint:
         if unit.scales_tensor is None or unit.scale_block is None:
             return rows
         block_rows, block_cols = unit.scale_block
+        if unit.zero_tensor is not None:  # W = (q - z) * s, z per scale
+            zeros = self._zero_points(unit, info.shape[0])[first : first + count]
+            rows -= np.repeat(zeros, block_cols, axis=1)[:, :cols]
         _, scale_info = self._info(unit.scales_tensor)
         grid_cols = -(-cols // block_cols)
         top, bottom = first // block_rows, (first + count - 1) // block_rows + 1
@@ -130,6 +133,15 @@ class Checkpoint:
             )
         per_row = scales[np.arange(first, first + count) // block_rows - top]
         return rows * np.repeat(per_row, block_cols, axis=1)[:, :cols].astype(rows.dtype)
+
+    def _zero_points(self, unit: MatrixUnit, rows: int) -> np.ndarray:
+        """float32 [rows, scales per row]: an asymmetric packed weight's zero points, stored
+        packed along the rows ([words, scales per row] int32, one bit stream per column)."""
+        _, info = self._info(unit.zero_tensor)
+        words, per_row = info.shape
+        raw = np.frombuffer(self._read(unit.zero_tensor, 0, info.nbytes), "<u4")
+        columns = raw.reshape(words, per_row).T.tobytes()
+        return unpack_rows(columns, per_row, rows, unit.int_bits).T
 
     def _whole_tensor(self, unit: MatrixUnit, info: TensorInfo) -> np.ndarray:
         """The unit's whole stored tensor, decoded (W = g * v / |v| for a weight-normed

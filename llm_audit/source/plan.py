@@ -150,7 +150,7 @@ class MatrixUnit:
     FP8 weights name their `scales_tensor`, `scale_block` (rows, cols per scale) and
     `scale_dtype` (what the scale bytes decode as); the reader multiplies them in; so do
     compressed-tensors' packed integer weights, whose rows the reader first unpacks into
-    `int_bits`-bit codes (`intpack`). A
+    `int_bits`-bit codes (`intpack`), less their `zero_tensor` if asymmetric. A
     weight-normed layer names its magnitude g as `norm_tensor` (`tensor` is the direction
     v); the reader rebuilds W = g * v / |v| before taking the layout's slice. `shape`
     is the matrix as audited, (out, in); `transpose` says the stored tensor is its
@@ -178,6 +178,7 @@ class MatrixUnit:
     kernel_layout: str = "pt"
     norm_tensor: str | None = None
     int_bits: int | None = None
+    zero_tensor: str | None = None
 
 
 def kernel_index(unit: MatrixUnit, row: int | slice, col: int | slice) -> tuple[int | slice, ...]:
@@ -477,6 +478,7 @@ class _Planner:
             "transpose": transpose,
             "norm_tensor": norm,
             "int_bits": ints.bits if ints else None,
+            "zero_tensor": ints.zero_point if ints else None,
         }
         if split is None:
             self.add(

@@ -62,12 +62,14 @@ class WeightScales:
 
 @dataclass(frozen=True)
 class PackedInts:
-    """A compressed-tensors `pack-quantized` weight: `bits`-bit signed codes, `cols` per
-    row of the [out, in] weight (`intpack`), times `scales`."""
+    """A compressed-tensors `pack-quantized` weight: `bits`-bit signed codes q, `cols`
+    per row of the [out, in] weight (`intpack`), W = (q - z) * s with `scales` s and, if
+    asymmetric, the `zero_point` tensor z (one per scale, packed along the rows)."""
 
     bits: int
     cols: int
     scales: WeightScales
+    zero_point: str | None
 
 
 # Last name component -> what the tensor is. Weight state belongs to the `.weight` (or
@@ -340,28 +342,30 @@ def fp8_scales(
     )
 
 
-def _int_weights(config: Mapping[str, Any]) -> tuple[int, str, int | None] | str:
-    """(bits, strategy, group size) of the integer weight scheme every compressed-tensors
-    config group shares, or why there is no one such scheme this module decodes."""
+def _int_weights(config: Mapping[str, Any]) -> tuple[int, str, int | None, bool] | str:
+    """(bits, strategy, group size, symmetric) of the integer weight scheme every
+    compressed-tensors config group shares, or why there is no one such scheme this module
+    decodes."""
     schemes = set()
     for group in _groups(config):
         weights = group.get("weights")
         if not isinstance(weights, Mapping) or weights.get("type", "int") != "int":
             continue
         bits, strategy, size = (weights.get(k) for k in ("num_bits", "strategy", "group_size"))
-        schemes.add((bits, strategy, size if strategy == "group" else None))
-        if weights.get("symmetric", True) is not True:
-            return "asymmetric (zero points)"
+        symmetric = weights.get("symmetric", True)
+        schemes.add((bits, strategy, size if strategy == "group" else None, symmetric))
     if len(schemes) != 1:
         return f"{len(schemes)} integer weight schemes in quantization_config.config_groups"
-    bits, strategy, size = schemes.pop()
+    bits, strategy, size, symmetric = schemes.pop()
     if bits not in intpack.BITS or isinstance(bits, bool):
         return f"num_bits {bits!r} (decoded: {', '.join(map(str, intpack.BITS))})"
     if strategy not in ("group", "channel", "tensor"):
         return f"strategy {strategy!r}"
     if strategy == "group" and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
         return f"group_size {size!r}"
-    return bits, strategy, size
+    if not isinstance(symmetric, bool) or (not symmetric and strategy == "tensor"):
+        return f"symmetric {symmetric!r} with strategy {strategy!r}"
+    return bits, strategy, size, symmetric
 
 
 def packed_ints(
@@ -380,13 +384,16 @@ def packed_ints(
     prefix = name[: -len("weight_packed")]
     if isinstance(scheme, str):
         return f"{what}: {scheme} (not decoded)"
-    for part, why in (("weight_zero_point", "zero points"), ("weight_g_idx", "a group index")):
-        if prefix + part in tensors:
-            return f"{what} with {why} (not decoded)"
+    if prefix + "weight_g_idx" in tensors:
+        return f"{what} with a group index (not decoded)"
     scale = tensors.get(prefix + "weight_scale")
     if meta.dtype != "I32" or len(meta.shape) != 2 or scale is None:
         return f"{what} of shape {list(meta.shape)}: only 2-D I32 words with a weight_scale"
-    bits, strategy, size = scheme
+    bits, strategy, size, symmetric = scheme
+    zero = tensors.get(prefix + "weight_zero_point")
+    if symmetric == (zero is not None):
+        have = "with" if zero is not None else "without"
+        return f"{what} {have} zero points where config.json says symmetric {symmetric}"
     rows, words = (int(d) for d in meta.shape)
     scale_shape = tuple(int(d) for d in scale.shape)
     cols = scale_shape[-1] * size if size and len(scale_shape) == 2 else words * 32 // bits
@@ -399,8 +406,16 @@ def packed_ints(
     if scale.dtype not in SCALE_DTYPES - {"F8_E8M0"}:
         return f"{what} whose scales are {scale.dtype} (not decoded)"
     block, label = found
-    scales = WeightScales(prefix + "weight_scale", block, f"INT{bits} {label} scaled", scale.dtype)
-    return PackedInts(bits, cols, scales)
+    if zero is not None and (
+        zero.dtype != "I32"
+        or tuple(zero.shape) != (intpack.words_per_row(rows, bits), scale_shape[-1])
+        or len(scale_shape) != 2
+    ):
+        return f"{what}: zero points {zero.dtype} {list(zero.shape)} are not packed per scale"
+    kind = "asymmetric " if zero is not None else ""
+    label = f"INT{bits} {kind}{label} scaled"
+    scales = WeightScales(prefix + "weight_scale", block, label, scale.dtype)
+    return PackedInts(bits, cols, scales, None if zero is None else prefix + "weight_zero_point")
 
 
 def _scale_layout(
