@@ -317,6 +317,10 @@ def test_pack_quantized_that_cannot_be_decoded_exactly_is_listed():
     cases = [
         (_ct_config(4, "group", 16), {f"{P}.weight_g_idx": _meta("I32", IN)}, "a group index"),
         (_ct_config(3, "group", 16), {}, "num_bits 3 (decoded: 1, 2, 4, 8)"),
+        (_ct_config(4.0, "group", 16), {}, "num_bits 4.0 (decoded"),  # a float from JSON
+        (_ct_config(True, "group", 16), {}, "num_bits True (decoded"),
+        (_ct_config(4, "group", 16.0), {}, "group_size 16.0"),
+        (_ct_config(4, ["group"], 16), {}, "are not plain values"),  # unhashable: no crash
         (_ct_config(4, "group", 32), {}, "does not fit 4-bit group codes"),
         (_ct_config(4, "group", 16), {f"{P}.weight_zero_point": _meta("I32", 8, 16)}, "zero"),
         (_ct_config(4, "group", 16, symmetric=False), {}, "without zero points"),

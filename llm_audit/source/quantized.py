@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..inputs import shown
 from . import intpack
 from .dtypes import TensorMeta
 
@@ -353,11 +354,14 @@ def _int_weights(config: Mapping[str, Any]) -> tuple[int, str, int | None, bool]
             continue
         bits, strategy, size = (weights.get(k) for k in ("num_bits", "strategy", "group_size"))
         symmetric = weights.get("symmetric", True)
-        schemes.add((bits, strategy, size if strategy == "group" else None, symmetric))
+        scheme = (bits, strategy, size if strategy == "group" else None, symmetric)
+        if not all(isinstance(v, int | float | str | None) for v in scheme):
+            return f"weights {shown(scheme)} are not plain values"
+        schemes.add(scheme)
     if len(schemes) != 1:
         return f"{len(schemes)} integer weight schemes in quantization_config.config_groups"
     bits, strategy, size, symmetric = schemes.pop()
-    if bits not in intpack.BITS or isinstance(bits, bool):
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in intpack.BITS:
         return f"num_bits {bits!r} (decoded: {', '.join(map(str, intpack.BITS))})"
     if strategy not in ("group", "channel", "tensor"):
         return f"strategy {strategy!r}"
