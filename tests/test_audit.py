@@ -577,3 +577,28 @@ def test_sigterm_finalizes_a_partial_report_like_ctrl_c(model, tmp_path):
     rows = pq.read_table(out / "layers.parquet").num_rows
     assert manifest["status"] == "interrupted" and manifest["computed_this_run"] == rows
     assert 1 <= rows < 44 and "complete it with --resume" in err
+
+
+def test_rows_are_counted_with_the_part_that_holds_them(tmp_path, monkeypatch):
+    """An interrupt arriving just after a part is renamed into place (SIGTERM during
+    `add`) must not leave rows in the report that `computed_this_run` leaves out; one
+    arriving before it must not count rows that are not there."""
+    from llm_audit.report import writer as writer_module
+    from llm_audit.report.writer import ReportWriter
+
+    real = writer_module.write_atomic
+    rows = [{"matrix": f"m{i}", "status": "ok"} for i in range(2)]
+    for after in (True, False):
+
+        def interrupted(path, write, after=after):
+            if after or "layers-" not in path.name:
+                real(path, write)
+            if "layers-" in path.name:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(writer_module, "write_atomic", interrupted)
+        writer = ReportWriter(tmp_path / str(after))
+        with pytest.raises(KeyboardInterrupt):
+            writer.add(rows)
+        parts = list((tmp_path / str(after) / "parts").glob("layers-*"))
+        assert writer.rows_added == (2 if after else 0) == 2 * len(parts)

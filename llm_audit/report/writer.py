@@ -187,8 +187,16 @@ class ReportWriter:
         )
         # spectra first: a layers part present means its spectra part is too
         write_atomic(self.parts / f"spectra-{name}.parquet", lambda t: pq.write_table(spectra, t))
-        write_atomic(self.parts / f"layers-{name}.parquet", lambda t: pq.write_table(layers, t))
+        # counted with the part that holds them: an interrupt (SIGTERM, Ctrl-C) between the
+        # two would leave the report with rows its manifest says this run did not compute
+        part = self.parts / f"layers-{name}.parquet"
         self.rows_added += len(rows)
+        try:
+            write_atomic(part, lambda t: pq.write_table(layers, t))
+        except BaseException:
+            if not part.exists():
+                self.rows_added -= len(rows)
+            raise
 
     def _sources(self) -> tuple[pa.Table, pa.Table]:
         """Every readable (layers, spectra) pair — parts, then the final files — stacked.
