@@ -295,9 +295,9 @@ def _missing(value: Any) -> bool:
 def _module_name(tensor: str) -> str:
     """The module a weight tensor belongs to: its name without `.weight` (or without a
     weight norm's direction `.weight_v`, `.parametrizations.weight.original1`)."""
-    for _, v in (("", "weight"), *weight_norm.PAIRS):
-        if tensor.endswith("." + v):
-            return tensor[: -len(v) - 1]
+    for suffix in ("weight", *(v for _, v in weight_norm.PAIRS)):
+        if tensor.endswith("." + suffix):
+            return tensor[: -len(suffix) - 1]
     return tensor
 
 

@@ -42,6 +42,8 @@ class Checkpoint:
     # The last whole tensor decoded (a conv kernel, a weight-normed weight): the units of
     # one tensor (a kernel's (kh, kw) slices) are read one after the other.
     _whole: tuple[str, np.ndarray] | None = field(default=None, repr=False)
+    # The last packed weight's zero points, decoded: read once for all its row chunks.
+    _zeros: tuple[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -136,12 +138,15 @@ class Checkpoint:
 
     def _zero_points(self, unit: MatrixUnit, rows: int) -> np.ndarray:
         """float32 [rows, scales per row]: an asymmetric packed weight's zero points, stored
-        packed along the rows ([words, scales per row] int32, one bit stream per column)."""
-        _, info = self._info(unit.zero_tensor)
-        words, per_row = info.shape
-        raw = np.frombuffer(self._read(unit.zero_tensor, 0, info.nbytes), "<u4")
-        columns = raw.reshape(words, per_row).T.tobytes()
-        return unpack_rows(columns, per_row, rows, unit.int_bits).T
+        packed along the rows ([words, scales per row] int32, one bit stream per column),
+        kept for the weight's next row chunk."""
+        if self._zeros is None or self._zeros[0] != unit.zero_tensor:
+            _, info = self._info(unit.zero_tensor)
+            words, per_row = info.shape
+            raw = np.frombuffer(self._read(unit.zero_tensor, 0, info.nbytes), "<u4")
+            columns = raw.reshape(words, per_row).T.tobytes()
+            self._zeros = (unit.zero_tensor, unpack_rows(columns, per_row, rows, unit.int_bits).T)
+        return self._zeros[1]
 
     def _whole_tensor(self, unit: MatrixUnit, info: TensorInfo) -> np.ndarray:
         """The unit's whole stored tensor, decoded (W = g * v / |v| for a weight-normed

@@ -399,11 +399,12 @@ class _Planner:
             self.visit_flat_experts(name, meta, shape, experts)
         elif len(shape) == 2:
             self.visit_matrix(name, meta, shape)
-        elif (len(shape) in (4, 5) or _CONV_NAME.search(name)) and not _MODULE_WEIGHT.search(name):
-            what = f"a {len(shape)}-D parameter of shape {list(shape)} that is no module's weight"
-            self.skip(name, f"{what} (a table, a constant)", weight=False)
         elif len(shape) in (4, 5) or (len(shape) == 3 and _CONV_NAME.search(name)):
-            self.visit_conv(name, meta.dtype, shape)
+            if _MODULE_WEIGHT.search(name):
+                self.visit_conv(name, meta.dtype, shape)
+            else:
+                what = f"a {len(shape)}-D parameter of shape {list(shape)}"
+                self.skip(name, f"{what} that is no module's weight (a table, a constant)", False)
         elif shape[0] == 1:  # timm's cls_token [1, 1, D], pos_embed [1, N, D]; SigLIP's probe
             table = sum(d > 1 for d in shape) >= 2
             what = "a parameter table (position table, learned tokens)" if table else "vector"
