@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llm_audit.cli import main
 from llm_audit.errors import AuditError, UsageError
@@ -22,7 +22,7 @@ from llm_audit.grok import measures
 from llm_audit.grok.compare import divergence, separation, twin_mismatch
 from llm_audit.grok.mnist import NO_MNIST, load_idx_folder, load_mnist
 from llm_audit.grok.models import MLP, ModAddTransformer, weight_matrices
-from llm_audit.grok.run import run_grok
+from llm_audit.grok.run import FLUSHED_FROM, _flushed_from, run_grok
 from llm_audit.grok.settings import RULES, GrokConfig, load_grok_config
 from llm_audit.grok.tasks import build_task, matrix_names
 from llm_audit.grok.timeline import phases, write_timeline
@@ -408,6 +408,93 @@ def test_a_run_started_from_another_goes_on_from_its_weights_and_moments(idx_fol
     opt = torch.optim.AdamW(task.model.parameters())
     assert load_state(state, task, opt) == 40
     assert all(float(s["step"]) == 40 for s in opt.state_dict()["state"].values())
+
+
+SUBNORMAL = torch.finfo(torch.float64).tiny  # below it a float64 is denormal
+
+
+def test_flushing_denormals_leaves_the_weights_bit_for_bit(idx_folder, tmp_path):
+    """Late in a float64 run without weight decay most of Adam's moments are denormal: a
+    weight whose gradient is zero has moments that shrink 0.9x and 0.999x a step. Planted
+    here: pixels 0-99 are blank in training, so fc1's first 100 columns get no gradient,
+    and their moments are set denormal. Trained on with denormals flushed those moments
+    become zero, and without they stay; the weights and every metric are the same bit for
+    bit (Adam divides by sqrt(v) + eps, so a denormal moment moves a weight < 1e-290)."""
+
+    def tiny(steps: int):
+        config, task = _tiny(idx_folder, dtype="float64", steps=steps)
+        task.train_x[:, :100] = 0
+        return config, task
+
+    config, task = tiny(20)
+    train(task, config, tmp_path / "base", lambda s, w, acc: {}, resume=False)
+    state = load_file(tmp_path / "base" / "state.safetensors")
+    assert state["opt.0.exp_avg"].shape == (16, 784)  # fc1's moments
+    signs = torch.randn(
+        16, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    ).sign()
+    state["opt.0.exp_avg"][:, :100] = 1e-310 * signs
+    state["opt.0.exp_avg_sq"][:, :100] = 1e-315
+    save_file(state, tmp_path / "base" / "state.safetensors", metadata={"step": "20"})
+    ends, rows = {}, {}
+    for flush in (False, True):
+        shutil.copytree(tmp_path / "base", tmp_path / str(flush))
+        config, task = tiny(40)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the flag is the calling thread's: run_grok needs 1
+        assert torch.set_flush_denormal(flush)
+        try:
+            rows[flush] = train(task, config, tmp_path / str(flush), lambda *a: {}, resume=True)
+        finally:
+            torch.set_flush_denormal(False)
+            torch.set_num_threads(threads)
+        ends[flush] = load_file(tmp_path / str(flush) / "state.safetensors")
+    kept, flushed = ends[False]["opt.0.exp_avg"][:, :100], ends[True]["opt.0.exp_avg"][:, :100]
+    assert kept.abs().min() > 0 and kept.abs().max() < SUBNORMAL
+    assert not flushed.any()
+    weights = [k for k in ends[True] if k.startswith("model.")]
+    assert len(weights) == 6 and all(torch.equal(ends[True][k], ends[False][k]) for k in weights)
+    drop = {"train_seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows[True]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in rows[False]
+    ]
+
+
+def test_grok_flushes_denormals_while_it_trains_and_records_from_when(
+    idx_folder, tmp_path, capsys, monkeypatch
+):
+    seen = []
+
+    def watched_train(*args, **kwargs):
+        seen.append(float(torch.tensor(1e-310, dtype=torch.float64) * 1))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr("llm_audit.grok.run.train", watched_train)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("n_train: 100\nwidth: 16\ncheckpoints_per_decade: 1\ndtype: float32\n")
+    out = tmp_path / "run"
+    args = ["grok", "mlp-mnist", "--data", str(idx_folder), "--config", str(config)]
+    assert main([*args, "--out", str(out), "--steps", "3", "--flush-denormals"]) == 0
+    assert main([*args, "--out", str(out), "--steps", "5", "--resume"]) == 0
+    assert json.loads((out / "run.json").read_text())[FLUSHED_FROM] == 0  # kept once set
+    assert seen == [0.0, 1e-310]
+    assert float(torch.tensor(1e-310, dtype=torch.float64) * 1) == 1e-310  # put back
+    # a run's first session with the flag records the step it resumed at
+    assert _flushed_from(out, {}, flush=True) == 5
+    assert _flushed_from(out, {}, flush=False) is None
+    assert _flushed_from(tmp_path / "new", {}, flush=True) == 0
+    capsys.readouterr()
+    refused = {
+        "--device cuda": "sets the CPU's arithmetic: train with --device cpu",
+        "--device cpu --threads 2": "sets the calling thread's arithmetic: train with --threads 1",
+    }
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for flag, message in refused.items():
+        there = tmp_path / flag.split()[-1]
+        assert main([*args, "--out", str(there), *flag.split(), "--flush-denormals"]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last == f"llm-audit: error: --flush-denormals {message}"
+        assert not there.exists()
 
 
 def test_phases_are_read_off_the_timeline():

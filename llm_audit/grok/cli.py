@@ -78,6 +78,7 @@ def cmd_grok(args: argparse.Namespace) -> int:
             threads=args.threads,
             device=args.device,
             init_from=args.init_from,
+            flush_denormals=args.flush_denormals,
         )
     except KeyboardInterrupt:
         print(f"llm-audit: interrupted; continue with --resume --out {out}", file=sys.stderr)
@@ -174,6 +175,12 @@ def add_grok_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if seen"
+    )
+    p.add_argument(
+        "--flush-denormals",
+        action="store_true",
+        help="CPU, 1 thread: read and write denormal numbers as zero; up to 2.7x faster (by CPU) "
+        "late in a float64 run whose Adam moments went denormal; run.json records the step",
     )
     p.add_argument("--format", choices=("table", "json"), default="table", help="the phases found")
     p.set_defaults(func=cmd_grok)

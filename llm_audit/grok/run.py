@@ -53,6 +53,7 @@ def _check_same(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
 
 
 INIT_STATE = "init.safetensors"
+FLUSHED_FROM = "denormals_flushed_from_step"  # run.json: the step --flush-denormals began
 MAX_RUN_JSON_BYTES = 2**20  # a run's settings: about 1 KB
 # What a run started from another run's state must share with it: the model's shape and
 # dtype, and the seed, which fixes the training/test split and the batches.
@@ -102,6 +103,23 @@ def _init_source(source: Path, config: GrokConfig, out: Path) -> dict[str, Any]:
     }
 
 
+def _flushed_from(out: Path, old: dict[str, Any], flush: bool) -> int | None:
+    """The step from which the run trained with denormals flushed (run.json keeps it once
+    set): the resumed state's step when this session is the first to flush."""
+    if FLUSHED_FROM in old:
+        return int(old[FLUSHED_FROM])
+    if not flush:
+        return None
+    state = out / "state.safetensors"
+    if not state.exists():
+        return 0
+    try:
+        with safe_open(state, "pt") as fh:
+            return int((fh.metadata() or {})["step"])
+    except (SafetensorError, KeyError, ValueError) as e:
+        raise AuditError(f"{state}: not a grok state file ({e})") from None
+
+
 def run_grok(
     config: GrokConfig,
     out: str | Path,
@@ -111,6 +129,7 @@ def run_grok(
     threads: int = 1,
     device: str = "auto",
     init_from: str | Path | None = None,
+    flush_denormals: bool = False,
 ) -> dict[str, Any]:
     """Train, audit every checkpoint, write the timeline; the phases found.
 
@@ -118,11 +137,21 @@ def run_grok(
     (a run folder) starts from that run's saved state, weights and optimizer moments,
     instead of a fresh initialization: how a grokked model is trained on under other
     settings (e.g. without weight decay).
+
+    `flush_denormals` trains with the CPU's denormal (subnormal) numbers read and written
+    as zero. Late in a float64 run without weight decay most of Adam's moments are
+    subnormal (below 2.2e-308), and the CPU's slow path for them made the init-8 run 2.7x
+    slower on one machine (1.08x on an AMD EPYC: it depends on the CPU). Since Adam
+    divides by sqrt(v) + eps with eps = 1e-8, an update made of them is below the last bit
+    of any weight over ~1e-290, so the weights stay the same bit for bit (a test shows it;
+    reports/README.md gives the measurement on the committed run). The setting is the
+    calling thread's (torch's other threads keep theirs), so it needs threads=1.
+    run.json records the step from which a run used it.
     """
     check_threads(threads)
     out = Path(out)
     run_file = out / "run.json"
-    origin = None
+    origin, old = None, {}
     if run_file.exists():
         if not resume:
             raise AuditError(f"{out} already holds a run: pass --resume, or choose another --out")
@@ -140,6 +169,12 @@ def run_grok(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise AuditError("--device cuda: torch sees no CUDA device")
+    if flush_denormals and device != "cpu":
+        raise AuditError("--flush-denormals sets the CPU's arithmetic: train with --device cpu")
+    if flush_denormals and threads != 1:  # torch's threads keep their own setting
+        raise AuditError(
+            "--flush-denormals sets the calling thread's arithmetic: train with --threads 1"
+        )
     task = build_task(config, data, data_cache()).to(torch.device(device))
     run = {
         "tool": "llm-audit",
@@ -153,8 +188,13 @@ def run_grok(
     }
     if origin is not None:
         run["init_from"] = origin
+    flushed_from = _flushed_from(out, old, flush_denormals)
+    if flushed_from is not None:
+        run[FLUSHED_FROM] = flushed_from
     out.mkdir(parents=True, exist_ok=True)
     write_json(run_file, run)
+    if flush_denormals and not torch.set_flush_denormal(True):
+        raise AuditError("--flush-denormals: this CPU cannot flush denormal numbers")
     started = connect(None)
     try:
         rows = train(
@@ -168,6 +208,7 @@ def run_grok(
             out / INIT_STATE if origin and not resume else None,
         )
     finally:
+        torch.set_flush_denormal(False)
         if started:
             shutdown_local()
     return summarize(out, rows, run)

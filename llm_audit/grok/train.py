@@ -205,6 +205,18 @@ def optimizer(model: torch.nn.Module, config: GrokConfig) -> torch.optim.AdamW:
     )
 
 
+def train_step(task: Task, opt: torch.optim.Optimizer, config: GrokConfig, step: int) -> None:
+    """Step `step` (counted from 0): its batch, loss, gradient and update."""
+    if step <= config.warmup_steps:  # linear warm-up: a function of the step
+        for group in opt.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
+    x, y = task.batch(step)
+    loss = task.loss(task.model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def train(
     task: Task,
     config: GrokConfig,
@@ -249,14 +261,7 @@ def train(
         for target in todo:
             model.train()
             while step < target and not stop:
-                if step <= config.warmup_steps:  # linear warm-up: a function of the step
-                    for group in opt.param_groups:
-                        group["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
-                x, y = task.batch(step)
-                loss = task.loss(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                train_step(task, opt, config, step)
                 step += 1
                 if step % 256 == 0:
                     progress(step - first, config.steps - first)
