@@ -26,7 +26,7 @@ from safetensors import safe_open
 from llm_audit.grok.run import data_cache
 from llm_audit.grok.settings import GrokConfig, load_grok_config
 from llm_audit.grok.tasks import build_task
-from llm_audit.grok.train import load_state, optimizer, train_step
+from llm_audit.grok.train import load_state, optimizer, state_step, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +74,7 @@ def main() -> int:
     cpu = Path("/proc/cpuinfo")
     models = [line for line in cpu.read_text().splitlines() if line.startswith("model name")]
     print(f"CPU: {models[0].split(':', 1)[1].strip() if models else platform.processor()}")
-    with safe_open(state, "pt") as fh:
-        print(f"{state}: step {fh.metadata()['step']}")
+    print(f"{state}: step {state_step(state)}")
     for key, (denormal, n) in denormal_counts(state).items():
         if denormal:
             print(f"  {key}: {denormal:,} of {n:,} entries denormal")

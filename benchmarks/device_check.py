@@ -469,13 +469,21 @@ def stage_audit(
 # ----------------------------------------------------------------------------- grok
 
 
+def _train(task: Any, opt: Any, config: Any, first: int, steps: int) -> None:
+    """`steps` steps of grok's training loop (llm_audit.grok.train), without checkpoints."""
+    from llm_audit.grok.train import train_step
+
+    for step in range(first, first + steps):
+        train_step(task, opt, config, step)
+
+
 def stage_grok(record: dict[str, Any], steps: int, dry_run: bool) -> None:
     import torch
 
     from llm_audit.grok.models import MLP
     from llm_audit.grok.settings import load_grok_config
     from llm_audit.grok.tasks import Task
-    from llm_audit.grok.train import optimizer, train_step
+    from llm_audit.grok.train import optimizer
 
     config = load_grok_config(None, "mlp-mnist")
     devices = ["cpu"] if dry_run or not torch.cuda.is_available() else ["cuda", "cpu"]
@@ -497,13 +505,8 @@ def stage_grok(record: dict[str, Any], steps: int, dry_run: bool) -> None:
             seed=0,
         ).to(torch.device(device))
         opt = optimizer(model, config)
-
-        def run(first: int, n: int, task: Any = task, opt: Any = opt) -> None:
-            for step in range(first, first + n):
-                train_step(task, opt, config, step)
-
-        run(0, 10)  # warm-up: kernels, allocator
-        seconds, _ = _timed(lambda: run(10, steps))
+        _train(task, opt, config, 0, 10)  # warm-up: kernels, allocator
+        seconds, _ = _timed(lambda t=task, o=opt: _train(t, o, config, 10, steps))
         record[f"{device}_steps_per_s"] = steps / seconds
         print(f"   grok mlp-mnist on {device}: {steps / seconds:.0f} steps/s", flush=True)
     if "cuda_steps_per_s" in record:

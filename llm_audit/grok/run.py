@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .. import __version__
 from ..errors import AuditError
@@ -34,7 +33,7 @@ from .timeline import (
     run_phases,
     write_timeline,
 )
-from .train import read_metrics, train
+from .train import read_metrics, state_step, train
 
 
 def data_cache() -> Path:
@@ -91,9 +90,8 @@ def _init_source(source: Path, config: GrokConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / INIT_STATE, lambda tmp: tmp.write_bytes(data))
     try:
-        with safe_open(out / INIT_STATE, "pt") as fh:
-            step = int(fh.metadata()["step"])
-    except (SafetensorError, KeyError, TypeError, ValueError) as err:
+        step = state_step(out / INIT_STATE)
+    except AuditError as err:
         raise AuditError(f"--init-from {source}: unreadable state.safetensors ({err})") from None
     return {
         "run": str(source),
@@ -111,13 +109,7 @@ def _flushed_from(out: Path, old: dict[str, Any], flush: bool) -> int | None:
     if not flush:
         return None
     state = out / "state.safetensors"
-    if not state.exists():
-        return 0
-    try:
-        with safe_open(state, "pt") as fh:
-            return int((fh.metadata() or {})["step"])
-    except (SafetensorError, KeyError, ValueError) as e:
-        raise AuditError(f"{state}: not a grok state file ({e})") from None
+    return state_step(state) if state.exists() else 0
 
 
 def run_grok(
@@ -175,6 +167,9 @@ def run_grok(
         raise AuditError(
             "--flush-denormals sets the calling thread's arithmetic: train with --threads 1"
         )
+    # before run.json records it; setting the default (off) is how torch says it can
+    if flush_denormals and not torch.set_flush_denormal(False):
+        raise AuditError("--flush-denormals: this CPU cannot flush denormal numbers")
     task = build_task(config, data, data_cache()).to(torch.device(device))
     run = {
         "tool": "llm-audit",
@@ -193,8 +188,7 @@ def run_grok(
         run[FLUSHED_FROM] = flushed_from
     out.mkdir(parents=True, exist_ok=True)
     write_json(run_file, run)
-    if flush_denormals and not torch.set_flush_denormal(True):
-        raise AuditError("--flush-denormals: this CPU cannot flush denormal numbers")
+    torch.set_flush_denormal(flush_denormals)
     started = connect(None)
     try:
         rows = train(

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import AuditError
@@ -67,6 +67,15 @@ def save_state(path: Path, task: Task, opt: torch.optim.Optimizer, step: int) ->
         for key, value in state.items():
             tensors[f"opt.{index}.{key}"] = torch.as_tensor(value)
     _atomic_save(tensors, path, {"step": str(step)})
+
+
+def state_step(path: Path) -> int:
+    """The step a resume state was saved at (its header's metadata), without its tensors."""
+    try:
+        with safe_open(path, "pt") as fh:
+            return int((fh.metadata() or {})["step"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise AuditError(f"{path}: not a grok state file ({err})") from None
 
 
 def load_state(path: Path, task: Task, opt: torch.optim.Optimizer) -> int:
